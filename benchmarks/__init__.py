@@ -1,0 +1,1 @@
+"""revjax benchmarks: scripts whose results (JSON + PNG) live in benchmarks/results/."""

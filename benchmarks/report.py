@@ -1,0 +1,85 @@
+"""Renders benchmarks/results/*.json into the README between ``<!-- results:NAME -->`` markers.
+
+Every number in the README's results section comes from here, never typed by hand:
+
+    python benchmarks/report.py            # rewrite README.md in place
+    python benchmarks/report.py --check    # exit 1 if README.md is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from revjax.diagnostics import format_table  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _where(env: dict) -> str:
+    return f"{env['device']} ({env['backend']}), jax {env['jax']}, {env['date']}"
+
+
+def render_scan(payload: dict) -> str:
+    cfg, env = payload["config"], payload["env"]
+    table = format_table(
+        payload["rows"],
+        [
+            ("method", "method", "s"),
+            ("depth", "L", "d"),
+            ("temp_mib", "grad temp MiB", ".1f"),
+            ("temp_ratio_to_backprop", "temp / backprop", ".4f"),
+            ("ms", "step ms", ".2f"),
+            ("time_ratio_to_backprop", "time / backprop", ".3f"),
+            ("time_ratio_to_checkpoint", "time / checkpoint", ".3f"),
+            ("grad_rel_err_default", "grad err, default matmul prec.", ".1e"),
+            ("grad_rel_err_highest", "grad err, highest", ".1e"),
+        ],
+    )
+    return (
+        f"Gradient step of L additive GELU-MLP couplings, {cfg['rows']} rows, halves "
+        f"{cfg['width']} wide, hidden {cfg['hidden']}, float32. Measured on {_where(env)} by "
+        f"`benchmarks/bench_scan.py --size {payload['size']}` "
+        f"(`benchmarks/results/scan_{payload['size']}_{env['backend']}.json`); time is the "
+        f"median of {cfg['repeats']} runs.\n\n{table}"
+    )
+
+
+RENDERERS = {"scan": ("scan_gpu_gpu.json", render_scan)}
+
+
+def render_readme(text: str) -> str:
+    for name, (filename, render) in RENDERERS.items():
+        path = RESULTS / filename
+        if not path.exists():
+            continue
+        block = render(json.loads(path.read_text()))
+        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+        text = pattern.sub(lambda m, b=block: m.group(1) + b + m.group(2), text)
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if README.md is stale")
+    args = parser.parse_args(argv)
+    readme = ROOT / "README.md"
+    old = readme.read_text()
+    new = render_readme(old)
+    if args.check:
+        if new != old:
+            print("README.md results are stale: run python benchmarks/report.py")
+            return 1
+        return 0
+    readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""revjax: memory-efficient training in JAX through invertibility."""
+
+from revjax import memory
+from revjax.coupling import Coupling, additive_coupling, affine_coupling, sequence, swap
+from revjax.scan import inverse_scan, reversible_scan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Coupling",
+    "additive_coupling",
+    "affine_coupling",
+    "inverse_scan",
+    "memory",
+    "reversible_scan",
+    "sequence",
+    "swap",
+]

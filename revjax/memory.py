@@ -1,0 +1,59 @@
+"""Measured memory: XLA's compiled memory analysis (any backend) and device peak bytes (GPU).
+
+``compiled_memory(fn, *args)`` compiles ``jax.jit(fn)`` for the given arguments and reads
+``memory_analysis()``. ``temp_bytes`` is the scratch memory XLA allocates besides arguments and
+outputs: for a gradient computation it is where stored activations live, so it is the number to
+compare across depths. (On CPU ``peak_memory_in_bytes`` ignores temporaries; it is not reported.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+
+
+@dataclass(frozen=True)
+class CompiledMemory:
+    """Bytes of a compiled executable, as reported by XLA's memory analysis."""
+
+    temp_bytes: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    generated_code_bytes: int
+
+    @property
+    def temp_mib(self) -> float:
+        return self.temp_bytes / 2**20
+
+
+def compiled_memory(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> CompiledMemory:
+    """Compiles ``jax.jit(fn)`` at ``args``/``kwargs`` (arrays or ``jax.ShapeDtypeStruct``s).
+
+    Nothing is executed, so abstract arguments measure sizes that would not fit in memory.
+    ``fn`` may already be jitted; keyword arguments are traced, not static.
+    """
+    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+    analysis = jitted.lower(*args, **kwargs).compile().memory_analysis()
+    if analysis is None:  # some backends do not implement it
+        raise RuntimeError(f"XLA on {jax.default_backend()} returned no memory analysis")
+    return CompiledMemory(
+        temp_bytes=int(analysis.temp_size_in_bytes),
+        argument_bytes=int(analysis.argument_size_in_bytes),
+        output_bytes=int(analysis.output_size_in_bytes),
+        alias_bytes=int(analysis.alias_size_in_bytes),
+        generated_code_bytes=int(analysis.generated_code_size_in_bytes),
+    )
+
+
+def device_peak_bytes(device: jax.Device | None = None) -> int | None:
+    """``peak_bytes_in_use`` of ``device`` (default: the first device), or None where the
+    backend keeps no allocator statistics (CPU)."""
+    device = device if device is not None else jax.devices()[0]
+    stats = device.memory_stats()
+    if not stats:
+        return None
+    return stats.get("peak_bytes_in_use")

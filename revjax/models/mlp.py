@@ -1,0 +1,80 @@
+"""MLP residual branches and a stacked reversible MLP, as pure functions.
+
+The branch is ``mlp(p, h) = gelu(h @ w1 + b1) @ w2 + b2`` mapping ``(..., width)`` to
+``(..., width)`` through a hidden layer of ``hidden`` units. ``mlp_coupling`` is the additive
+coupling of two such branches, ``init_mlp_stack`` draws parameters for ``L`` of them stacked on a
+leading layer axis, ready for :func:`revjax.reversible_scan`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from revjax.coupling import Coupling, additive_coupling
+
+MLPParams = dict[str, jax.Array]
+
+
+def mlp(params: MLPParams, h: jax.Array, key: jax.Array | None = None, *, dropout: float = 0.0):
+    """``gelu(h @ w1 + b1) @ w2 + b2``; with a key, inverted dropout at rate ``dropout`` on the
+    hidden units. Shapes: ``h (..., width)``, ``w1 (width, hidden)``, ``w2 (hidden, width)``."""
+    z = jax.nn.gelu(h @ params["w1"] + params["b1"])
+    if key is not None and dropout > 0.0:
+        keep = jax.random.bernoulli(key, 1.0 - dropout, z.shape)
+        z = jnp.where(keep, z / (1.0 - dropout), 0.0).astype(z.dtype)
+    return z @ params["w2"] + params["b2"]
+
+
+def mlp_coupling(dropout: float = 0.0) -> Coupling:
+    """Additive coupling with MLP branches f and g (optionally with dropout when given a key)."""
+
+    def branch(p, h, key=None):
+        return mlp(p, h, key, dropout=dropout)
+
+    return additive_coupling(branch, branch)
+
+
+def init_mlp(
+    key: jax.Array,
+    num_layers: int,
+    width: int,
+    hidden: int,
+    *,
+    scale: float = 0.5,
+    dtype: Any = jnp.float32,
+) -> MLPParams:
+    """Stacked MLP branch params; weights ~ N(0, scale^2 / fan_in), small random biases.
+
+    The default ``scale = 0.5`` keeps the residual stream's growth with depth mild. With unit
+    gain (``scale = 1``) a 16-layer float32 stack of width 32 grew its stream to |y| ~ 400 and the
+    reconstruction error to ~5e-4 (vs ~2e-7 at 0.5): reversible networks need bounded branches.
+    """
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    normal = lambda k, shape, fan_in: (scale / fan_in**0.5) * jax.random.normal(k, shape, dtype)
+    return {
+        "w1": normal(k1, (num_layers, width, hidden), width),
+        "b1": 0.01 * jax.random.normal(k2, (num_layers, hidden), dtype),
+        "w2": normal(k3, (num_layers, hidden, width), hidden),
+        "b2": 0.01 * jax.random.normal(k4, (num_layers, width), dtype),
+    }
+
+
+def init_mlp_stack(
+    key: jax.Array,
+    num_layers: int,
+    width: int,
+    hidden: int,
+    *,
+    scale: float = 0.5,
+    dtype: Any = jnp.float32,
+) -> tuple[MLPParams, MLPParams]:
+    """``(params_f, params_g)`` for ``num_layers`` stacked :func:`mlp_coupling` layers, each half
+    of the stream ``width`` wide."""
+    kf, kg = jax.random.split(key)
+    return (
+        init_mlp(kf, num_layers, width, hidden, scale=scale, dtype=dtype),
+        init_mlp(kg, num_layers, width, hidden, scale=scale, dtype=dtype),
+    )

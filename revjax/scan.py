@@ -1,0 +1,218 @@
+"""``reversible_scan``: backprop through a stack of reversible layers without stored activations.
+
+For a stack of ``L`` layers ``x_l = block.forward(theta_l, x_{l-1})`` the forward pass keeps only
+the final output ``y = x_L``. The backward pass walks the layers in reverse and, at each layer,
+reconstructs the input from the output while pulling the cotangent back (RevBackprop):
+
+    (x_{l-1}, x_bar_{l-1}, theta_bar_l) = backward(theta_l, x_l, x_bar_l)
+
+so activation memory is one layer's working set, independent of ``L``. The whole scan is one
+``jax.custom_vjp``: a per-layer ``custom_vjp`` inside ``lax.scan`` would have its residuals stacked
+over layers by the scan's own autodiff, which is exactly the memory this module removes.
+
+Randomness: with ``key``, layer ``l`` receives ``layer_key(key, l) = fold_in(key, l)`` in the
+forward pass and the very same key in the backward pass, so dropout masks are replayed exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from revjax.coupling import Coupling, call_with_key, reconstruct_and_vjp
+
+PyTree = Any
+Key = Any
+
+
+def layer_key(key: Key | None, layer: jax.Array | int) -> Key | None:
+    """The key of layer ``layer``: ``jax.random.fold_in(key, layer)``, or None without a key."""
+    return None if key is None else jax.random.fold_in(key, layer)
+
+
+def stack_depth(params: PyTree, *, where: str = "reversible_scan") -> int:
+    """The number of layers ``L``: the common leading axis of every leaf of ``params``.
+
+    Raises:
+      ValueError: no array leaves, a scalar leaf, leaves with different leading axes, or L = 0.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    if not leaves:
+        raise ValueError(
+            f"{where}: params has no array leaves, so the number of layers L (their common "
+            "leading axis) is undefined"
+        )
+    depths = {}
+    for path, leaf in leaves:
+        shape = jnp.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(
+                f"{where}: params leaf {jax.tree_util.keystr(path)} is a scalar; every leaf needs "
+                "a leading layer axis L"
+            )
+        depths.setdefault(shape[0], []).append(jax.tree_util.keystr(path))
+    if len(depths) > 1:
+        detail = "; ".join(f"L={d}: {', '.join(p[:4])}" for d, p in sorted(depths.items()))
+        raise ValueError(
+            f"{where}: params leaves must share one leading layer axis L, found {detail}"
+        )
+    (depth,) = depths
+    if depth == 0:
+        raise ValueError(f"{where}: empty stack, the params' leading layer axis is L = 0")
+    return depth
+
+
+def check_stream(x: PyTree, *, where: str = "reversible_scan") -> None:
+    """Raises ``TypeError`` unless every leaf of the stream ``x`` is a floating-point array."""
+    leaves = jax.tree_util.tree_leaves_with_path(x)
+    if not leaves:
+        raise ValueError(f"{where}: the stream x has no array leaves")
+    for path, leaf in leaves:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{where}: stream leaf {jax.tree_util.keystr(path) or 'x'} has dtype {dtype}; "
+                "reversible streams must be floating point (use revjax.precision's exact mode "
+                "for fixed-point streams)"
+            )
+
+
+def _layer_struct(params: PyTree) -> PyTree:
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), params
+    )
+
+
+def _signature(tree: PyTree) -> tuple:
+    return jax.tree.structure(tree), [
+        (jnp.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(tree)
+    ]
+
+
+def check_block(block: Coupling, params: PyTree, x: PyTree, key: Key | None, *, where: str) -> None:
+    """Traces one layer abstractly and checks that it maps the stream to the same type.
+
+    A scan's carry cannot change structure, shape or dtype between layers; catching it here gives
+    an error that names the mismatch instead of a scan-internal one.
+    """
+    if not isinstance(block, Coupling):
+        raise TypeError(f"{where}: block must be a revjax.Coupling, got {type(block).__name__}")
+    k = layer_key(key, 0)
+    out = jax.eval_shape(
+        lambda p, x_: call_with_key(block.forward, p, x_, key=k), _layer_struct(params), x
+    )
+    if _signature(out) != _signature(x):
+        raise ValueError(
+            f"{where}: block.forward must return a stream of the same structure, shapes and "
+            f"dtypes as its input; input {_signature(x)}, output {_signature(out)}"
+        )
+
+
+def _validate(block, params, x, key, where):
+    depth = stack_depth(params, where=where)
+    check_stream(x, where=where)
+    check_block(block, params, x, key, where=where)
+    return depth
+
+
+def _forward_scan(block: Coupling, params: PyTree, x: PyTree, key: Key | None, remat: bool = False):
+    depth = stack_depth(params)
+    step = lambda p, x_, k: call_with_key(block.forward, p, x_, key=k)
+    if remat:
+        step = jax.checkpoint(step)
+
+    def body(x_, inputs):
+        p, layer = inputs
+        return step(p, x_, layer_key(key, layer)), None
+
+    y, _ = lax.scan(body, x, (params, jnp.arange(depth)))
+    return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _reversible_scan(block: Coupling, params: PyTree, x: PyTree, key: Key | None) -> PyTree:
+    return _forward_scan(block, params, x, key)
+
+
+def _reversible_scan_fwd(block, params, x, key):
+    y = _forward_scan(block, params, x, key)
+    # Residuals: the output only (params and key are inputs, stored anyway).
+    return y, (params, y, key)
+
+
+def _reversible_scan_bwd(block, residuals, y_bar):
+    params, y, key = residuals
+    step = reconstruct_and_vjp(block)
+
+    def body(carry, inputs):
+        y_l, y_bar_l = carry
+        p, layer = inputs
+        x_l, x_bar_l, p_bar = call_with_key(step, p, y_l, y_bar_l, key=layer_key(key, layer))
+        return (x_l, x_bar_l), p_bar
+
+    (_, x_bar), params_bar = lax.scan(
+        body, (y, y_bar), (params, jnp.arange(stack_depth(params))), reverse=True
+    )
+    return params_bar, x_bar, None
+
+
+_reversible_scan.defvjp(_reversible_scan_fwd, _reversible_scan_bwd)
+
+
+def reversible_scan(
+    block: Coupling, params: PyTree, x: PyTree, *, key: Key | None = None
+) -> PyTree:
+    """Applies ``L`` stacked reversible layers, with a backward pass that stores no activations.
+
+    Equal in value and gradient (up to reconstruction round-off) to :func:`plain_scan`, i.e.
+    ``lax.scan`` of ``block.forward`` over the layers.
+
+    Args:
+      block: the layer, a :class:`revjax.Coupling`.
+      params: pytree whose leaves all have leading axis ``L``; layer ``l`` uses ``leaf[l]``.
+      x: the input stream, a pytree of floating arrays (for Feistel couplings, ``(x1, x2)``).
+      key: optional PRNG key; layer ``l`` is called with ``layer_key(key, l)`` in both passes.
+
+    Returns:
+      ``y = x_L``, same structure, shapes and dtypes as ``x``.
+
+    Raises:
+      ValueError: params leaves with different leading axes, ``L = 0``, or a block that changes
+        the stream's structure, shapes or dtypes (e.g. a branch returning the wrong shape).
+      TypeError: a non-floating stream leaf, or a block that is not a ``Coupling``.
+    """
+    _validate(block, params, x, key, "reversible_scan")
+    return _reversible_scan(block, params, x, key)
+
+
+def plain_scan(
+    block: Coupling, params: PyTree, x: PyTree, *, key: Key | None = None, remat: bool = False
+) -> PyTree:
+    """The non-reversible twin of :func:`reversible_scan`: ``lax.scan`` of ``block.forward``.
+
+    Differentiating it stores every layer's activations (``remat=False``, plain backprop) or only
+    each layer's input, recomputing the layer in the backward pass (``remat=True``, per-layer
+    ``jax.checkpoint``). Layers get the same keys as in :func:`reversible_scan`.
+    """
+    _validate(block, params, x, key, "plain_scan")
+    return _forward_scan(block, params, x, key, remat=remat)
+
+
+def inverse_scan(block: Coupling, params: PyTree, y: PyTree, *, key: Key | None = None) -> PyTree:
+    """Inverts a whole stack: returns ``x`` with ``reversible_scan(block, params, x) == y``.
+
+    Runs ``block.inverse`` from layer ``L - 1`` down to ``0`` with the same per-layer keys as the
+    forward pass. Differentiable by ordinary autodiff (which stores its activations).
+    """
+    depth = _validate(block, params, y, key, "inverse_scan")
+
+    def body(y_, inputs):
+        p, layer = inputs
+        return call_with_key(block.inverse, p, y_, key=layer_key(key, layer)), None
+
+    x, _ = lax.scan(body, y, (params, jnp.arange(depth)), reverse=True)
+    return x
