@@ -60,8 +60,8 @@ def render_readme(text: str) -> str:
         if not path.exists():
             continue
         block = render(json.loads(path.read_text()))
-        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
-        text = pattern.sub(lambda m, b=block: m.group(1) + b + m.group(2), text)
+        pattern = re.compile(rf"(<!-- results:{name} -->\n)(?:.*?\n)?(<!-- /results:{name} -->)", re.S)
+        text = pattern.sub(lambda m, b=block: m.group(1) + b + "\n" + m.group(2), text)
     return text
 
 
