@@ -51,15 +51,15 @@ def grad_fn(method):
     return jax.jit(jax.grad(loss))
 
 
-def run(size: str, out_dir: Path | None) -> dict:
-    cfg = SIZES[size]
+def run(size: str, out_dir: Path | None, dtype: str = "float32") -> dict:
+    cfg = {**SIZES[size], "dtype": dtype}
     rows = []
     for depth in cfg["depths"]:
         k_p, k_1, k_2 = jax.random.split(jax.random.key(depth), 3)
-        params = init_mlp_stack(k_p, depth, cfg["width"], cfg["hidden"])
+        params = init_mlp_stack(k_p, depth, cfg["width"], cfg["hidden"], dtype=dtype)
         x = (
-            jax.random.normal(k_1, (cfg["rows"], cfg["width"])),
-            jax.random.normal(k_2, (cfg["rows"], cfg["width"])),
+            jax.random.normal(k_1, (cfg["rows"], cfg["width"]), dtype),
+            jax.random.normal(k_2, (cfg["rows"], cfg["width"]), dtype),
         )
         grads, grads_highest, per_method = {}, {}, {}
         for method in METHODS:
@@ -96,7 +96,8 @@ def run(size: str, out_dir: Path | None) -> dict:
         "env": environment(),
         "rows": rows,
     }
-    path = write_json(f"scan_{size}_{payload['env']['backend']}.json", payload, out_dir)
+    suffix = "" if dtype == "float32" else f"_{dtype}"
+    path = write_json(f"scan_{size}_{payload['env']['backend']}{suffix}.json", payload, out_dir)
     print(
         format_table(
             rows,
@@ -120,9 +121,15 @@ def run(size: str, out_dir: Path | None) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="dtype of parameters, stream and compute",
+    )
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     args = parser.parse_args(argv)
-    run(args.size, args.out)
+    run(args.size, args.out, args.dtype)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ def _where(env: dict) -> str:
     return f"{env['device']} ({env['backend']}), jax {env['jax']}, {env['date']}"
 
 
-def render_scan(payload: dict) -> str:
+def render_scan(payload: dict, filename: str) -> str:
     cfg, env = payload["config"], payload["env"]
+    dtype = cfg.get("dtype", "float32")
     table = format_table(
         payload["rows"],
         [
@@ -44,14 +45,17 @@ def render_scan(payload: dict) -> str:
     )
     return (
         f"Gradient step of L additive GELU-MLP couplings, {cfg['rows']} rows, halves "
-        f"{cfg['width']} wide, hidden {cfg['hidden']}, float32. Measured on {_where(env)} by "
-        f"`benchmarks/bench_scan.py --size {payload['size']}` "
-        f"(`benchmarks/results/scan_{payload['size']}_{env['backend']}.json`); time is the "
-        f"median of {cfg['repeats']} runs.\n\n{table}"
+        f"{cfg['width']} wide, hidden {cfg['hidden']}, {dtype} parameters, stream and compute. "
+        f"Measured on {_where(env)} by `benchmarks/bench_scan.py --size {payload['size']} "
+        f"--dtype {dtype}` (`benchmarks/results/{filename}`); time is the median of "
+        f"{cfg['repeats']} runs.\n\n{table}"
     )
 
 
-RENDERERS = {"scan": ("scan_gpu_gpu.json", render_scan)}
+RENDERERS = {
+    "scan": ("scan_gpu_gpu.json", render_scan),
+    "scan_bf16": ("scan_gpu_gpu_bfloat16.json", render_scan),
+}
 
 
 def render_readme(text: str) -> str:
@@ -59,8 +63,10 @@ def render_readme(text: str) -> str:
         path = RESULTS / filename
         if not path.exists():
             continue
-        block = render(json.loads(path.read_text()))
-        pattern = re.compile(rf"(<!-- results:{name} -->\n)(?:.*?\n)?(<!-- /results:{name} -->)", re.S)
+        block = render(json.loads(path.read_text()), filename)
+        pattern = re.compile(
+            rf"(<!-- results:{name} -->\n)(?:.*?\n)?(<!-- /results:{name} -->)", re.S
+        )
         text = pattern.sub(lambda m, b=block: m.group(1) + b + "\n" + m.group(2), text)
     return text
 

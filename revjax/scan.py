@@ -123,7 +123,9 @@ def _forward_scan(block: Coupling, params: PyTree, x: PyTree, key: Key | None, r
     depth = stack_depth(params)
     step = lambda p, x_, k: call_with_key(block.forward, p, x_, key=k)
     if remat:
-        step = jax.checkpoint(step)
+        # Inside a scan the recomputation cannot be CSE'd into the forward pass, so the
+        # optimisation barriers of prevent_cse=True are unnecessary (see jax.checkpoint's docs).
+        step = jax.checkpoint(step, prevent_cse=False)
 
     def body(x_, inputs):
         p, layer = inputs
