@@ -135,30 +135,89 @@ def _forward_scan(block: Coupling, params: PyTree, x: PyTree, key: Key | None, r
     return y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _reversible_scan(block: Coupling, params: PyTree, x: PyTree, key: Key | None) -> PyTree:
+def anchor_interval(depth: int, checkpoint_every: int | None) -> int:
+    """The number of layers between stored anchors: ``checkpoint_every``, or ``depth`` (one
+    segment, nothing stored but the output) when it is None.
+
+    Raises:
+      ValueError: ``checkpoint_every`` is not a positive integer dividing ``depth``.
+    """
+    if checkpoint_every is None:
+        return depth
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
+        raise TypeError(
+            f"checkpoint_every must be an int or None, got {type(checkpoint_every).__name__}"
+        )
+    if checkpoint_every < 1 or depth % checkpoint_every:
+        divisors = [d for d in range(1, depth + 1) if depth % d == 0]
+        raise ValueError(
+            f"checkpoint_every={checkpoint_every} must be a positive divisor of the number of "
+            f"layers L={depth}; valid values: {divisors}"
+        )
+    return checkpoint_every
+
+
+def _forward_with_anchors(block, every, params, x, key):
+    """Forward pass that also returns the exact stream after every ``every`` layers.
+
+    Anchors live in a ``(L // every, ...)`` buffer per stream leaf carried through the scan.
+    Layer ``l`` writes its output to slot ``l // every``; the last write into a slot is the
+    output of layer ``every * (slot + 1) - 1``, the segment's exact output. Writing every layer
+    (instead of branching) keeps the loop body uniform; it costs one stream copy per layer.
+    """
+    depth = stack_depth(params)
+    anchors = jax.tree.map(lambda a: jnp.zeros((depth // every, *a.shape), a.dtype), x)
+
+    def body(carry, inputs):
+        x_, anchors_ = carry
+        p, layer = inputs
+        y_ = call_with_key(block.forward, p, x_, key=layer_key(key, layer))
+        slot = layer // every
+        anchors_ = jax.tree.map(
+            lambda buf, v: lax.dynamic_update_index_in_dim(buf, v, slot, 0), anchors_, y_
+        )
+        return (y_, anchors_), None
+
+    (y, anchors), _ = lax.scan(body, (x, anchors), (params, jnp.arange(depth)))
+    return y, anchors
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _reversible_scan(
+    block: Coupling, every: int, params: PyTree, x: PyTree, key: Key | None
+) -> PyTree:
     return _forward_scan(block, params, x, key)
 
 
-def _reversible_scan_fwd(block, params, x, key):
-    y = _forward_scan(block, params, x, key)
-    # Residuals: the output only (params and key are inputs, stored anyway).
-    return y, (params, y, key)
+def _reversible_scan_fwd(block, every, params, x, key):
+    depth = stack_depth(params)
+    # Residuals: the output, and the anchors if any (params and key are inputs, stored anyway).
+    if every == depth:
+        y, anchors = _forward_scan(block, params, x, key), None
+    else:
+        y, anchors = _forward_with_anchors(block, every, params, x, key)
+    return y, (params, y, anchors, key)
 
 
-def _reversible_scan_bwd(block, residuals, y_bar):
-    params, y, key = residuals
+def _reversible_scan_bwd(block, every, residuals, y_bar):
+    params, y, anchors, key = residuals
     step = reconstruct_and_vjp(block)
 
     def body(carry, inputs):
         y_l, y_bar_l = carry
         p, layer = inputs
+        if anchors is not None:
+            # At a segment's last layer restart from its stored exact output, so round-off
+            # accumulates over at most `every` layers.
+            at_anchor = layer % every == every - 1
+            y_l = jax.tree.map(
+                lambda buf, v: jnp.where(at_anchor, buf[layer // every], v), anchors, y_l
+            )
         x_l, x_bar_l, p_bar = call_with_key(step, p, y_l, y_bar_l, key=layer_key(key, layer))
         return (x_l, x_bar_l), p_bar
 
-    (_, x_bar), params_bar = lax.scan(
-        body, (y, y_bar), (params, jnp.arange(stack_depth(params))), reverse=True
-    )
+    depth = stack_depth(params)
+    (_, x_bar), params_bar = lax.scan(body, (y, y_bar), (params, jnp.arange(depth)), reverse=True)
     return params_bar, x_bar, None
 
 
@@ -166,7 +225,12 @@ _reversible_scan.defvjp(_reversible_scan_fwd, _reversible_scan_bwd)
 
 
 def reversible_scan(
-    block: Coupling, params: PyTree, x: PyTree, *, key: Key | None = None
+    block: Coupling,
+    params: PyTree,
+    x: PyTree,
+    *,
+    key: Key | None = None,
+    checkpoint_every: int | None = None,
 ) -> PyTree:
     """Applies ``L`` stacked reversible layers, with a backward pass that stores no activations.
 
@@ -178,17 +242,24 @@ def reversible_scan(
       params: pytree whose leaves all have leading axis ``L``; layer ``l`` uses ``leaf[l]``.
       x: the input stream, a pytree of floating arrays (for Feistel couplings, ``(x1, x2)``).
       key: optional PRNG key; layer ``l`` is called with ``layer_key(key, l)`` in both passes.
+      checkpoint_every: optional anchor interval ``k`` dividing ``L``. The forward pass stores
+        the exact stream after every ``k`` layers (``L / k`` streams) and the backward pass
+        restarts reconstruction from them, so round-off accumulates over ``k`` layers instead
+        of ``L``, at no extra compute. ``k = L`` (the default) stores only the output; ``k = 1``
+        stores every layer's output, the memory of per-layer checkpointing.
 
     Returns:
       ``y = x_L``, same structure, shapes and dtypes as ``x``.
 
     Raises:
-      ValueError: params leaves with different leading axes, ``L = 0``, or a block that changes
-        the stream's structure, shapes or dtypes (e.g. a branch returning the wrong shape).
+      ValueError: params leaves with different leading axes, ``L = 0``, a block that changes
+        the stream's structure, shapes or dtypes (e.g. a branch returning the wrong shape), or a
+        ``checkpoint_every`` that does not divide ``L``.
       TypeError: a non-floating stream leaf, or a block that is not a ``Coupling``.
     """
-    _validate(block, params, x, key, "reversible_scan")
-    return _reversible_scan(block, params, x, key)
+    depth = _validate(block, params, x, key, "reversible_scan")
+    every = anchor_interval(depth, checkpoint_every)
+    return _reversible_scan(block, every, params, x, key)
 
 
 def plain_scan(
