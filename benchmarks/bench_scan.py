@@ -38,6 +38,7 @@ METHODS = {
     "backprop": lambda b, p, x: plain_scan(b, p, x),
     "checkpoint": lambda b, p, x: plain_scan(b, p, x, remat=True),
     "reversible": lambda b, p, x: reversible_scan(b, p, x),
+    "reversible_k8": lambda b, p, x: reversible_scan(b, p, x, checkpoint_every=8),
 }
 
 
