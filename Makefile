@@ -22,7 +22,10 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python -m revjax bench
+	$(BIN)/python benchmarks/bench_scan.py --size cpu
+	$(BIN)/python benchmarks/numerics_cpu.py
+	$(BIN)/python benchmarks/count_gemms.py
+	$(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -9,7 +9,10 @@ are trained with optax Adam by plain backprop, per-layer ``jax.checkpoint`` and
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -114,6 +117,7 @@ def run(
     batch: int = 64,
     lr: float = 2e-3,
     seed: int = 0,
+    json_path: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     started = time.perf_counter()
     data = load_digits(seed=seed)
@@ -155,10 +159,25 @@ def run(
             ],
         )
     )
+    seconds = time.perf_counter() - started
     print(
         f"\n(compiled temp memory from XLA's memory analysis; L={deep} is compiled, not trained; "
-        f"{time.perf_counter() - started:.0f} s in all)"
+        f"{seconds:.0f} s in all)"
     )
+    if json_path is not None:
+        env = {
+            "backend": jax.default_backend(),
+            "device": jax.devices()[0].device_kind,
+            "jax": jax.__version__,
+            "cpu_count": os.cpu_count(),
+        }
+        record = {
+            "settings": {"depth": depth, "deep": deep, "epochs": epochs, "seed": seed},
+            "seconds": seconds,
+            "env": env,
+            "rows": rows,
+        }
+        Path(json_path).write_text(json.dumps(record, indent=2) + "\n")
     return rows
 
 
@@ -170,5 +189,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--deep", type=int, default=64, help="second depth for the memory column")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the table and run time here")
     args = parser.parse_args(argv)
-    run(depth=args.depth, deep=args.deep, epochs=args.epochs, seed=args.seed)
+    run(depth=args.depth, deep=args.deep, epochs=args.epochs, seed=args.seed, json_path=args.json)

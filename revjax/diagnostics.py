@@ -9,7 +9,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from revjax.coupling import Coupling, call_with_key
-from revjax.scan import anchor_interval, check_block, check_stream, layer_key, stack_depth
+from revjax.scan import (
+    anchor_interval,
+    check_block,
+    check_stream,
+    layer_key,
+    restart_at_anchor,
+    stack_depth,
+)
 
 PyTree = Any
 
@@ -49,8 +56,14 @@ def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]
     return "\n".join(lines)
 
 
-def _sq_norm(tree: PyTree) -> jax.Array:
-    return sum(jnp.sum(jnp.square(jnp.asarray(v, jnp.float32))) for v in jax.tree.leaves(tree))
+def _signal_and_noise(exact: PyTree, approx: PyTree) -> tuple[jax.Array, jax.Array]:
+    """``(||exact||^2, ||approx - exact||^2)`` over all leaves, with the difference taken in
+    float32 (a bfloat16 difference would itself round)."""
+    f32 = lambda t: [jnp.asarray(v, jnp.float32) for v in jax.tree.leaves(t)]
+    exact, approx = f32(exact), f32(approx)
+    signal = sum(jnp.sum(jnp.square(e)) for e in exact)
+    noise = sum(jnp.sum(jnp.square(a - e)) for a, e in zip(approx, exact, strict=True))
+    return signal, noise
 
 
 def reconstruction_report(
@@ -98,17 +111,12 @@ def reconstruction_report(
 
     def backward(y_, inputs):
         p, layer, exact_output = inputs
-        restart = layer % every == every - 1
-        y_ = jax.tree.map(lambda e, r: jnp.where(restart, e, r), exact_output, y_)
+        y_ = restart_at_anchor(y_, exact_output, layer, every)
         x_rec = call_with_key(block.inverse, p, y_, key=layer_key(key, layer))
         return x_rec, x_rec
 
     _, inputs_rec = lax.scan(backward, y, (params, layers, outputs_exact), reverse=True)
-    per_layer = lambda tree_a, tree_b: jax.vmap(
-        lambda a, b: (_sq_norm(a), _sq_norm(jax.tree.map(jnp.subtract, b, a)))
-    )(tree_a, tree_b)
-    f32 = lambda t: jax.tree.map(lambda v: v.astype(jnp.float32), t)
-    signal, noise = per_layer(f32(inputs_exact), f32(inputs_rec))
+    signal, noise = jax.vmap(_signal_and_noise)(inputs_exact, inputs_rec)
     snr = jnp.where(noise > 0, signal / jnp.where(noise > 0, noise, 1.0), jnp.inf)
     return {
         "layer": layers,

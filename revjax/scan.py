@@ -182,6 +182,16 @@ def _forward_with_anchors(block, every, params, x, key):
     return y, anchors
 
 
+def restart_at_anchor(stream: PyTree, exact: PyTree, layer: jax.Array, every: int) -> PyTree:
+    """``exact`` at the last layer of each segment of ``every`` layers, else ``stream``.
+
+    Reconstruction walking backward restarts there from the stored exact output, so round-off
+    accumulates over at most ``every`` layers.
+    """
+    at_anchor = layer % every == every - 1
+    return jax.tree.map(lambda e, s: jnp.where(at_anchor, e, s), exact, stream)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _reversible_scan(
     block: Coupling, every: int, params: PyTree, x: PyTree, key: Key | None
@@ -207,11 +217,8 @@ def _reversible_scan_bwd(block, every, residuals, y_bar):
         y_l, y_bar_l = carry
         p, layer = inputs
         if anchors is not None:
-            # At a segment's last layer restart from its stored exact output, so round-off
-            # accumulates over at most `every` layers.
-            at_anchor = layer % every == every - 1
-            y_l = jax.tree.map(
-                lambda buf, v: jnp.where(at_anchor, buf[layer // every], v), anchors, y_l
+            y_l = restart_at_anchor(
+                y_l, jax.tree.map(lambda buf: buf[layer // every], anchors), layer, every
             )
         x_l, x_bar_l, p_bar = call_with_key(step, p, y_l, y_bar_l, key=layer_key(key, layer))
         return (x_l, x_bar_l), p_bar

@@ -1,13 +1,15 @@
 """The demo trains all three methods to the same accuracy and reports flat reversible memory."""
 
+import json
+
 import pytest
 
 from revjax.__main__ import main
 from revjax.demo import run
 
 
-def test_demo_table(capsys):
-    rows = run(depth=4, deep=32, epochs=4)
+def test_demo_table(capsys, tmp_path):
+    rows = run(depth=4, deep=32, epochs=4, json_path=tmp_path / "demo.json")
     out = capsys.readouterr().out
     assert "epoch  4/4" in out and "| method |" in out
     by = {r["method"]: r for r in rows}
@@ -19,6 +21,8 @@ def test_demo_table(capsys):
     # Reversible temp memory is flat in depth (within 5%); backprop's grows.
     assert by["reversible"]["temp_deep"] <= 1.05 * by["reversible"]["temp_shallow"]
     assert by["backprop"]["temp_deep"] > 4 * by["backprop"]["temp_shallow"]
+    record = json.loads((tmp_path / "demo.json").read_text())
+    assert record["rows"] == rows and record["seconds"] > 0
 
 
 def test_cli_usage(capsys):
