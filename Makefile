@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_scan.py --size cpu
 	$(BIN)/python benchmarks/numerics_cpu.py
 	$(BIN)/python benchmarks/count_gemms.py
+	$(BIN)/python benchmarks/numerics_depth.py --size cpu
 	$(BIN)/python benchmarks/report.py
 
 clean:

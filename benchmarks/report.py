@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.numerics_depth import METHODS as DEPTH_METHODS  # noqa: E402
 from revjax.diagnostics import format_table  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -52,9 +53,47 @@ def render_scan(payload: dict, filename: str) -> str:
     )
 
 
+def render_numerics_depth(payload: dict, filename: str) -> str:
+    size, env, rows = payload["size"], payload["env"], payload["rows"]
+    order = list(DEPTH_METHODS)
+    methods = sorted(dict.fromkeys(r["method"] for r in rows), key=order.index)
+    timed = any(r.get("time_vs_bf16_backprop") is not None for r in rows)
+
+    def cell(r):
+        if r["overflow"]:
+            return "overflow"
+        text = "0 (bitwise)" if r["bitwise_equal"] else f"{r['grad_rel_err']:.1e}"
+        if r["method"] == "exact":
+            text += f", F={r['fraction_bits']}"
+        if timed:
+            text += f"; {r['time_vs_bf16_backprop']:.2f}x"
+        return text
+
+    table = format_table(
+        [
+            {"depth": d, **{m: cell(r) for r in rows if r["depth"] == d for m in [r["method"]]}}
+            for d in dict.fromkeys(r["depth"] for r in rows)
+        ],
+        [("depth", "L", "d"), *((m, m, "") for m in methods)],
+    )
+    what = "relative error of the parameter gradient vs plain backprop of the same network"
+    if timed:
+        what += "; step time as a ratio to plain bf16 backprop"
+    return (
+        f"Reference network (additive GELU-MLP couplings, bf16 params and compute, weights "
+        f"N(0, (0.5/sqrt(width))^2)), batch {size['batch']}, halves {size['width']} wide, hidden "
+        f"{size['hidden']}: {what}. Exact mode uses the most fraction bits F whose range "
+        f"2^(24-F) holds twice the stream's peak. Measured on {_where(env)} by "
+        f"`benchmarks/numerics_depth.py` (`benchmarks/results/{filename}`, plot alongside as "
+        f"PNG).\n\n{table}"
+    )
+
+
 RENDERERS = {
     "scan": ("scan_gpu_gpu.json", render_scan),
     "scan_bf16": ("scan_gpu_gpu_bfloat16.json", render_scan),
+    "numerics_depth_cpu": ("numerics_depth_cpu_cpu.json", render_numerics_depth),
+    "numerics_depth_gpu": ("numerics_depth_gpu_gpu.json", render_numerics_depth),
 }
 
 

@@ -10,6 +10,15 @@ of the same structure, shapes and dtypes, plus two optional fields:
   blocks without one get :func:`reconstruct_and_vjp`'s generic "invert, then ``jax.vjp``" path.
 * ``log_det(params, x) -> scalar``: ``log|det dy/dx|`` summed over every element of ``x``. For a
   per-example value (normalising flows) ``jax.vmap`` it over the batch.
+* ``vijp_step(params, x, x_bar) -> (y, y_bar, params_bar)``: the Moonwalk step
+  (:mod:`revjax.moonwalk`). Given a layer's input and its input cotangent ``x_bar``, returns the
+  output, the output cotangent ``y_bar`` solving ``y_bar J = x_bar`` (``J = dy/dx``; the
+  vector-inverse-Jacobian product) and the parameter cotangent ``y_bar dy/dparams``. Couplings
+  built here provide one that evaluates each branch once; see ``_feistel_coupling``.
+* ``map_branches(wrap) -> Coupling``: the same coupling rebuilt with every residual branch ``fn``
+  replaced by ``wrap(fn, kind)`` (``kind`` is ``"additive"`` or ``"affine"``). This is how a
+  precision policy (:mod:`revjax.precision`) reaches inside f and g to cast their inputs or put
+  their outputs on a fixed-point grid. Hand-written couplings have none.
 
 Randomness (dropout) is threaded explicitly: when a caller has a PRNG key it calls
 ``forward(params, x, key)`` (likewise ``inverse``, ``backward``, ``log_det``), and the couplings
@@ -37,19 +46,25 @@ import jax.numpy as jnp
 
 PyTree = Any
 Key = Any
+# wrap(branch, kind) -> branch, kind in {"additive", "affine"}; see Coupling.map_branches.
+BranchWrapper = Callable[[Callable[..., Any], str], Callable[..., Any]]
 
 
 class Coupling(NamedTuple):
     """A reversible block: ``forward(params, x) -> y`` and ``inverse(params, y) -> x``.
 
-    ``backward`` (optional) is a fused ``(params, y, y_bar) -> (x, x_bar, params_bar)`` step and
-    ``log_det`` (optional) returns ``log|det dy/dx|``; see the module docstring.
+    ``backward`` (optional) is a fused ``(params, y, y_bar) -> (x, x_bar, params_bar)`` step,
+    ``log_det`` (optional) returns ``log|det dy/dx|``, ``map_branches`` (optional) rebuilds the
+    coupling with wrapped branches and ``vijp_step`` (optional) is the Moonwalk forward step
+    ``(params, x, x_bar) -> (y, y_bar, params_bar)``; see the module docstring.
     """
 
     forward: Callable[..., PyTree]
     inverse: Callable[..., PyTree]
     backward: Callable[..., tuple[PyTree, PyTree, PyTree]] | None = None
     log_det: Callable[..., jax.Array] | None = None
+    map_branches: Callable[[BranchWrapper], Coupling] | None = None
+    vijp_step: Callable[..., tuple[PyTree, PyTree, PyTree]] | None = None
 
 
 def call_with_key(fn: Callable[..., Any], *args: Any, key: Key | None) -> Any:
@@ -125,15 +140,18 @@ def _split_halves(x: PyTree, where: str) -> tuple[PyTree, PyTree]:
 
 
 class _CombineRule(NamedTuple):
-    """``combine(a, d)``, its inverse, and its vjp.
+    """``combine(a, d)``, its inverse, its vjp, and the inverse of its vjp in ``a``.
 
     ``vjp(y, d, y_bar) -> (a_bar, d_bar)`` is the pullback of ``combine`` written in terms of its
-    *output* ``y`` (so the backward pass never needs ``a``); ``log_det(d)`` is ``log|det da y|``.
+    *output* ``y`` (so the backward pass never needs ``a``); ``solve(d, a_bar) -> y_bar`` inverts
+    its ``a`` part (``a_bar = y_bar da y``, an elementwise invertible map); ``log_det(d)`` is
+    ``log|det da y|``.
     """
 
     combine: Callable[[PyTree, Any], PyTree]
     uncombine: Callable[[PyTree, Any], PyTree]
     vjp: Callable[[PyTree, Any, PyTree], tuple[PyTree, Any]]
+    solve: Callable[[Any, PyTree], PyTree]
     check: Callable[[str, str, Any, PyTree], None]
     log_det: Callable[[Any], jax.Array] | None
 
@@ -147,6 +165,7 @@ _ADDITIVE = _CombineRule(
     combine=lambda a, d: jax.tree.map(jnp.add, a, _cast_like(d, a)),
     uncombine=lambda y, d: jax.tree.map(jnp.subtract, y, _cast_like(d, y)),
     vjp=lambda y, d, y_bar: (y_bar, jax.tree.map(lambda g, di: g.astype(di.dtype), y_bar, d)),
+    solve=lambda d, a_bar: a_bar,
     check=lambda name, half_name, d, a: _check_like(name, half_name, d, a),
     log_det=None,
 )
@@ -181,6 +200,10 @@ def _affine_rule(bound: float) -> _CombineRule:
         t_bar = jax.tree.map(lambda g, ti: g.astype(ti.dtype), y_bar, t)
         return a_bar, (s_bar, t_bar)
 
+    def solve(st, a_bar):
+        # a_bar = y_bar e^s  =>  y_bar = a_bar e^-s
+        return jax.tree.map(lambda g, si: g * jnp.exp(-si.astype(g.dtype)), a_bar, st[0])
+
     def check(name, half_name, st, a):
         if not (isinstance(st, tuple | list) and len(st) == 2):
             raise ValueError(
@@ -193,10 +216,16 @@ def _affine_rule(bound: float) -> _CombineRule:
     def log_det(st):
         return sum(jnp.sum(si.astype(jnp.float32)) for si in jax.tree.leaves(st[0]))
 
-    return _CombineRule(combine, uncombine, vjp, check, log_det)
+    return _CombineRule(combine, uncombine, vjp, solve, check, log_det)
 
 
-def _feistel_coupling(f: Callable, g: Callable, rule: _CombineRule, kind: str) -> Coupling:
+def _feistel_coupling(
+    f: Callable,
+    g: Callable,
+    rule: _CombineRule,
+    kind: str,
+    map_branches: Callable[[BranchWrapper], Coupling] | None = None,
+) -> Coupling:
     """``y1 = combine(x1, f(x2)); y2 = combine(x2, g(y1))`` with a fused backward step."""
 
     def branch(fn, name, half_name, p, other, half, key):
@@ -239,6 +268,30 @@ def _feistel_coupling(f: Callable, g: Callable, rule: _CombineRule, kind: str) -
 
         return (x1, x2), (x1_bar, x2_bar), (pf_bar, pg_bar)
 
+    def vijp_step(params, x, x_bar, key=None):
+        # Backprop relations, t1 = y1_bar + (dg/dy1)^T g_bar being the total cotangent of y1:
+        #   x1_bar = t1 (dy1/dx1),  x2_bar = y2_bar (dy2/dx2) + (df/dx2)^T f_bar.
+        # Solved forward: t1 from x1_bar, y2_bar from x2_bar, then y1_bar = t1 - (dg/dy1)^T g_bar.
+        # f and g are evaluated once each.
+        (pf, pg), (x1, x2) = params, _split_halves(x, f"{kind}.vijp_step")
+        x1_bar, x2_bar = x_bar
+        kf, kg = split_key(key, 2)
+
+        f_out, f_pullback = jax.vjp(lambda p, h: branch(f, "f", "x1", p, h, x1, kf), pf, x2)
+        y1 = rule.combine(x1, f_out)
+        y1_bar_total = rule.solve(f_out, x1_bar)
+        _, f_out_bar = rule.vjp(y1, f_out, y1_bar_total)
+        pf_bar, x2_bar_from_f = f_pullback(f_out_bar)
+
+        g_out, g_pullback = jax.vjp(lambda p, h: branch(g, "g", "x2", p, h, x2, kg), pg, y1)
+        y2 = rule.combine(x2, g_out)
+        y2_bar = rule.solve(g_out, jax.tree.map(jnp.subtract, x2_bar, x2_bar_from_f))
+        _, g_out_bar = rule.vjp(y2, g_out, y2_bar)
+        pg_bar, y1_bar_from_g = g_pullback(g_out_bar)
+        y1_bar = jax.tree.map(jnp.subtract, y1_bar_total, y1_bar_from_g)
+
+        return (y1, y2), (y1_bar, y2_bar), (pf_bar, pg_bar)
+
     log_det = None
     if rule.log_det is not None:
 
@@ -250,7 +303,7 @@ def _feistel_coupling(f: Callable, g: Callable, rule: _CombineRule, kind: str) -
             g_out = branch(g, "g", "x2", pg, y1, x2, kg)
             return rule.log_det(f_out) + rule.log_det(g_out)
 
-    return Coupling(forward, inverse, backward, log_det)
+    return Coupling(forward, inverse, backward, log_det, map_branches, vijp_step)
 
 
 def additive_coupling(f: Callable, g: Callable) -> Coupling:
@@ -269,7 +322,13 @@ def additive_coupling(f: Callable, g: Callable) -> Coupling:
       Branch outputs are cast to the dtype of the half they are added to, so a float32 stream
       stays float32 when f and g compute in bfloat16. ``log|det J| = 0`` (volume preserving).
     """
-    return _feistel_coupling(f, g, _ADDITIVE, "additive_coupling")
+    return _feistel_coupling(
+        f,
+        g,
+        _ADDITIVE,
+        "additive_coupling",
+        lambda wrap: additive_coupling(wrap(f, "additive"), wrap(g, "additive")),
+    )
 
 
 def affine_coupling(f: Callable, g: Callable, *, max_log_scale: float = 2.0) -> Coupling:
@@ -300,7 +359,15 @@ def affine_coupling(f: Callable, g: Callable, *, max_log_scale: float = 2.0) -> 
 
         return wrapped
 
-    return _feistel_coupling(bounded(f), bounded(g), _affine_rule(max_log_scale), "affine_coupling")
+    return _feistel_coupling(
+        bounded(f),
+        bounded(g),
+        _affine_rule(max_log_scale),
+        "affine_coupling",
+        lambda wrap: affine_coupling(
+            wrap(f, "affine"), wrap(g, "affine"), max_log_scale=max_log_scale
+        ),
+    )
 
 
 def _as_pair(out: Any) -> tuple[Any, Any]:
@@ -363,7 +430,27 @@ def sequence(*blocks: Coupling) -> Coupling:
                 x = call_with_key(b.forward, p, x, key=k)
             return total
 
-    return Coupling(forward, inverse, backward, log_det)
+    vijp_step = None
+    if all(b.vijp_step is not None for b in blocks):
+
+        def vijp_step(params, x, x_bar, key=None):
+            params_bar = []
+            for b, p, k in zip(blocks, _params(params), split_key(key, n), strict=True):
+                x, x_bar, p_bar = call_with_key(b.vijp_step, p, x, x_bar, key=k)
+                params_bar.append(p_bar)
+            return x, x_bar, _like_sequence(params, params_bar)
+
+    def map_branches(wrap):
+        for i, b in enumerate(blocks):
+            if b.map_branches is None:
+                raise TypeError(
+                    f"sequence: block {i} is a hand-written Coupling without map_branches, so its "
+                    "branches cannot be wrapped (e.g. cast to a compute dtype by a precision "
+                    "policy); build it with additive_coupling/affine_coupling or give it one"
+                )
+        return sequence(*(b.map_branches(wrap) for b in blocks))
+
+    return Coupling(forward, inverse, backward, log_det, map_branches, vijp_step)
 
 
 def _like_sequence(template: tuple | list, items: list) -> tuple | list:
@@ -390,5 +477,10 @@ def swap() -> Coupling:
         return forward(params, y), forward(params, y_bar), jax.tree.map(jnp.zeros_like, params)
 
     return Coupling(
-        forward, forward, backward, lambda params, x, key=None: jnp.zeros((), jnp.float32)
+        forward,
+        forward,
+        backward,
+        lambda params, x, key=None: jnp.zeros((), jnp.float32),
+        lambda wrap: swap(),  # no branches to wrap
+        backward,  # a permutation: the same formula maps (x, x_bar) to (y, y_bar)
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -9,13 +11,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from revjax.coupling import Coupling, call_with_key
+from revjax.precision import Policy
 from revjax.scan import (
     anchor_interval,
-    check_block,
-    check_stream,
     layer_key,
+    plain_scan,
+    prepare_stack,
     restart_at_anchor,
-    stack_depth,
+    reversible_scan,
 )
 
 PyTree = Any
@@ -25,8 +28,10 @@ def relative_error(approx: PyTree, reference: PyTree) -> jax.Array:
     """``||approx - reference|| / ||reference||`` over all leaves jointly, in float32.
 
     The norm is the Euclidean norm of every leaf flattened and concatenated; both pytrees must
-    have the same structure and shapes. Returns ``inf`` when the reference is zero and the
-    approximation is not (and 0 when both are zero).
+    have the same structure and shapes. Both are divided by the largest magnitude in
+    ``reference`` before squaring, so huge gradients (|g| > 1e19, whose squares overflow
+    float32) still give a finite answer. Returns ``inf`` when the reference is zero and the
+    approximation is not, 0 when both are zero, and NaN when either holds a NaN or inf.
     """
     a, r = jax.tree.leaves(approx), jax.tree.leaves(reference)
     if jax.tree.structure(approx) != jax.tree.structure(reference):
@@ -35,8 +40,10 @@ def relative_error(approx: PyTree, reference: PyTree) -> jax.Array:
             f"{jax.tree.structure(approx)} vs {jax.tree.structure(reference)}"
         )
     f32 = lambda v: jnp.asarray(v, jnp.float32)
-    diff = sum(jnp.sum(jnp.square(f32(x) - f32(y))) for x, y in zip(a, r, strict=True))
-    norm = sum(jnp.sum(jnp.square(f32(y))) for y in r)
+    scale = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(f32(y)), initial=0.0) for y in r])
+    scale = jnp.where(scale > 0, scale, 1.0)
+    diff = sum(jnp.sum(jnp.square((f32(x) - f32(y)) / scale)) for x, y in zip(a, r, strict=True))
+    norm = sum(jnp.sum(jnp.square(f32(y) / scale)) for y in r)
     return jnp.where(
         norm > 0, jnp.sqrt(diff / jnp.where(norm > 0, norm, 1.0)), jnp.where(diff > 0, jnp.inf, 0.0)
     )
@@ -73,6 +80,7 @@ def reconstruction_report(
     *,
     key: Any | None = None,
     checkpoint_every: int | None = None,
+    policy: Policy | None = None,
 ) -> dict[str, jax.Array]:
     """Per-layer reconstruction quality of a reversible stack, as the backward pass sees it.
 
@@ -87,16 +95,14 @@ def reconstruction_report(
 
     the signal-to-noise ratio of Hascoet et al. ("Reversible designs for extreme memory cost
     reduction of CNN training"). Norms are over all stream leaves jointly, in float32; the
-    stream and the block compute in whatever dtypes the caller gives them, so a bfloat16 stream
-    shows its drift here. ``steps[l] = L - l`` counts the inverse steps behind ``x_rec_l`` since
-    the last exact restart (the output, or an anchor).
+    stream and the block compute in the policy's dtypes (or whatever dtypes the caller gives
+    them), so a bfloat16 stream shows its drift here. ``steps[l] = L - l`` counts the inverse
+    steps behind ``x_rec_l`` since the last exact restart (the output, or an anchor).
 
     Returns:
       A dict of ``(L,)`` arrays: ``layer``, ``steps``, ``relative_error``, ``snr``, ``snr_db``.
     """
-    depth = stack_depth(params, where="reconstruction_report")
-    check_stream(x, where="reconstruction_report")
-    check_block(block, params, x, key, where="reconstruction_report")
+    block, x, depth, _ = prepare_stack(block, params, x, key, policy, "reconstruction_report")
     every = anchor_interval(depth, checkpoint_every)
     layers = jnp.arange(depth)
 
@@ -125,3 +131,78 @@ def reconstruction_report(
         "snr": snr,
         "snr_db": 10.0 * jnp.log10(snr),
     }
+
+
+def _half_sum_of_squares(y: PyTree) -> jax.Array:
+    return 0.5 * sum(jnp.sum(jnp.square(jnp.asarray(v, jnp.float32))) for v in jax.tree.leaves(y))
+
+
+def compare_gradients(
+    block: Coupling,
+    params: PyTree,
+    x: PyTree,
+    methods: Mapping[str, Mapping[str, Any]],
+    *,
+    loss: Callable[[PyTree], jax.Array] | None = None,
+    key: Any | None = None,
+) -> list[dict[str, Any]]:
+    """How far each reversible configuration's gradient is from plain backprop of its network.
+
+    For every ``name -> options`` in ``methods`` (options are keyword arguments of
+    :func:`revjax.reversible_scan`: ``policy``, ``checkpoint_every``), differentiates
+    ``loss(reversible_scan(block, params, x, **options))`` and, as the reference, the same loss
+    through :func:`revjax.scan.plain_scan` with the same policy: plain backprop of the *same*
+    network, so the error is the reconstruction's alone, never hidden by a dtype difference.
+
+    Args:
+      loss: ``loss(y) -> scalar``; default ``0.5 * sum(y^2)`` over all leaves, in float32.
+
+    Returns:
+      One dict per method: ``method``, ``policy`` (its repr, or None), ``checkpoint_every``,
+      ``param_grad_error`` and ``input_grad_error`` (relative norms, floats), and ``exact``
+      (whether every gradient leaf is bitwise equal to the reference). Render with
+      ``format_table(rows, COMPARISON_COLUMNS)``.
+    """
+    loss = _half_sum_of_squares if loss is None else loss
+    references: dict[Policy | None, tuple[PyTree, PyTree]] = {}
+
+    def gradient(scan, **options):
+        objective = lambda p, x_: loss(scan(block, p, x_, key=key, **options))
+        return jax.jit(jax.grad(objective, argnums=(0, 1)))(params, x)
+
+    rows = []
+    for name, options in methods.items():
+        unknown = set(options) - {"policy", "checkpoint_every"}
+        if unknown:
+            raise ValueError(
+                f"compare_gradients: method {name!r} has unknown options {sorted(unknown)}; "
+                "allowed: policy, checkpoint_every"
+            )
+        policy = options.get("policy")
+        if policy not in references:
+            references[policy] = gradient(plain_scan, policy=policy)
+        grads = gradient(reversible_scan, **options)
+        reference = references[policy]
+        rows.append(
+            {
+                "method": name,
+                "policy": None if policy is None else repr(policy),
+                "checkpoint_every": options.get("checkpoint_every"),
+                "param_grad_error": float(relative_error(grads[0], reference[0])),
+                "input_grad_error": float(relative_error(grads[1], reference[1])),
+                "exact": all(
+                    bool(jnp.array_equal(a, b))
+                    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True)
+                ),
+            }
+        )
+    return rows
+
+
+COMPARISON_COLUMNS = [
+    ("method", "method", ""),
+    ("checkpoint_every", "anchors every", ""),
+    ("param_grad_error", "param grad rel. error", ".2e"),
+    ("input_grad_error", "input grad rel. error", ".2e"),
+    ("exact", "bitwise equal", ""),
+]

@@ -24,6 +24,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from revjax.coupling import Coupling, call_with_key, reconstruct_and_vjp
+from revjax.precision import (
+    INPUT_LAYER,
+    NO_LAYER,
+    Policy,
+    RangeCheck,
+    apply_policy,
+    range_check,
+    to_stream,
+)
 
 PyTree = Any
 Key = Any
@@ -112,29 +121,6 @@ def check_block(block: Coupling, params: PyTree, x: PyTree, key: Key | None, *, 
         )
 
 
-def _validate(block, params, x, key, where):
-    depth = stack_depth(params, where=where)
-    check_stream(x, where=where)
-    check_block(block, params, x, key, where=where)
-    return depth
-
-
-def _forward_scan(block: Coupling, params: PyTree, x: PyTree, key: Key | None, remat: bool = False):
-    depth = stack_depth(params)
-    step = lambda p, x_, k: call_with_key(block.forward, p, x_, key=k)
-    if remat:
-        # Inside a scan the recomputation cannot be CSE'd into the forward pass, so the
-        # optimisation barriers of prevent_cse=True are unnecessary (see jax.checkpoint's docs).
-        step = jax.checkpoint(step, prevent_cse=False)
-
-    def body(x_, inputs):
-        p, layer = inputs
-        return step(p, x_, layer_key(key, layer)), None
-
-    y, _ = lax.scan(body, x, (params, jnp.arange(depth)))
-    return y
-
-
 def anchor_interval(depth: int, checkpoint_every: int | None) -> int:
     """The number of layers between stored anchors: ``checkpoint_every``, or ``depth`` (one
     segment, nothing stored but the output) when it is None.
@@ -157,28 +143,63 @@ def anchor_interval(depth: int, checkpoint_every: int | None) -> int:
     return checkpoint_every
 
 
-def _forward_with_anchors(block, every, params, x, key):
-    """Forward pass that also returns the exact stream after every ``every`` layers.
+def _forward(
+    block: Coupling,
+    params: PyTree,
+    x: PyTree,
+    key: Key | None,
+    *,
+    every: int | None = None,
+    remat: bool = False,
+    check: RangeCheck | None = None,
+) -> tuple[PyTree, PyTree | None]:
+    """``lax.scan`` of ``block.forward`` over the layers; returns ``(y, anchors)``.
 
-    Anchors live in a ``(L // every, ...)`` buffer per stream leaf carried through the scan.
-    Layer ``l`` writes its output to slot ``l // every``; the last write into a slot is the
-    output of layer ``every * (slot + 1) - 1``, the segment's exact output. Writing every layer
-    (instead of branching) keeps the loop body uniform; it costs one stream copy per layer.
+    every: with an anchor interval ``k < L``, also returns the exact stream after every ``k``
+      layers in a ``(L // k, ...)`` buffer per stream leaf (else ``anchors`` is None). Layer ``l``
+      writes its output to slot ``l // k``; the last write into a slot is the segment's exact
+      output. Writing every layer (instead of branching) keeps the loop body uniform; it costs
+      one stream copy per layer.
+    remat: wrap each layer in ``jax.checkpoint`` (per-layer rematerialisation).
+    check: exact mode's range check; the scan carries the first offending layer and reports it
+      once, after the loop.
     """
     depth = stack_depth(params)
-    anchors = jax.tree.map(lambda a: jnp.zeros((depth // every, *a.shape), a.dtype), x)
+    step = lambda p, x_, k: call_with_key(block.forward, p, x_, key=k)
+    if remat:
+        # Inside a scan the recomputation cannot be CSE'd into the forward pass, so the
+        # optimisation barriers of prevent_cse=True are unnecessary (see jax.checkpoint's docs).
+        step = jax.checkpoint(step, prevent_cse=False)
+    with_anchors = every is not None and every < depth
+    anchors = (
+        jax.tree.map(lambda a: jnp.zeros((depth // every, *a.shape), a.dtype), x)
+        if with_anchors
+        else None
+    )
+    status = None
+    if check is not None:
+        bad, value = check.out_of_range(x)
+        status = (jnp.where(bad, INPUT_LAYER, NO_LAYER), value)
 
     def body(carry, inputs):
-        x_, anchors_ = carry
+        x_, anchors_, status_ = carry
         p, layer = inputs
-        y_ = call_with_key(block.forward, p, x_, key=layer_key(key, layer))
-        slot = layer // every
-        anchors_ = jax.tree.map(
-            lambda buf, v: lax.dynamic_update_index_in_dim(buf, v, slot, 0), anchors_, y_
-        )
-        return (y_, anchors_), None
+        y_ = step(p, x_, layer_key(key, layer))
+        if with_anchors:
+            anchors_ = jax.tree.map(
+                lambda buf, v: lax.dynamic_update_index_in_dim(buf, v, layer // every, 0),
+                anchors_,
+                y_,
+            )
+        if check is not None:
+            bad, value = check.out_of_range(y_)
+            first = (status_[0] == NO_LAYER) & bad
+            status_ = (jnp.where(first, layer, status_[0]), jnp.where(first, value, status_[1]))
+        return (y_, anchors_, status_), None
 
-    (y, anchors), _ = lax.scan(body, (x, anchors), (params, jnp.arange(depth)))
+    (y, anchors, status), _ = lax.scan(body, (x, anchors, status), (params, jnp.arange(depth)))
+    if check is not None:
+        check.report(*status)
     return y, anchors
 
 
@@ -192,24 +213,25 @@ def restart_at_anchor(stream: PyTree, exact: PyTree, layer: jax.Array, every: in
     return jax.tree.map(lambda e, s: jnp.where(at_anchor, e, s), exact, stream)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _reversible_scan(
-    block: Coupling, every: int, params: PyTree, x: PyTree, key: Key | None
+    block: Coupling,
+    every: int,
+    check: RangeCheck | None,
+    params: PyTree,
+    x: PyTree,
+    key: Key | None,
 ) -> PyTree:
-    return _forward_scan(block, params, x, key)
+    return _forward(block, params, x, key, check=check)[0]
 
 
-def _reversible_scan_fwd(block, every, params, x, key):
-    depth = stack_depth(params)
+def _reversible_scan_fwd(block, every, check, params, x, key):
     # Residuals: the output, and the anchors if any (params and key are inputs, stored anyway).
-    if every == depth:
-        y, anchors = _forward_scan(block, params, x, key), None
-    else:
-        y, anchors = _forward_with_anchors(block, every, params, x, key)
+    y, anchors = _forward(block, params, x, key, every=every, check=check)
     return y, (params, y, anchors, key)
 
 
-def _reversible_scan_bwd(block, every, residuals, y_bar):
+def _reversible_scan_bwd(block, every, check, residuals, y_bar):
     params, y, anchors, key = residuals
     step = reconstruct_and_vjp(block)
 
@@ -231,6 +253,26 @@ def _reversible_scan_bwd(block, every, residuals, y_bar):
 _reversible_scan.defvjp(_reversible_scan_fwd, _reversible_scan_bwd)
 
 
+def prepare_stack(
+    block: Coupling, params: PyTree, x: PyTree, key: Key | None, policy: Policy | None, where: str
+) -> tuple[Coupling, PyTree, int, RangeCheck | None]:
+    """Validates a stack's inputs and applies ``policy``.
+
+    Returns ``(block, x, depth, check)``: the block with the policy applied, the input stream in
+    the policy's stream dtype, the number of layers ``L``, and exact mode's range check (or
+    None). Errors name ``where``.
+    """
+    if policy is not None and not isinstance(policy, Policy):
+        raise TypeError(f"{where}: policy must be a revjax.precision.Policy, got {policy!r}")
+    depth = stack_depth(params, where=where)
+    check_stream(x, where=where)
+    if not isinstance(block, Coupling):
+        raise TypeError(f"{where}: block must be a revjax.Coupling, got {type(block).__name__}")
+    block, x = apply_policy(block, policy), to_stream(x, policy)
+    check_block(block, params, x, key, where=where)
+    return block, x, depth, range_check(policy, where)
+
+
 def reversible_scan(
     block: Coupling,
     params: PyTree,
@@ -238,6 +280,7 @@ def reversible_scan(
     *,
     key: Key | None = None,
     checkpoint_every: int | None = None,
+    policy: Policy | None = None,
 ) -> PyTree:
     """Applies ``L`` stacked reversible layers, with a backward pass that stores no activations.
 
@@ -254,41 +297,63 @@ def reversible_scan(
         restarts reconstruction from them, so round-off accumulates over ``k`` layers instead
         of ``L``, at no extra compute. ``k = L`` (the default) stores only the output; ``k = 1``
         stores every layer's output, the memory of per-layer checkpointing.
+      policy: optional :class:`revjax.precision.Policy` (compute dtype of the branches, stream
+        dtype, matmul precision, exact fixed-point mode). ``x`` is cast to the stream dtype
+        (and snapped to the grid in exact mode) on entry; the gradient w.r.t. ``x`` comes back
+        in ``x``'s dtypes.
 
     Returns:
-      ``y = x_L``, same structure, shapes and dtypes as ``x``.
+      ``y = x_L``, same structure and shapes as ``x``, in the policy's stream dtype (``x``'s
+      dtypes without a policy).
 
     Raises:
       ValueError: params leaves with different leading axes, ``L = 0``, a block that changes
         the stream's structure, shapes or dtypes (e.g. a branch returning the wrong shape), or a
         ``checkpoint_every`` that does not divide ``L``.
       TypeError: a non-floating stream leaf, or a block that is not a ``Coupling``.
+      OverflowError: (when the computation runs, wrapped in JAX's runtime error) in exact mode, a
+        layer whose output leaves the fixed-point range; the message names the first such layer.
     """
-    depth = _validate(block, params, x, key, "reversible_scan")
+    block, x, depth, check = prepare_stack(block, params, x, key, policy, "reversible_scan")
     every = anchor_interval(depth, checkpoint_every)
-    return _reversible_scan(block, every, params, x, key)
+    return _reversible_scan(block, every, check, params, x, key)
 
 
 def plain_scan(
-    block: Coupling, params: PyTree, x: PyTree, *, key: Key | None = None, remat: bool = False
+    block: Coupling,
+    params: PyTree,
+    x: PyTree,
+    *,
+    key: Key | None = None,
+    remat: bool = False,
+    policy: Policy | None = None,
 ) -> PyTree:
     """The non-reversible twin of :func:`reversible_scan`: ``lax.scan`` of ``block.forward``.
 
     Differentiating it stores every layer's activations (``remat=False``, plain backprop) or only
     each layer's input, recomputing the layer in the backward pass (``remat=True``, per-layer
-    ``jax.checkpoint``). Layers get the same keys as in :func:`reversible_scan`.
+    ``jax.checkpoint``). Layers get the same keys, and ``policy`` the same meaning, as in
+    :func:`reversible_scan`, so the two compute the same network.
     """
-    _validate(block, params, x, key, "plain_scan")
-    return _forward_scan(block, params, x, key, remat=remat)
+    block, x, _, check = prepare_stack(block, params, x, key, policy, "plain_scan")
+    return _forward(block, params, x, key, remat=remat, check=check)[0]
 
 
-def inverse_scan(block: Coupling, params: PyTree, y: PyTree, *, key: Key | None = None) -> PyTree:
+def inverse_scan(
+    block: Coupling,
+    params: PyTree,
+    y: PyTree,
+    *,
+    key: Key | None = None,
+    policy: Policy | None = None,
+) -> PyTree:
     """Inverts a whole stack: returns ``x`` with ``reversible_scan(block, params, x) == y``.
 
-    Runs ``block.inverse`` from layer ``L - 1`` down to ``0`` with the same per-layer keys as the
-    forward pass. Differentiable by ordinary autodiff (which stores its activations).
+    Runs ``block.inverse`` from layer ``L - 1`` down to ``0`` with the same per-layer keys (and
+    policy) as the forward pass. Differentiable by ordinary autodiff (which stores its
+    activations).
     """
-    depth = _validate(block, params, y, key, "inverse_scan")
+    block, y, depth, _ = prepare_stack(block, params, y, key, policy, "inverse_scan")
 
     def body(y_, inputs):
         p, layer = inputs

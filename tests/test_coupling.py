@@ -101,22 +101,43 @@ def test_inverse_of_forward_is_identity(kind, seed, batch, w1, w2, use_key):
     assert float(relative_error(x_rec, x)) <= 1e-6
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@given(seed=st.integers(0, 2**31 - 1), use_key=st.booleans())
-def test_fused_backward_equals_autodiff(kind, seed, use_key):
+def autodiff_case(kind, seed, use_key):
+    """A block at random inputs with its autodiff vjp at a random output cotangent:
+    ``(block, params, x, call, y, y_bar, (params_bar, x_bar))``."""
     block, params, x = make_case(kind, seed, 5, 6, 6)
     key = jax.random.key(seed + 7) if use_key else None
     call = lambda fn, *a: fn(*a) if key is None else fn(*a, key)
     y, pullback = jax.vjp(lambda p, x_: call(block.forward, p, x_), params, x)
     rng = np.random.default_rng(seed + 3)
     y_bar = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), y)
-    p_bar_ref, x_bar_ref = pullback(y_bar)
+    return block, params, x, call, y, y_bar, pullback(y_bar)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@given(seed=st.integers(0, 2**31 - 1), use_key=st.booleans())
+def test_fused_backward_equals_autodiff(kind, seed, use_key):
+    block, params, x, call, y, y_bar, (p_bar_ref, x_bar_ref) = autodiff_case(kind, seed, use_key)
     x_rec, x_bar, p_bar = call(reconstruct_and_vjp(block), params, y, y_bar)
     assert float(relative_error(x_rec, x)) <= 1e-6
     # 1e-5: cotangents pass through the reconstructed (not the stored) activations.
     assert float(relative_error(x_bar, x_bar_ref)) <= 1e-5
     if jax.tree.leaves(params):
         assert float(relative_error(p_bar, p_bar_ref)) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@given(seed=st.integers(0, 2**31 - 1), use_key=st.booleans())
+def test_vijp_step_inverts_the_vjp(kind, seed, use_key):
+    """vijp_step(x, x_bar) returns y_bar with vjp(y_bar) == x_bar, and the parameter cotangent
+    of that y_bar: the Moonwalk step derived in coupling.py, checked against autodiff."""
+    block, params, x, call, y, y_bar_true, (p_bar_true, x_bar) = autodiff_case(kind, seed, use_key)
+    y_step, y_bar, p_bar = call(block.vijp_step, params, x, x_bar)
+    assert float(relative_error(y_step, y)) <= 1e-6
+    # 1e-5: the solve subtracts pulled-back terms, a few float32 ulps of the cotangents (the
+    # affine coupling multiplies by e^{+-s}, |s| <= 2).
+    assert float(relative_error(y_bar, y_bar_true)) <= 1e-5
+    if jax.tree.leaves(params):
+        assert float(relative_error(p_bar, p_bar_true)) <= 1e-5
 
 
 def test_pytree_halves():

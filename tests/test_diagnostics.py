@@ -16,6 +16,14 @@ def test_relative_error_is_joint_norm_over_leaves():
     assert float(relative_error(ref, ref)) == 0.0
 
 
+def test_relative_error_of_huge_values_does_not_overflow():
+    """Squares of 1e30 overflow float32; the error is still 1/5 (and NaN stays NaN)."""
+    ref = {"a": jnp.array([3e30, 0.0]), "b": jnp.array([4e30])}
+    approx = {"a": jnp.array([3e30, 1e30]), "b": jnp.array([4e30])}
+    assert float(relative_error(approx, ref)) == pytest.approx(1.0 / 5.0, rel=1e-6)
+    assert np.isnan(float(relative_error(jnp.array([jnp.nan, 1.0]), jnp.ones(2))))
+
+
 def test_relative_error_zero_reference():
     assert float(relative_error(jnp.zeros(3), jnp.zeros(3))) == 0.0
     assert float(relative_error(jnp.ones(3), jnp.zeros(3))) == float("inf")

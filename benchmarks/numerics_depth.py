@@ -1,0 +1,212 @@
+"""Gradient error vs depth for each precision policy, and step time against plain bf16 backprop.
+
+The network is the numerics reference of ``tests/test_precision.py``: additive GELU-MLP
+couplings with bf16 parameters and compute, both weight matrices ~ N(0, (0.5/sqrt(width))^2).
+For every depth and method the gradient of ``reversible_scan`` is compared with plain backprop
+(``plain_scan``) of the *same* mixed-precision network:
+
+* ``bf16 stream``: the naive policy, stream and compute in bfloat16;
+* ``f32 stream``: bf16 compute, float32 stream (revjax's default for bf16 compute);
+* ``f32 stream, k=16`` / ``k=8``: the same with anchors every k layers;
+* ``exact``: fixed-point float32 stream with the finest grid whose range holds the stream
+  (``fraction_bits`` chosen from the float32-stream forward pass); "overflow" when even
+  ``fraction_bits = 0`` (range 2^24) cannot.
+
+Step time (GPU only: CPU timings are not comparable, DESIGN.md section 4) is the median of 10
+jitted gradient steps, reported as a ratio to plain backprop of the bf16-stream network.
+
+    python benchmarks/numerics_depth.py --size cpu    # batch 64, width 256, hidden 1024
+    python benchmarks/numerics_depth.py --size gpu    # batch 8192, width 1024, hidden 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import environment, write_json
+from revjax import reversible_scan
+from revjax.diagnostics import format_table, relative_error
+from revjax.models.mlp import init_mlp_stack, mlp_coupling
+from revjax.precision import Policy, exact_policy
+from revjax.scan import plain_scan
+from revjax.timing import median_ms
+
+SIZES = {
+    "cpu": {"batch": 64, "width": 256, "hidden": 1024, "depths": [8, 16, 32, 64, 128, 256]},
+    "gpu": {"batch": 8192, "width": 1024, "hidden": 4096, "depths": [8, 16, 32, 64, 128, 256]},
+}
+BF16_STREAM = Policy(compute_dtype=jnp.bfloat16, stream_dtype=jnp.bfloat16)
+F32_STREAM = Policy(compute_dtype=jnp.bfloat16)
+METHODS = {
+    "bf16 stream": {"policy": BF16_STREAM},
+    "f32 stream": {"policy": F32_STREAM},
+    "f32 stream, k=16": {"policy": F32_STREAM, "checkpoint_every": 16},
+    "f32 stream, k=8": {"policy": F32_STREAM, "checkpoint_every": 8},
+    "exact": None,  # policy chosen per depth, see finest_exact_policy
+}
+
+
+def network(depth: int, batch: int, width: int, hidden: int):
+    params = init_mlp_stack(
+        jax.random.key(0), depth, width, hidden, std=0.5 / width**0.5, dtype=jnp.bfloat16
+    )
+    x = tuple(jax.random.normal(k, (batch, width)) for k in jax.random.split(jax.random.key(1)))
+    return mlp_coupling(), params, x
+
+
+def loss_of(scan, block, **options):
+    def loss(params, x):
+        y = scan(block, params, x, **options)
+        return 0.5 * sum(jnp.sum(jnp.square(v.astype(jnp.float32))) for v in y)
+
+    return jax.jit(jax.grad(loss))
+
+
+def finest_exact_policy(block, params, x) -> Policy | None:
+    """Exact mode with the most fraction bits whose range 2^(24 - F) exceeds twice the largest
+    stream value of the float32-stream network (None if no F >= 0 does)."""
+    y = jax.jit(lambda p: plain_scan(block, p, x, policy=F32_STREAM))(params)
+    peak = float(max(jnp.max(jnp.abs(v)) for v in y))
+    bits = 24 - math.ceil(math.log2(2 * peak))
+    return exact_policy(min(bits, 23), compute_dtype=jnp.bfloat16) if bits >= 0 else None
+
+
+def measure(depth: int, size: dict, timed: bool) -> list[dict]:
+    block, params, x = network(depth, size["batch"], size["width"], size["hidden"])
+    rows, references = [], {}
+    baseline = loss_of(plain_scan, block, policy=BF16_STREAM)
+    base_ms = median_ms(baseline, params, x) if timed else None
+    for name, options in METHODS.items():
+        if options is None:
+            policy = finest_exact_policy(block, params, x)
+            if policy is None:
+                rows.append({"depth": depth, "method": name, "overflow": True})
+                continue
+            options = {"policy": policy}
+        every = options.get("checkpoint_every")
+        if every is not None and every >= depth:
+            continue  # k >= L stores no anchor: the same as the plain f32 stream
+        policy = options["policy"]
+        step = loss_of(reversible_scan, block, **options)
+        try:
+            if policy not in references:
+                references[policy] = loss_of(plain_scan, block, policy=policy)(params, x)
+            grads = jax.block_until_ready(step(params, x))
+        except Exception as err:  # exact mode's range check (an OverflowError inside jit)
+            if "OverflowError" not in f"{type(err).__name__}: {err}":
+                raise
+            rows.append({"depth": depth, "method": name, "overflow": True})
+            continue
+        ms = median_ms(step, params, x) if timed else None
+        rows.append(
+            {
+                "depth": depth,
+                "method": name,
+                "fraction_bits": policy.fraction_bits,
+                "grad_rel_err": float(relative_error(grads, references[policy])),
+                "bitwise_equal": all(
+                    bool(jnp.array_equal(a, b))
+                    for a, b in zip(
+                        jax.tree.leaves(grads), jax.tree.leaves(references[policy]), strict=True
+                    )
+                ),
+                "step_ms": ms,
+                "time_vs_bf16_backprop": None if ms is None else ms / base_ms,
+                "overflow": False,
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in METHODS:
+        pts = [
+            (r["depth"], max(r["grad_rel_err"], 1e-9))
+            for r in rows
+            if r["method"] == name and not r["overflow"] and math.isfinite(r["grad_rel_err"])
+        ]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("depth L")
+    ax.set_ylabel("param gradient rel. error vs backprop")
+    ax.set_title(title, fontsize=9)
+    ax.text(
+        0.01,
+        0.01,
+        "exact mode: 0 (plotted at 1e-9); missing points: overflow or NaN",
+        transform=ax.transAxes,
+        fontsize=7,
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--depths", type=int, nargs="*", default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    size = dict(SIZES[args.size])
+    if args.depths:
+        size["depths"] = args.depths
+    timed = jax.default_backend() != "cpu"
+    rows = [row for depth in size["depths"] for row in measure(depth, size, timed)]
+    env = environment()
+    name = f"numerics_depth_{args.size}_{env['backend']}"
+    payload = {
+        "benchmark": "numerics_depth",
+        "env": env,
+        "size": size,
+        "network": "additive GELU-MLP couplings, bf16 params and compute, "
+        "weights ~ N(0, (0.5/sqrt(width))^2)",
+        "rows": rows,
+    }
+    path = write_json(f"{name}.json", payload, args.out)
+    plot(
+        rows,
+        path.with_suffix(".png"),
+        f"{env['device']}, batch {size['batch']}, width {size['width']}, hidden {size['hidden']}",
+    )
+    print(table(rows))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+def table(rows: list[dict]) -> str:
+    shown = [
+        {**r, "grad_rel_err": "overflow" if r["overflow"] else f"{r['grad_rel_err']:.1e}"}
+        for r in rows
+    ]
+    return format_table(
+        shown,
+        [
+            ("depth", "L", "d"),
+            ("method", "method", ""),
+            ("fraction_bits", "fraction bits", ""),
+            ("grad_rel_err", "grad rel. error", ""),
+            ("bitwise_equal", "bitwise", ""),
+            ("time_vs_bf16_backprop", "time / bf16 backprop", ".3f"),
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""Precision policies for reversible stacks: compute dtype, stream dtype, matmul precision, and
+an exact fixed-point mode.
+
+A reversible backward pass recomputes each layer's input from its output, ``x1 = y1 - f(x2)``.
+In floating point ``(x1 + d) - d != x1`` in general, and the round-off compounds through depth:
+with a bfloat16 residual stream (8 significand bits) a 64-layer stack's gradient can be
+meaningless. A :class:`Policy` separates three things:
+
+* ``compute_dtype``: what the branches f and g run in (their inputs and floating params are cast
+  to it); their outputs are cast back to the stream dtype before being added.
+* ``stream_dtype``: what the residual streams ``x1, x2`` are kept and added in. It defaults to
+  float32 whenever the compute dtype is 16-bit (bfloat16/float16), so low-precision compute keeps
+  a float32 stream (DESIGN.md, numerics policy).
+* ``matmul_precision``: the ``jax.default_matmul_precision`` under which the block is traced, in
+  the forward *and* the backward pass (the backward is traced by ``jax.grad``, outside whatever
+  context the caller's forward ran in). On GPU, JAX's default rounds float32 matmul inputs to
+  TF32; a reconstruction error of one ulp can flip that rounding, so ``"highest"`` is what makes a
+  float32 stack reconstruct to float32 accuracy.
+
+**Exact mode** (``fraction_bits=F``): the stream lives on the grid ``2^-F Z`` inside the range
+``|x| < R = 2^(p - F)`` (``p`` = significand bits of the stream dtype, 24 for float32). Each branch
+output is rounded onto the grid, ``q(d) = round(d 2^F) 2^-F``, with a straight-through gradient
+(``dq/dd = 1``). Sums and differences of grid values within the range are exact in floating
+point, so ``(x1 + q(d)) - q(d) == x1`` bit for bit: reconstruction is exact at any depth and the
+gradient of :func:`revjax.reversible_scan` equals plain backprop of the same (quantised) network
+exactly. Leaving the range would silently break exactness, so the forward pass checks every
+layer's output and raises ``OverflowError`` naming the first offending layer (one host check per
+scan, not per layer). Exact mode needs additive couplings (a scale ``exp(s)`` leaves the grid)
+and a float32/float64 stream.
+
+``apply_policy`` rewrites a :class:`revjax.Coupling`; ``reversible_scan``, ``plain_scan``,
+``inverse_scan`` and the diagnostics take ``policy=`` and apply it for you.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from revjax.coupling import Coupling
+
+PyTree = Any
+
+_SIXTEEN_BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_FLOATS = (*_SIXTEEN_BIT, jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+_PRECISION_NAMES = (
+    "default",
+    "high",
+    "highest",
+    "bfloat16",
+    "tensorfloat32",
+    "float32",
+    *lax.DotAlgorithmPreset.__members__,
+)
+
+
+def _as_float_dtype(value: Any, field: str) -> np.dtype | None:
+    if value is None:
+        return None
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError as err:
+        raise TypeError(f"Policy.{field}: {value!r} is not a dtype") from err
+    if dtype not in _FLOATS:
+        raise TypeError(
+            f"Policy.{field} must be one of {[d.name for d in _FLOATS]}, got {dtype.name}"
+        )
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError(
+            f"Policy.{field}=float64 needs jax_enable_x64; without it JAX silently computes in "
+            "float32"
+        )
+    return dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Dtypes and matmul precision of a reversible stack; see the module docstring.
+
+    Attributes:
+      compute_dtype: dtype f and g compute in, or None to leave their inputs as they are.
+      stream_dtype: dtype of the residual stream. None resolves to float32 when
+        ``compute_dtype`` is bfloat16/float16 or in exact mode, to ``compute_dtype`` when that is
+        32/64-bit, and otherwise to the input stream's own dtype.
+      matmul_precision: a ``jax.default_matmul_precision`` name (``"default"``, ``"high"``,
+        ``"highest"``, ``"float32"``, ... or a ``lax.DotAlgorithmPreset`` name), or None to
+        inherit the caller's.
+      fraction_bits: ``F`` for exact fixed-point mode (grid ``2^-F``, range ``2^(p - F)``), or
+        None for a floating stream.
+
+    Raises:
+      TypeError: a dtype that is not bfloat16/float16/float32/float64.
+      ValueError: a stream narrower than the compute dtype (e.g. float16 stream with bfloat16
+        compute, whose outputs would overflow or round when added), float64 without x64, an
+        unknown matmul precision, exact mode on a 16-bit stream, or ``F`` out of range.
+    """
+
+    compute_dtype: Any = None
+    stream_dtype: Any = None
+    matmul_precision: str | None = None
+    fraction_bits: int | None = None
+
+    def __post_init__(self):
+        compute = _as_float_dtype(self.compute_dtype, "compute_dtype")
+        stream = _as_float_dtype(self.stream_dtype, "stream_dtype")
+        exact = self.fraction_bits is not None
+        if stream is None:
+            if (compute is not None and compute in _SIXTEEN_BIT) or (exact and compute is None):
+                stream = jnp.dtype(jnp.float32)
+            elif compute is not None:
+                stream = compute
+        both = compute is not None and stream is not None
+        if both and jnp.promote_types(compute, stream) != stream:
+            raise ValueError(
+                f"Policy: a {stream.name} stream cannot hold {compute.name} branch outputs "
+                "without rounding or overflow; use a stream at least as wide as the compute "
+                "dtype (e.g. stream_dtype=float32 with compute_dtype=bfloat16)"
+            )
+        if self.matmul_precision is not None and self.matmul_precision not in _PRECISION_NAMES:
+            raise ValueError(
+                f"Policy.matmul_precision={self.matmul_precision!r} is not a "
+                f"jax.default_matmul_precision name; choose from {list(_PRECISION_NAMES)}"
+            )
+        if exact:
+            if isinstance(self.fraction_bits, bool) or not isinstance(self.fraction_bits, int):
+                raise TypeError(
+                    f"Policy.fraction_bits must be an int, got {type(self.fraction_bits).__name__}"
+                )
+            if stream not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+                raise ValueError(
+                    f"Policy: exact mode needs a float32 or float64 stream, got {stream.name} "
+                    "(a 16-bit significand leaves no useful fixed-point range)"
+                )
+            significand = jnp.finfo(stream).nmant + 1
+            if not 0 <= self.fraction_bits < significand:
+                raise ValueError(
+                    f"Policy.fraction_bits={self.fraction_bits} must lie in [0, {significand - 1}] "
+                    f"for a {stream.name} stream (range 2^({significand} - fraction_bits))"
+                )
+        object.__setattr__(self, "compute_dtype", compute)
+        object.__setattr__(self, "stream_dtype", stream)
+
+    @property
+    def exact(self) -> bool:
+        """Whether the stream is fixed-point (``fraction_bits`` is set)."""
+        return self.fraction_bits is not None
+
+    @property
+    def grid_range(self) -> float:
+        """``R = 2^(p - F)``: exact mode keeps every stream value strictly inside ``(-R, R)``."""
+        if not self.exact:
+            raise ValueError("Policy.grid_range: only exact mode (fraction_bits set) has a range")
+        return 2.0 ** (jnp.finfo(self.stream_dtype).nmant + 1 - self.fraction_bits)
+
+
+def exact_policy(
+    fraction_bits: int = 12, *, compute_dtype: Any = None, matmul_precision: str | None = None
+) -> Policy:
+    """Exact fixed-point mode on a float32 stream: grid ``2^-F``, range ``|x| < 2^(24 - F)``.
+
+    The default ``F = 12`` gives a resolution of 2.4e-4 (each branch output moves by at most
+    1.2e-4, finer than bfloat16's own rounding for outputs above 0.06) and a range of +-4096.
+    Streams that grow further need fewer fraction bits; the range check says when.
+    """
+    return Policy(
+        compute_dtype=compute_dtype, matmul_precision=matmul_precision, fraction_bits=fraction_bits
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed-point grid.
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def round_to_grid(x: jax.Array, fraction_bits: int) -> jax.Array:
+    """``round(x 2^F) 2^-F`` (round half to even) with a straight-through derivative of 1.
+
+    Scaling by a power of two is exact, so the result is the grid point nearest to ``x``.
+    """
+    scale = 2.0**fraction_bits
+    return (jnp.round(x * scale) / scale).astype(x.dtype)
+
+
+@round_to_grid.defjvp
+def _round_to_grid_jvp(fraction_bits, primals, tangents):
+    (x,), (t,) = primals, tangents
+    return round_to_grid(x, fraction_bits), t
+
+
+def _max_abs(tree: PyTree) -> jax.Array:
+    return functools.reduce(
+        jnp.maximum, [jnp.max(jnp.abs(leaf)).astype(jnp.float32) for leaf in jax.tree.leaves(tree)]
+    )
+
+
+NO_LAYER, INPUT_LAYER = -1, -2  # RangeCheck codes: all in range; the input stream is out of range
+
+
+def _raise_if_out_of_range(layer: np.ndarray, value: np.ndarray, *, policy: Policy, where: str):
+    layer, value = np.atleast_1d(np.asarray(layer)), np.atleast_1d(np.asarray(value))
+    bad = layer != NO_LAYER
+    if np.any(bad):
+        # Under vmap the callback sees one entry per example; report the earliest failure.
+        i = int(np.argmin(np.where(bad, layer, np.iinfo(layer.dtype).max)))
+        culprit = (
+            "the input stream" if layer[i] == INPUT_LAYER else f"the output of layer {layer[i]}"
+        )
+        raise OverflowError(
+            f"{where}: exact mode: {culprit} has max |x| = {float(value[i]):g}, "
+            f"outside the fixed-point range (-{policy.grid_range:g}, {policy.grid_range:g}) of "
+            f"fraction_bits={policy.fraction_bits}; reconstruction would no longer be exact. "
+            "Use fewer fraction_bits (each halves the resolution and doubles the range) or "
+            "bound the branches' outputs."
+        )
+
+
+class RangeCheck:
+    """Finds the first layer whose output leaves exact mode's range, and reports it on the host.
+
+    ``out_of_range(y) -> (bool, max|y|)`` is traced into the scan body; the scan carries the
+    first offending layer (``NO_LAYER`` for none, ``INPUT_LAYER`` when the input itself is out of
+    range) and ``report`` raises ``OverflowError`` after the scan through one
+    ``jax.debug.callback``.
+    """
+
+    def __init__(self, policy: Policy, where: str):
+        self.policy, self.where = policy, where
+
+    def out_of_range(self, y: PyTree) -> tuple[jax.Array, jax.Array]:
+        m = _max_abs(y)
+        # ``not (m < R)`` also catches NaN; a true sum at or beyond R rounds to >= R (rounding
+        # is monotone), so every inexact addition is caught.
+        return jnp.logical_not(m < self.policy.grid_range), m
+
+    def report(self, first_layer: jax.Array, value: jax.Array) -> None:
+        jax.debug.callback(
+            functools.partial(_raise_if_out_of_range, policy=self.policy, where=self.where),
+            first_layer,
+            value,
+        )
+
+
+def range_check(policy: Policy | None, where: str) -> RangeCheck | None:
+    """The per-layer range check of an exact policy, None otherwise."""
+    return RangeCheck(policy, where) if policy is not None and policy.exact else None
+
+
+# --------------------------------------------------------------------------------------------
+# Applying a policy.
+
+
+def _cast_floats(tree: PyTree, dtype: np.dtype) -> PyTree:
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, tree
+    )
+
+
+def to_stream(x: PyTree, policy: Policy | None) -> PyTree:
+    """The input stream in the policy's stream dtype, snapped onto the grid in exact mode (with a
+    straight-through gradient, so ``d/dx`` is the identity cast back to ``x``'s dtypes)."""
+    if policy is None:
+        return x
+    if policy.stream_dtype is not None:
+        x = _cast_floats(x, policy.stream_dtype)
+    if policy.exact:
+        x = jax.tree.map(lambda a: round_to_grid(a, policy.fraction_bits), x)
+    return x
+
+
+def _branch_wrapper(policy: Policy) -> Callable[[Callable, str], Callable]:
+    def wrap(fn, kind):
+        if policy.exact and kind != "additive":
+            raise ValueError(
+                f"exact mode needs additive couplings; an {kind} coupling multiplies the stream "
+                "by exp(s), which leaves the fixed-point grid"
+            )
+
+        def branch(p, h, *key):
+            if policy.compute_dtype is not None:
+                p, h = _cast_floats(p, policy.compute_dtype), _cast_floats(h, policy.compute_dtype)
+            out = fn(p, h, *key)
+            if policy.exact:
+                out = jax.tree.map(
+                    lambda d: round_to_grid(d.astype(policy.stream_dtype), policy.fraction_bits),
+                    out,
+                )
+            return out
+
+        return branch
+
+    return wrap
+
+
+def _under_matmul_precision(fn: Callable | None, precision: str) -> Callable | None:
+    if fn is None:
+        return None
+
+    @functools.wraps(fn)
+    def traced_under_precision(*args, **kwargs):
+        # Read when each dot_general is bound, i.e. while tracing: wrapping the block itself
+        # covers the forward pass, the reconstruction and the vjps of the backward pass alike.
+        with jax.default_matmul_precision(precision):
+            return fn(*args, **kwargs)
+
+    return traced_under_precision
+
+
+def apply_policy(block: Coupling, policy: Policy | None) -> Coupling:
+    """``block`` with ``policy``'s compute dtype, exact grid and matmul precision applied.
+
+    Branches are rewritten through ``block.map_branches``: floating inputs and params are cast to
+    ``compute_dtype``; in exact mode outputs are cast to the stream dtype and rounded onto the
+    grid. Every function of the block is then traced under ``matmul_precision``. The stream
+    dtype is not the block's business: pass the stream through :func:`to_stream`.
+
+    Raises:
+      TypeError: the policy must reach inside the branches (a compute dtype or exact mode) but
+        the block is a hand-written Coupling without ``map_branches``.
+      ValueError: exact mode on an affine coupling.
+    """
+    if policy is None:
+        return block
+    if policy.compute_dtype is not None or policy.exact:
+        if block.map_branches is None:
+            raise TypeError(
+                "apply_policy: this Coupling has no map_branches, so a compute dtype or exact "
+                "mode cannot reach inside its functions; build it with additive_coupling/"
+                "affine_coupling/sequence, or do the casting in your own forward and inverse"
+            )
+        block = block.map_branches(_branch_wrapper(policy))
+    if policy.matmul_precision is not None:
+        under = lambda fn: _under_matmul_precision(fn, policy.matmul_precision)
+        block = Coupling(
+            under(block.forward),
+            under(block.inverse),
+            under(block.backward),
+            under(block.log_det),
+            vijp_step=under(block.vijp_step),
+        )
+    return block
