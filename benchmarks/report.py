@@ -89,11 +89,50 @@ def render_numerics_depth(payload: dict, filename: str) -> str:
     )
 
 
+def render_moonwalk(payload: dict, filename: str) -> str:
+    size, env, rows = payload["size"], payload["env"], payload["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    tables = []
+    for network in dict.fromkeys(r["network"] for r in rows):
+        pivot = [
+            {
+                "depth": d,
+                **{
+                    r["method"]: r["temp_mib"]
+                    for r in rows
+                    if r["network"] == network and r["depth"] == d
+                },
+            }
+            for d in dict.fromkeys(r["depth"] for r in rows if r["network"] == network)
+        ]
+        columns = [("depth", "L", "d"), *((m, m, ".3f") for m in methods)]
+        tables.append(f"**{network}** (grad temp MiB)\n\n" + format_table(pivot, columns))
+    text = (
+        f"Compiled temp memory of each gradient method vs depth, batch {size['batch']}, RevNet "
+        f"halves {size['width']} wide (hidden {size['hidden']}), submersive MLP width "
+        f"{2 * size['width']}; measured on {_where(env)} by `benchmarks/bench_moonwalk.py` "
+        f"(`benchmarks/results/{filename}`).\n\n" + "\n\n".join(tables)
+    )
+    speed = payload.get("moonwalk_vs_forward_mode")
+    if speed:
+        text += "\n\nPure-forward Moonwalk vs exact forward mode on the RevNet (wall time on " + (
+            f"{env['backend']}): "
+            + "; ".join(
+                f"L = {r['depth']}: {r['forward']:.1f} ms vs {r['moonwalk']:.1f} ms, "
+                f"{r['speedup']:.0f}x"
+                for r in speed
+            )
+            + "."
+        )
+    return text
+
+
 RENDERERS = {
     "scan": ("scan_gpu_gpu.json", render_scan),
     "scan_bf16": ("scan_gpu_gpu_bfloat16.json", render_scan),
     "numerics_depth_cpu": ("numerics_depth_cpu_cpu.json", render_numerics_depth),
     "numerics_depth_gpu": ("numerics_depth_gpu_gpu.json", render_numerics_depth),
+    "moonwalk_cpu": ("moonwalk_cpu_cpu.json", render_moonwalk),
 }
 
 

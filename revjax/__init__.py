@@ -1,6 +1,6 @@
 """revjax: memory-efficient training in JAX through invertibility."""
 
-from revjax import memory
+from revjax import diagnostics, memory, moonwalk, precision
 from revjax.coupling import Coupling, additive_coupling, affine_coupling, sequence, swap
 from revjax.scan import inverse_scan, reversible_scan
 
@@ -10,8 +10,11 @@ __all__ = [
     "Coupling",
     "additive_coupling",
     "affine_coupling",
+    "diagnostics",
     "inverse_scan",
     "memory",
+    "moonwalk",
+    "precision",
     "reversible_scan",
     "sequence",
     "swap",

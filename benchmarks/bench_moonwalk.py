@@ -1,0 +1,130 @@
+"""Moonwalk and its baselines: compiled temp memory and step time vs depth on two networks.
+
+* ``revnet``: L additive GELU-MLP couplings (``stack(from_coupling(mlp_coupling()))``);
+* ``submersive``: L blocks ``submersive_linear -> leaky_relu`` of constant width (square, so
+  invertible layer by layer, but not couplings: RevBackprop does not apply).
+
+For every depth and method: compiled temp memory of the gradient (XLA's memory analysis, any
+backend) and, on GPU/TPU only (DESIGN.md section 4), the median time of 10 jitted calls, with
+GPU peak bytes. Exact forward mode costs one JVP per parameter, so it is run only on the
+``--size cpu`` networks (a few thousand parameters per layer); there the script also reports
+pure-forward Moonwalk's speed-up over it at 6 and 60 layers (the paper reports 27x and 110x on a
+CIFAR RevNet).
+
+    python benchmarks/bench_moonwalk.py --size cpu
+    python benchmarks/bench_moonwalk.py --size gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import environment, write_json
+from revjax import moonwalk as mw
+from revjax.memory import compiled_memory, device_peak_bytes
+from revjax.models.mlp import init_mlp_stack, mlp_coupling
+from revjax.timing import median_ms
+
+DEPTHS = [6, 12, 24, 60]
+SIZES = {
+    "cpu": {"batch": 16, "width": 8, "hidden": 16, "depths": DEPTHS, "forward": True},
+    "gpu": {"batch": 256, "width": 256, "hidden": 1024, "depths": DEPTHS, "forward": False},
+}
+
+
+def revnet(depth: int, size: dict):
+    params = init_mlp_stack(jax.random.key(0), depth, size["width"], size["hidden"])
+    shape = (size["batch"], size["width"])
+    x = tuple(jax.random.normal(k, shape) for k in jax.random.split(jax.random.key(1)))
+    loss = lambda y: 0.5 * jnp.sum(y[0] ** 2 + y[1] ** 2, axis=-1)
+    return mw.stack(mw.from_coupling(mlp_coupling())), params, x, loss
+
+
+def submersive(depth: int, size: dict):
+    width = 2 * size["width"]  # the same stream width as the RevNet's two halves
+    keys = jax.random.split(jax.random.key(0), depth)
+    params = (jax.vmap(lambda k: mw.init_submersive_linear(k, width, width))(keys), None)
+    x = jax.random.normal(jax.random.key(1), (size["batch"], width))
+    loss = lambda y: 0.5 * jnp.sum(y**2, axis=-1)
+    return mw.stack(mw.chain(mw.submersive_linear(), mw.leaky_relu(0.1))), params, x, loss
+
+
+NETWORKS = {"revnet": revnet, "submersive": submersive}
+
+
+def measure(network: str, depth: int, size: dict, timed: bool) -> list[dict]:
+    net, params, x, loss = NETWORKS[network](depth, size)
+    rows = []
+    for method in mw.METHODS:
+        if method == "revbackprop" and network == "submersive":
+            continue  # not couplings: value_and_grad raises TypeError
+        if method == "forward" and not size["forward"]:
+            continue
+        fn = jax.jit(mw.value_and_grad(net, loss, method=method, num_tangents=16))
+        key = jax.random.key(2)
+        temp = compiled_memory(fn, params, x, key=key).temp_bytes
+        ms = median_ms(lambda p, x_, f=fn, k=key: f(p, x_, key=k), params, x) if timed else None
+        rows.append(
+            {
+                "network": network,
+                "depth": depth,
+                "method": method,
+                "params": sum(a.size for a in jax.tree.leaves(params)),
+                "temp_mib": temp / 2**20,
+                "ms": ms,
+                "peak_mib": None if device_peak_bytes() is None else device_peak_bytes() / 2**20,
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def speedups(size: dict) -> list[dict]:
+    """Pure-forward Moonwalk vs exact forward mode (wall time on this backend)."""
+    out = []
+    for depth in (6, 60):
+        net, params, x, loss = revnet(depth, size)
+        times = {}
+        for method in ("moonwalk", "forward"):
+            fn = jax.jit(mw.value_and_grad(net, loss, method=method))
+            times[method] = median_ms(fn, params, x, repeats=5)
+        out.append({"depth": depth, **times, "speedup": times["forward"] / times["moonwalk"]})
+        print(out[-1], flush=True)
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    size = SIZES[args.size]
+    timed = jax.default_backend() != "cpu"
+    rows = [
+        row
+        for network in NETWORKS
+        for depth in size["depths"]
+        for row in measure(network, depth, size, timed)
+    ]
+    env = environment()
+    payload = {
+        "benchmark": "moonwalk",
+        "env": env,
+        "size": size,
+        "rows": rows,
+        "moonwalk_vs_forward_mode": speedups(size) if size["forward"] else None,
+        "note": "times are wall-clock on this backend; on CPU they are indicative only",
+    }
+    path = write_json(f"moonwalk_{args.size}_{env['backend']}.json", payload, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

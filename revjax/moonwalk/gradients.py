@@ -1,0 +1,133 @@
+"""Gradient methods of :mod:`revjax.moonwalk` behind one entry point, ``value_and_grad``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.flatten_util import ravel_pytree
+
+from revjax.moonwalk.layers import Layer, chain
+
+PyTree = Any
+METHODS = ("backprop", "revbackprop", "moonwalk", "mixed_moonwalk", "forward", "projected_forward")
+
+
+def _check_per_example(shape: tuple[int, ...], batch: int) -> None:
+    if shape != (batch,):
+        raise ValueError(
+            f"loss_fn must return per-example losses of shape (batch,) = ({batch},); got shape "
+            f"{shape}"
+        )
+
+
+def input_cotangent_by_jvps(
+    forward: Callable[[PyTree], PyTree], loss_fn: Callable[..., jax.Array], x: PyTree, *loss_args
+) -> PyTree:
+    """``h_0 = d mean(loss) / dx`` by forward mode only: one JVP per input coordinate.
+
+    With per-example losses ``l_b`` that depend only on example ``b``, the JVP along ``e_j`` set
+    in every example at once returns ``dl_b / dx_bj`` for all ``b``: ``d`` JVPs (``d`` =
+    per-example input size), vmapped, give the whole input gradient.
+    """
+    batch = jax.tree.leaves(x)[0].shape[0]
+    first, unravel = ravel_pytree(jax.tree.map(lambda a: a[0], x))
+
+    def along(e):
+        spread = lambda t, a: jnp.broadcast_to(t, a.shape).astype(a.dtype)
+        tangent = jax.tree.map(spread, unravel(e), x)
+        return jax.jvp(lambda x_: loss_fn(forward(x_), *loss_args), (x,), (tangent,))[1]
+
+    per_coordinate = jax.vmap(along)(jnp.eye(first.size, dtype=first.dtype))  # (d, batch)
+    return jax.vmap(unravel)(per_coordinate.T / batch)
+
+
+def value_and_grad(
+    layers: Layer | Sequence[Layer],
+    loss_fn: Callable[..., jax.Array],
+    *,
+    method: str,
+    num_tangents: int = 16,
+    chunk_size: int = 64,
+) -> Callable[..., tuple[jax.Array, PyTree]]:
+    """``fn(params, x, *loss_args, key=None) -> (loss, grads)`` by the chosen method.
+
+    Args:
+      layers: a :class:`Layer` or a sequence of them (composed with :func:`chain`; then
+        ``params`` is a tuple with one entry per layer).
+      loss_fn: ``loss_fn(y, *loss_args) -> (batch,)`` per-example losses; the objective is
+        their mean. Per-example losses are what pure-forward Moonwalk needs to get every
+        example's input gradient from one JVP per input coordinate.
+      method: ``"backprop"`` (``jax.grad``), ``"revbackprop"`` (``reversible_scan``; couplings
+        only), ``"moonwalk"`` (input gradient by JVPs, then the vijp forward sweep),
+        ``"mixed_moonwalk"`` (input gradient by a reverse pass storing only residuals, then the
+        sweep), ``"forward"`` (exact forward mode: one JVP per parameter, ``chunk_size`` at a
+        time), ``"projected_forward"`` (Baydin et al. 2022: ``mean_i (g . v_i) v_i`` over
+        ``num_tangents`` Gaussian tangents; needs ``key``; unbiased, not exact).
+
+    Returns:
+      The function; ``grads`` has the structure of ``params``. Jit it as usual.
+    """
+    if method not in METHODS:
+        raise ValueError(f"value_and_grad: unknown method {method!r}; choose from {METHODS}")
+    net = layers if isinstance(layers, Layer) else chain(*layers)
+    mean_loss = lambda y, *args: jnp.mean(loss_fn(y, *args))
+
+    def backprop(params, x, *args, key=None):
+        return jax.value_and_grad(lambda p: mean_loss(net.forward(p, x), *args))(params)
+
+    def revbackprop(params, x, *args, key=None):
+        return jax.value_and_grad(lambda p: mean_loss(net.reversible_forward(p, x), *args))(params)
+
+    def moonwalk(params, x, *args, key=None):
+        h0 = input_cotangent_by_jvps(lambda x_: net.forward(params, x_), loss_fn, x, *args)
+        y, _, grads = net.step(params, x, h0)
+        return mean_loss(y, *args), grads
+
+    def mixed_moonwalk(params, x, *args, key=None):
+        y, residuals = net.save_forward(params, x)
+        loss, h_y = jax.value_and_grad(mean_loss)(y, *args)
+        _, h0 = net.pull(params, residuals, y, h_y)
+        _, _, grads = net.step(params, x, h0)
+        return loss, grads
+
+    def forward(params, x, *args, key=None):
+        flat, unravel = ravel_pytree(params)
+        objective = lambda v: mean_loss(net.forward(unravel(v), x), *args)
+        one_hot = lambda i: jnp.zeros_like(flat).at[i].set(1)
+        coordinate = lambda i: jax.jvp(objective, (flat,), (one_hot(i),))[1]
+        grads = lax.map(coordinate, jnp.arange(flat.size), batch_size=chunk_size)
+        return objective(flat), unravel(grads)
+
+    def projected_forward(params, x, *args, key=None):
+        if key is None:
+            raise ValueError("value_and_grad(method='projected_forward') needs key=")
+        flat, unravel = ravel_pytree(params)
+        objective = lambda v: mean_loss(net.forward(unravel(v), x), *args)
+
+        def estimate(k):
+            tangent = jax.random.normal(k, flat.shape, flat.dtype)
+            return jax.jvp(objective, (flat,), (tangent,))[1] * tangent
+
+        keys = jax.random.split(key, num_tangents)
+        estimates = lax.map(estimate, keys, batch_size=min(chunk_size, num_tangents))
+        return objective(flat), unravel(jnp.mean(estimates, axis=0))
+
+    implementation = {
+        "backprop": backprop,
+        "revbackprop": revbackprop,
+        "moonwalk": moonwalk,
+        "mixed_moonwalk": mixed_moonwalk,
+        "forward": forward,
+        "projected_forward": projected_forward,
+    }[method]
+
+    def value_and_grad_fn(params, x, *loss_args, key=None):
+        out = jax.eval_shape(lambda p, x_: loss_fn(net.forward(p, x_), *loss_args), params, x)
+        _check_per_example(out.shape, jax.tree.leaves(x)[0].shape[0])
+        return implementation(params, x, *loss_args, key=key)
+
+    return value_and_grad_fn

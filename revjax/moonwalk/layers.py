@@ -1,0 +1,422 @@
+"""Moonwalk layers: a forward map together with its vector-inverse-Jacobian product.
+
+For a layer ``y = f(theta, x)`` with Jacobian ``J = dy/dx`` and a cotangent ``a`` of its input,
+the **vijp** is the output cotangent ``b`` solving ``b J = a``. It exists for every ``a`` in the
+row space of ``J`` and is unique when ``J`` has full row rank, i.e. when the layer is
+*submersive* (surjective Jacobian): every invertible layer is, and so is a width-reducing
+linear map of full rank. A :class:`Layer` bundles what the gradient methods of
+:mod:`revjax.moonwalk` need:
+
+* ``forward(params, x) -> y``;
+* ``step(params, x, x_bar) -> (y, y_bar, params_bar)``: the forward-sweep step, the vijp
+  ``y_bar`` plus the parameter gradient ``y_bar dy/dtheta`` it releases;
+* ``save_forward(params, x) -> (y, residual)`` and ``pull(params, residual, y, y_bar) ->
+  (x or None, x_bar)``: an input-only backward step that needs only ``residual`` (what mixed
+  Moonwalk stores per layer) and, when ``needs_output``, the layer's output; a layer that
+  ``reconstructs`` returns its input too, which its predecessor may need as *its* output.
+* ``coupling``: the :class:`revjax.Coupling` behind an unstacked layer, if any, and
+  ``revforward(params, x) -> y``: the forward pass through :func:`revjax.reversible_scan`
+  (RevBackprop); for a layer that is not a coupling it raises ``TypeError`` naming the layer.
+
+Layer constructors here: :func:`from_coupling` (any Coupling), :func:`leaky_relu`,
+:func:`submersive_linear`, :func:`dense` (explicit-Jacobian fallback for small layers), and the
+combinators :func:`chain` (composition) and :func:`stack` (``lax.scan`` over stacked params).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from revjax.coupling import Coupling, reconstruct_and_vjp, sequence
+from revjax.scan import reversible_scan, stack_depth
+
+PyTree = Any
+
+
+class Layer(NamedTuple):
+    """One Moonwalk layer; see the module docstring for the meaning of each field."""
+
+    name: str
+    forward: Callable[[PyTree, PyTree], PyTree]
+    step: Callable[[PyTree, PyTree, PyTree], tuple[PyTree, PyTree, PyTree]]
+    save_forward: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]]
+    pull: Callable[[PyTree, PyTree, PyTree, PyTree], tuple[PyTree | None, PyTree]]
+    reconstructs: bool = False
+    needs_output: bool = False
+    coupling: Coupling | None = None
+    revforward: Callable[[PyTree, PyTree], PyTree] | None = None
+
+    def reversible_forward(self, params: PyTree, x: PyTree) -> PyTree:
+        """``forward`` through ``reversible_scan``; ``TypeError`` for a non-coupling layer."""
+        if self.revforward is None:
+            raise TypeError(
+                f"layer {self.name!r} is not a reversible coupling, so RevBackprop cannot "
+                "reconstruct its input; use method='moonwalk', 'mixed_moonwalk' or 'backprop'"
+            )
+        return self.revforward(params, x)
+
+
+def vijp(layer: Layer, params: PyTree, x: PyTree, cotangent: PyTree) -> PyTree:
+    """The output cotangent ``b`` with ``b J = cotangent``, ``J = d forward / dx`` at ``x``."""
+    return layer.step(params, x, cotangent)[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Couplings: invertible, so b = a J^-1 = a (dx/dy) is the vjp of the inverse.
+
+
+def from_coupling(block: Coupling, name: str = "coupling") -> Layer:
+    """A Moonwalk layer from any :class:`revjax.Coupling`.
+
+    Uses the coupling's fused ``vijp_step`` when it has one (the couplings of
+    :mod:`revjax.coupling` do), else ``y_bar = vjp(inverse at y)(x_bar)`` (``J^-1 = dx/dy``)
+    and the parameter cotangent by ``jax.vjp`` of ``forward``. Mixed Moonwalk stores nothing for
+    it: its backward step reconstructs the input from the output, as in RevBackprop.
+    """
+    if not isinstance(block, Coupling):
+        raise TypeError(f"from_coupling({name!r}): expected a revjax.Coupling, got {block!r}")
+
+    def generic_step(params, x, x_bar):
+        y, forward_pullback = jax.vjp(block.forward, params, x)
+        _, inverse_pullback = jax.vjp(lambda y_: block.inverse(params, y_), y)
+        (y_bar,) = inverse_pullback(x_bar)
+        return y, y_bar, forward_pullback(y_bar)[0]
+
+    backward = reconstruct_and_vjp(block)
+
+    def pull(params, residual, y, y_bar):
+        x, x_bar, _ = backward(params, y, y_bar)
+        return x, x_bar
+
+    return Layer(
+        name=name,
+        forward=block.forward,
+        step=block.vijp_step or generic_step,
+        save_forward=lambda params, x: (block.forward(params, x), None),
+        pull=pull,
+        reconstructs=True,
+        needs_output=True,
+        coupling=block,
+        revforward=lambda params, x: reversible_scan(
+            block, jax.tree.map(lambda a: jnp.asarray(a)[None], params), x
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Elementwise: invertible leaky ReLU, one bit per element for mixed Moonwalk.
+
+
+def leaky_relu(slope: float = 0.1, name: str = "leaky_relu") -> Layer:
+    """``y = x`` for ``x >= 0``, ``slope x`` otherwise; parameter-free (params ``None``).
+
+    vijp: ``b = a / sigma'(x)``, elementwise, with ``sigma' in {1, slope}`` known from ``x`` in
+    the forward sweep. Mixed Moonwalk stores ``x >= 0`` packed 8 per byte along the last axis.
+
+    Raises:
+      ValueError: ``slope <= 0`` (``slope = 0`` makes the Jacobian singular, a negative slope
+        makes the map non-injective) or a non-finite slope.
+    """
+    if not (math.isfinite(slope) and slope > 0):
+        raise ValueError(
+            f"leaky_relu({name!r}): slope must be finite and > 0 for the layer to be invertible "
+            f"(slope 0 has a singular Jacobian); got {slope}"
+        )
+
+    def forward(params, x):
+        return jnp.where(x >= 0, x, slope * x)
+
+    def derivative(positive, like):
+        return jnp.where(positive, 1.0, slope).astype(like.dtype)
+
+    def step(params, x, x_bar):
+        return forward(params, x), x_bar / derivative(x >= 0, x_bar), params
+
+    def save_forward(params, x):
+        return forward(params, x), jnp.packbits(x >= 0, axis=-1)
+
+    def pull(params, bits, y, y_bar):
+        positive = jnp.unpackbits(bits, axis=-1, count=y_bar.shape[-1]).astype(bool)
+        return None, y_bar * derivative(positive, y_bar)
+
+    return Layer(name, forward, step, save_forward, pull)
+
+
+# --------------------------------------------------------------------------------------------
+# Submersive linear: y = x W + c, W = [U; V] with U unit upper triangular (k x k).
+
+
+def init_submersive_linear(
+    key: jax.Array,
+    width_in: int,
+    width_out: int,
+    *,
+    scale: float = 1.0,
+    dtype: Any = jnp.float32,
+    name: str = "submersive_linear",
+) -> dict[str, jax.Array]:
+    """Params of :func:`submersive_linear` from ``width_in = n`` to ``width_out = k <= n``.
+
+    ``upper (k, k)`` (only its strict upper triangle is used), ``lower (n - k, k)``, ``bias (k,)``;
+    the off-diagonal entries ~ N(0, scale^2 / n).
+
+    Raises:
+      ValueError: ``k > n``: a width-increasing linear map cannot be submersive.
+    """
+    if width_out > width_in or width_out < 1:
+        raise ValueError(
+            f"submersive_linear({name!r}): maps width {width_in} to {width_out}; only "
+            "width-preserving or width-reducing linear layers (1 <= out <= in) are submersive"
+        )
+    k1, k2 = jax.random.split(key)
+    std = scale / width_in**0.5
+    return {
+        "upper": (std * jax.random.normal(k1, (width_out, width_out))).astype(dtype),
+        "lower": (std * jax.random.normal(k2, (width_in - width_out, width_out))).astype(dtype),
+        "bias": jnp.zeros((width_out,), dtype),
+    }
+
+
+def submersive_weight(params: dict[str, jax.Array], name: str = "submersive_linear") -> jax.Array:
+    """``W = [I + triu(upper, 1); lower]``, shape ``(n, k)``: full column rank ``k`` always."""
+    upper, lower = params["upper"], params["lower"]
+    k = upper.shape[-1]
+    if upper.shape != (k, k) or lower.shape[-1] != k:
+        raise ValueError(
+            f"submersive_linear({name!r}): expected upper (k, k) and lower (n - k, k); got "
+            f"upper {upper.shape}, lower {lower.shape}"
+        )
+    unit_upper = jnp.eye(k, dtype=upper.dtype) + jnp.triu(upper, 1)
+    return jnp.concatenate([unit_upper, lower], axis=0)
+
+
+def submersive_linear(name: str = "submersive_linear") -> Layer:
+    """``y = x W + bias`` with ``W = [U; V]``, ``U`` unit upper triangular; ``x (..., n)``.
+
+    vijp: ``b W^T = a`` restricted to the first ``k`` coordinates is ``b U^T = a[..., :k]``, a
+    unit-triangular solve that always has a unique solution (the remaining ``n - k`` equations
+    hold whenever ``a`` is in the row space of ``J``, as every backpropagated cotangent is).
+    Mixed Moonwalk stores nothing: ``x_bar = y_bar W^T`` needs only the weights.
+    """
+
+    def forward(params, x):
+        w = submersive_weight(params, name)
+        if x.shape[-1] != w.shape[0]:
+            raise ValueError(
+                f"submersive_linear({name!r}): input width {x.shape[-1]} does not match the "
+                f"weight's {w.shape[0]}"
+            )
+        return x @ w + params["bias"]
+
+    def step(params, x, x_bar):
+        y, pullback = jax.vjp(forward, params, x)
+        u = submersive_weight(params, name)[: y.shape[-1]]
+        a = x_bar[..., : y.shape[-1]]
+        flat = a.reshape(-1, a.shape[-1])  # solve U b^T = a^T for every row at once
+        y_bar = jax.scipy.linalg.solve_triangular(u, flat.T, lower=False, unit_diagonal=True)
+        y_bar = y_bar.T.reshape(a.shape)
+        return y, y_bar, pullback(y_bar)[0]
+
+    def pull(params, residual, y, y_bar):
+        return None, y_bar @ submersive_weight(params, name).T
+
+    return Layer(name, forward, step, lambda params, x: (forward(params, x), None), pull)
+
+
+# --------------------------------------------------------------------------------------------
+# Dense fallback: the explicit per-example Jacobian.
+
+
+def _raise_if_singular(ratio, *, name: str, tolerance: float):
+    import numpy as np
+
+    worst = float(np.min(np.asarray(ratio)))
+    if not worst > tolerance:
+        raise ValueError(
+            f"dense({name!r}): the layer is not submersive at this input: its Jacobian's "
+            f"smallest/largest singular value ratio is {worst:g} <= {tolerance:g}, so the vijp "
+            "b J = a has no unique solution"
+        )
+
+
+def dense(
+    forward: Callable[[PyTree, jax.Array], jax.Array],
+    name: str = "dense",
+    *,
+    tolerance: float = 1e-6,
+) -> Layer:
+    """A layer with an explicit-Jacobian vijp, for small layers and for testing.
+
+    ``forward(params, x)`` maps ``x (batch, n)`` to ``(batch, k)`` acting on each row
+    independently. The vijp computes each row's ``k x n`` Jacobian ``J = U S V^T`` and returns
+    ``b = a V S^-1 U^T`` (exact for ``a`` in the row space). Mixed Moonwalk stores the input.
+
+    Raises:
+      ValueError: ``k > n`` (at trace time), or (at run time, through ``jax.debug.callback``) a
+        Jacobian whose singular values have a ratio ``<= tolerance``; both name the layer.
+    """
+
+    def per_row(params, row):
+        return forward(params, row[None])[0]
+
+    def step(params, x, x_bar):
+        y, pullback = jax.vjp(forward, params, x)
+        if y.shape[-1] > x.shape[-1]:
+            raise ValueError(
+                f"dense({name!r}): maps width {x.shape[-1]} to {y.shape[-1]}; a width-increasing "
+                "layer is not submersive, so its vijp does not exist"
+            )
+        jac = jax.vmap(jax.jacfwd(per_row, argnums=1), in_axes=(None, 0))(params, x)
+        u, s, vt = jnp.linalg.svd(jac, full_matrices=False)
+        jax.debug.callback(_raise_if_singular, s[:, -1] / s[:, 0], name=name, tolerance=tolerance)
+        coefficients = jnp.einsum("bn,bkn->bk", x_bar, vt) / s
+        y_bar = jnp.einsum("bk,bjk->bj", coefficients, u)
+        return y, y_bar, pullback(y_bar)[0]
+
+    def pull(params, x, y, y_bar):
+        _, pullback = jax.vjp(lambda x_: forward(params, x_), x)
+        return None, pullback(y_bar)[0]
+
+    return Layer(name, forward, step, lambda params, x: (forward(params, x), x), pull)
+
+
+# --------------------------------------------------------------------------------------------
+# Combinators.
+
+
+def chain(*layers: Layer, name: str = "chain") -> Layer:
+    """Composition ``layers[-1] o ... o layers[0]`` with ``params = (params_0, ..., params_n)``.
+
+    Mixed Moonwalk stores each layer's residual, plus the output of a layer that needs it in its
+    backward step unless the next layer reconstructs it (or it is the chain's output).
+    """
+    if not layers:
+        raise ValueError(f"chain({name!r}) needs at least one layer")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Layer):
+            raise TypeError(f"chain({name!r}): item {i} is a {type(layer).__name__}, not a Layer")
+    n = len(layers)
+    keep_output = [
+        layers[i].needs_output and i < n - 1 and not layers[i + 1].reconstructs for i in range(n)
+    ]
+
+    def _params(params):
+        if not (isinstance(params, tuple | list) and len(params) == n):
+            raise ValueError(
+                f"chain({name!r}) of {n} layers expects a tuple of {n} per-layer params; got "
+                f"{type(params).__name__} {jax.tree.structure(params)}"
+            )
+        return params
+
+    def forward(params, x):
+        for layer, p in zip(layers, _params(params), strict=True):
+            x = layer.forward(p, x)
+        return x
+
+    def step(params, x, x_bar):
+        grads = []
+        for layer, p in zip(layers, _params(params), strict=True):
+            x, x_bar, g = layer.step(p, x, x_bar)
+            grads.append(g)
+        return x, x_bar, type(params)(grads) if isinstance(params, list) else tuple(grads)
+
+    def save_forward(params, x):
+        residuals = []
+        for layer, p, keep in zip(layers, _params(params), keep_output, strict=True):
+            x, r = layer.save_forward(p, x)
+            residuals.append((r, x if keep else None))
+        return x, tuple(residuals)
+
+    def pull(params, residuals, y, y_bar):
+        params = _params(params)
+        for i in reversed(range(n)):
+            r, stored = residuals[i]
+            y_i = stored if keep_output[i] else y
+            y, y_bar = layers[i].pull(params[i], r, y_i, y_bar)
+        return y, y_bar
+
+    def revforward(params, x):
+        for layer, p in zip(layers, _params(params), strict=True):
+            x = layer.reversible_forward(p, x)
+        return x
+
+    couplings = [layer.coupling for layer in layers]
+    return Layer(
+        name=name,
+        forward=forward,
+        step=step,
+        save_forward=save_forward,
+        pull=pull,
+        reconstructs=layers[0].reconstructs,
+        needs_output=layers[-1].needs_output,
+        coupling=None if None in couplings else sequence(*couplings),
+        revforward=revforward,
+    )
+
+
+def stack(layer: Layer, name: str | None = None) -> Layer:
+    """``L`` copies of ``layer`` run by ``lax.scan``; every params leaf has leading axis ``L``.
+
+    The forward sweep carries ``(x, x_bar)`` and emits each layer's gradient, so its memory is
+    one layer's working set whatever ``L``. Mixed Moonwalk stores the stacked residuals (and the
+    per-layer outputs only if the layer needs them and cannot reconstruct them).
+    """
+    name = name or f"stack({layer.name})"
+    keep_output = layer.needs_output and not layer.reconstructs
+
+    def forward(params, x):
+        stack_depth(params, where=name)
+        return lax.scan(lambda x_, p: (layer.forward(p, x_), None), x, params)[0]
+
+    def step(params, x, x_bar):
+        stack_depth(params, where=name)
+
+        def body(carry, p):
+            y, y_bar, g = layer.step(p, *carry)
+            return (y, y_bar), g
+
+        (y, y_bar), grads = lax.scan(body, (x, x_bar), params)
+        return y, y_bar, grads
+
+    def save_forward(params, x):
+        stack_depth(params, where=name)
+
+        def body(x_, p):
+            y_, r = layer.save_forward(p, x_)
+            return y_, (r, y_ if keep_output else None)
+
+        return lax.scan(body, x, params)
+
+    def pull(params, residuals, y, y_bar):
+        rs, outputs = residuals
+
+        def body(carry, inputs):
+            y_, y_bar_ = carry
+            p, r, stored = inputs
+            x_, x_bar_ = layer.pull(p, r, stored if keep_output else y_, y_bar_)
+            return (x_ if layer.reconstructs else y_, x_bar_), None
+
+        (x, x_bar), _ = lax.scan(body, (y, y_bar), (params, rs, outputs), reverse=True)
+        return (x if layer.reconstructs else None), x_bar
+
+    def revforward(params, x):
+        if layer.coupling is None:
+            return layer.reversible_forward(params, x)  # raises, naming the layer
+        return reversible_scan(layer.coupling, params, x)  # one custom_vjp for the whole stack
+
+    return Layer(
+        name=name,
+        forward=forward,
+        step=step,
+        save_forward=save_forward,
+        pull=pull,
+        reconstructs=layer.reconstructs,
+        needs_output=layer.needs_output,
+        revforward=revforward,
+    )
