@@ -1,6 +1,6 @@
 """revjax: memory-efficient training in JAX through invertibility."""
 
-from revjax import diagnostics, memory, moonwalk, precision
+from revjax import activations, diagnostics, memory, moonwalk, precision
 from revjax.coupling import Coupling, additive_coupling, affine_coupling, sequence, swap
 from revjax.scan import inverse_scan, reversible_scan
 
@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Coupling",
+    "activations",
     "additive_coupling",
     "affine_coupling",
     "diagnostics",
