@@ -1,8 +1,9 @@
 """Inverted GELU vs jax.nn.gelu vs dots_saveable checkpointing in a residual MLP stack.
 
-16 residual blocks ``h + gelu(h W1 + b1) W2 + b2`` in a ``lax.scan`` (width 256, hidden 1024,
-batch 512, float32): compiled temp memory of the gradient on any backend, and on GPU/TPU the
-median step time of 10 runs (DESIGN.md section 4: no CPU timings).
+16 residual blocks ``h + gelu(h W1 + b1) W2 + b2`` in a ``lax.scan``
+(``revjax.models.mlp.residual_mlp_loss``; width 256, hidden 1024, batch 512, float32): compiled
+temp memory of the gradient on any backend, and on GPU/TPU the median step time of 10 runs
+(DESIGN.md section 4: no CPU timings).
 
     python benchmarks/bench_activations.py          # writes activations_<backend>.json
 """
@@ -14,13 +15,13 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, write_json
 from revjax import activations
 from revjax.memory import compiled_memory
+from revjax.models.mlp import init_mlp, residual_mlp_loss
 from revjax.timing import median_ms
 
 DEPTH, WIDTH, HIDDEN, BATCH = 16, 256, 1024, 512
@@ -33,29 +34,9 @@ VARIANTS = {
 }
 
 
-def gradient(activation, policy):
-    def block(h, p):
-        return h + activation(h @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
-
-    if policy is not None:
-        block = jax.checkpoint(block, policy=policy, prevent_cse=False)
-
-    def loss(p, x):
-        y, _ = jax.lax.scan(lambda h, p_: (block(h, p_), None), x, p)
-        return jnp.sum(y**2)
-
-    return jax.jit(jax.grad(loss))
-
-
 def inputs():
-    k = jax.random.split(jax.random.key(0), 3)
-    params = {
-        "w1": jax.random.normal(k[0], (DEPTH, WIDTH, HIDDEN)) * 0.5 / WIDTH**0.5,
-        "b1": jnp.zeros((DEPTH, HIDDEN)),
-        "w2": jax.random.normal(k[1], (DEPTH, HIDDEN, WIDTH)) * 0.5 / HIDDEN**0.5,
-        "b2": jnp.zeros((DEPTH, WIDTH)),
-    }
-    return params, jax.random.normal(k[2], (BATCH, WIDTH))
+    params = init_mlp(jax.random.key(0), DEPTH, WIDTH, HIDDEN)
+    return params, jax.random.normal(jax.random.key(1), (BATCH, WIDTH))
 
 
 def main(argv=None) -> None:
@@ -66,7 +47,7 @@ def main(argv=None) -> None:
     timed = jax.default_backend() != "cpu"
     rows = []
     for name, (activation, policy) in VARIANTS.items():
-        fn = gradient(activation, policy)
+        fn = jax.jit(jax.grad(residual_mlp_loss(activation, policy=policy)))
         rows.append(
             {
                 "variant": name,

@@ -10,6 +10,7 @@ from hypothesis.extra import numpy as hnp
 
 from revjax import activations as act
 from revjax.memory import compiled_memory
+from revjax.models.mlp import init_mlp, residual_mlp_loss
 
 FUNCTIONS = {
     "gelu_tanh": (act.gelu, jax.nn.gelu),
@@ -91,25 +92,10 @@ def test_integer_input_is_rejected():
         act.gelu(jnp.arange(3))
 
 
-def residual_mlp_gradient(activation, policy=None, depth=16, width=256, hidden=1024, batch=512):
-    def block(h, p):
-        return h + activation(h @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
-
-    if policy is not None:
-        block = jax.checkpoint(block, policy=policy, prevent_cse=False)
-
-    def loss(p, x):
-        y, _ = jax.lax.scan(lambda h, p_: (block(h, p_), None), x, p)
-        return jnp.sum(y**2)
-
-    params = {
-        "w1": jax.ShapeDtypeStruct((depth, width, hidden), jnp.float32),
-        "b1": jax.ShapeDtypeStruct((depth, hidden), jnp.float32),
-        "w2": jax.ShapeDtypeStruct((depth, hidden, width), jnp.float32),
-        "b2": jax.ShapeDtypeStruct((depth, width), jnp.float32),
-    }
+def residual_mlp_gradient(activation, depth=16, width=256, hidden=1024, batch=512):
+    params = jax.eval_shape(lambda: init_mlp(jax.random.key(0), depth, width, hidden))
     x = jax.ShapeDtypeStruct((batch, width), jnp.float32)
-    return compiled_memory(jax.grad(loss), params, x).temp_bytes
+    return compiled_memory(jax.grad(residual_mlp_loss(activation)), params, x).temp_bytes
 
 
 def test_inverted_gelu_saves_memory_in_a_residual_mlp_stack():

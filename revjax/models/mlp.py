@@ -90,3 +90,22 @@ def init_mlp_stack(
         init_mlp(kf, num_layers, width, hidden, scale=scale, std=std, dtype=dtype),
         init_mlp(kg, num_layers, width, hidden, scale=scale, std=std, dtype=dtype),
     )
+
+
+def residual_mlp_loss(activation: Any = jax.nn.gelu, *, policy: Any = None):
+    """``loss(params, x) = sum(y^2)`` of a ``lax.scan`` stack of residual MLP blocks
+    ``h + activation(h @ w1 + b1) @ w2 + b2`` (params as from :func:`init_mlp`), each block
+    optionally wrapped in ``jax.checkpoint(policy=policy)``. A non-reversible baseline stack for
+    comparing activations and checkpoint policies."""
+
+    def block(h, p):
+        return h + activation(h @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+    if policy is not None:
+        block = jax.checkpoint(block, policy=policy, prevent_cse=False)
+
+    def loss(params, x):
+        y, _ = jax.lax.scan(lambda h, p: (block(h, p), None), x, params)
+        return jnp.sum(y**2)
+
+    return loss
