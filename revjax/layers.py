@@ -1,0 +1,223 @@
+"""Layer-wise invertible layers as :class:`revjax.Coupling` pairs.
+
+After Hascoet, Febvre, Ariki & Takiguchi, "Reversible designs for extreme memory cost reduction
+of CNN training", and i-RevNet (Jacobsen, Smeulders & Oyallon 2018). Each layer is a
+``Coupling(forward, inverse, log_det=...)`` acting on one array ``x`` with channels last
+(``(..., C)``; images ``(N, H, W, C)``), usable in :func:`revjax.sequence`, and, when it keeps
+the shape, in :func:`revjax.reversible_scan` with params stacked over layers. ``log_det`` is
+``log|det dy/dx|`` summed over the whole array, as everywhere in revjax.
+
+Reconstruction error: a layer-wise inverse multiplies round-off by the inverse's gain, e.g. the
+leaky ReLU's ``1/slope`` on negative inputs; chains of such layers lose precision much faster
+than additive couplings, whose inverse only subtracts (see ``reconstruction_report``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.linalg import solve_triangular
+
+from revjax.coupling import Coupling
+
+PyTree = Any
+
+
+def _no_branches(layer):
+    # No residual branches: a precision policy has nothing to reach inside.
+    return lambda wrap: layer
+
+
+def _layer(forward, inverse, log_det) -> Coupling:
+    layer = Coupling(forward, inverse, log_det=log_det)
+    return layer._replace(map_branches=_no_branches(layer))
+
+
+def leaky_relu(slope: float = 0.1) -> Coupling:
+    """``y = x`` for ``x >= 0``, ``slope x`` otherwise; params ``None``.
+
+    The inverse divides negative outputs by ``slope``, so it amplifies their round-off by
+    ``1/slope`` (10x at the default): keep the slope moderate in deep layer-wise chains.
+
+    Raises:
+      ValueError: ``slope`` not finite and > 0 (``slope = 0`` is not invertible).
+    """
+    if not (math.isfinite(slope) and slope > 0):
+        raise ValueError(f"layers.leaky_relu: slope must be finite and > 0, got {slope}")
+
+    def forward(params, x, key=None):
+        return jnp.where(x >= 0, x, slope * x)
+
+    def inverse(params, y, key=None):
+        return jnp.where(y >= 0, y, y / slope)
+
+    def log_det(params, x, key=None):
+        return jnp.sum(jnp.where(x >= 0, 0.0, math.log(slope)).astype(jnp.float32))
+
+    return _layer(forward, inverse, log_det)
+
+
+def _channels(x: jax.Array, expected: int, where: str) -> None:
+    if x.shape[-1] != expected:
+        raise ValueError(f"{where}: expected {expected} channels (last axis), got shape {x.shape}")
+
+
+def _pixels(x: jax.Array) -> int:
+    return math.prod(x.shape[:-1])
+
+
+def actnorm() -> Coupling:
+    """Per-channel affine ``y = x exp(log_scale) + bias`` (Glow's actnorm).
+
+    Params ``{"log_scale": (C,), "bias": (C,)}``, data-initialised by :func:`init_actnorm` so the
+    first batch comes out with zero mean and unit variance per channel.
+    ``log_det = (number of pixels) * sum(log_scale)``.
+    """
+
+    def forward(params, x, key=None):
+        _channels(x, params["bias"].shape[-1], "actnorm")
+        return x * jnp.exp(params["log_scale"]) + params["bias"]
+
+    def inverse(params, y, key=None):
+        _channels(y, params["bias"].shape[-1], "actnorm")
+        return (y - params["bias"]) * jnp.exp(-params["log_scale"])
+
+    def log_det(params, x, key=None):
+        return _pixels(x) * jnp.sum(params["log_scale"]).astype(jnp.float32)
+
+    return _layer(forward, inverse, log_det)
+
+
+def init_actnorm(x: jax.Array, eps: float = 1e-6) -> dict[str, jax.Array]:
+    """Actnorm params making ``x`` zero-mean, unit-variance per channel (last axis)."""
+    axes = tuple(range(x.ndim - 1))
+    mean, std = jnp.mean(x, axis=axes), jnp.std(x, axis=axes)
+    log_scale = -jnp.log(std + eps)
+    return {"log_scale": log_scale, "bias": -mean * jnp.exp(log_scale)}
+
+
+def permute(permutation: Any) -> Coupling:
+    """A fixed channel permutation ``y[..., i] = x[..., permutation[i]]``; params ``None``."""
+    perm = np.asarray(permutation)
+    if perm.ndim != 1 or sorted(perm.tolist()) != list(range(perm.size)):
+        raise ValueError(f"layers.permute: {permutation!r} is not a permutation of 0..C-1")
+    inv = np.argsort(perm)
+
+    def forward(params, x, key=None):
+        _channels(x, perm.size, "permute")
+        return x[..., perm]
+
+    def inverse(params, y, key=None):
+        _channels(y, perm.size, "permute")
+        return y[..., inv]
+
+    return _layer(forward, inverse, lambda params, x, key=None: jnp.zeros((), jnp.float32))
+
+
+def conv1x1(permutation: Any = None) -> Coupling:
+    """Invertible 1x1 convolution ``y = x W`` over channels, LU-parameterised (Glow):
+
+        W = P L (U + diag(exp(log_scale))),   L unit lower, U strictly upper triangular,
+
+    with ``P`` a fixed permutation (default identity). Params ``{"lower": (C, C), "upper":
+    (C, C), "log_scale": (C,)}`` (only the strict triangles of ``lower``/``upper`` are used), so
+    ``W`` is invertible for every parameter value, the inverse is two triangular solves and
+    ``log_det = (number of pixels) * sum(log_scale)``.
+    """
+    perm = None if permutation is None else np.asarray(permutation)
+
+    def factors(params):
+        c = params["log_scale"].shape[-1]
+        lower = jnp.tril(params["lower"], -1) + jnp.eye(c, dtype=params["lower"].dtype)
+        upper = jnp.triu(params["upper"], 1) + jnp.diag(jnp.exp(params["log_scale"]))
+        return lower, upper
+
+    def weight(params):
+        lower, upper = factors(params)
+        w = lower @ upper
+        return w if perm is None else w[perm]  # rows permuted: (P W)[i] = W[perm[i]]
+
+    def forward(params, x, key=None):
+        _channels(x, params["log_scale"].shape[-1], "conv1x1")
+        return x @ weight(params)
+
+    def inverse(params, y, key=None):
+        _channels(y, params["log_scale"].shape[-1], "conv1x1")
+        lower, upper = factors(params)
+        rows = y.reshape(-1, y.shape[-1]).T  # x P L U = y  <=>  U^T L^T P^T x^T = y^T
+        z = solve_triangular(upper.T, rows, lower=True)
+        z = solve_triangular(lower.T, z, lower=False, unit_diagonal=True)
+        x = z.T if perm is None else z.T[:, perm]  # x P = x_perm  =>  x = x_perm[:, perm]
+        return x.reshape(y.shape)
+
+    def log_det(params, x, key=None):
+        return _pixels(x) * jnp.sum(params["log_scale"]).astype(jnp.float32)
+
+    return _layer(forward, inverse, log_det)
+
+
+def init_conv1x1(key: jax.Array, channels: int, scale: float = 0.1) -> dict[str, jax.Array]:
+    """Params of :func:`conv1x1` near the identity (off-diagonals ~ N(0, scale^2), log_scale 0)."""
+    k1, k2 = jax.random.split(key)
+    return {
+        "lower": scale * jax.random.normal(k1, (channels, channels)),
+        "upper": scale * jax.random.normal(k2, (channels, channels)),
+        "log_scale": jnp.zeros((channels,)),
+    }
+
+
+def _check_even(x: jax.Array, where: str) -> None:
+    if x.ndim != 4 or x.shape[1] % 2 or x.shape[2] % 2:
+        raise ValueError(f"{where}: expects (N, H, W, C) with even H and W, got shape {x.shape}")
+
+
+def _split_2x2(x):
+    n, h, w, c = x.shape
+    # (n, h/2, 2, w/2, 2, c) -> the four 2x2 phases (dh, dw) in a new axis
+    blocks = x.reshape(n, h // 2, 2, w // 2, 2, c)
+    return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(n, h // 2, w // 2, 4, c)
+
+
+def _merge_2x2(phases):
+    n, h2, w2, _, c = phases.shape
+    blocks = phases.reshape(n, h2, w2, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    return blocks.reshape(n, 2 * h2, 2 * w2, c)
+
+
+def squeeze() -> Coupling:
+    """i-RevNet squeeze: ``(N, H, W, C) -> (N, H/2, W/2, 4C)``, each 2x2 patch to channels."""
+
+    def forward(params, x, key=None):
+        _check_even(x, "squeeze")
+        phases = _split_2x2(x)
+        return phases.reshape(*phases.shape[:3], -1)
+
+    def inverse(params, y, key=None):
+        if y.ndim != 4 or y.shape[-1] % 4:
+            raise ValueError(f"squeeze.inverse: expects (N, H, W, 4C), got shape {y.shape}")
+        return _merge_2x2(y.reshape(*y.shape[:3], 4, y.shape[-1] // 4))
+
+    return _layer(forward, inverse, lambda params, x, key=None: jnp.zeros((), jnp.float32))
+
+
+def batch_pool() -> Coupling:
+    """Batch pooling (Hascoet et al.): ``(N, H, W, C) -> (4N, H/2, W/2, C)``, each 2x2 phase of
+    the image becomes its own example, so channels (and the following weights) do not grow 4x.
+    Output example ``k N + n`` is phase ``k = 2 dh + dw`` of example ``n``."""
+
+    def forward(params, x, key=None):
+        _check_even(x, "batch_pool")
+        phases = _split_2x2(x)  # (n, h/2, w/2, 4, c)
+        return jnp.moveaxis(phases, 3, 0).reshape(-1, *phases.shape[1:3], phases.shape[-1])
+
+    def inverse(params, y, key=None):
+        if y.ndim != 4 or y.shape[0] % 4:
+            raise ValueError(f"batch_pool.inverse: expects (4N, H, W, C), got shape {y.shape}")
+        phases = jnp.moveaxis(y.reshape(4, y.shape[0] // 4, *y.shape[1:]), 0, 3)
+        return _merge_2x2(phases)
+
+    return _layer(forward, inverse, lambda params, x, key=None: jnp.zeros((), jnp.float32))

@@ -1,0 +1,122 @@
+"""layers: layer-wise invertible layers invert, have the right log-det, compose, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import revjax as rj
+from revjax import layers
+from revjax.diagnostics import relative_error
+from revjax.scan import plain_scan
+
+
+def image(seed, n, h, w, c):
+    return jax.random.normal(jax.random.key(seed), (n, h, w, c))
+
+
+def make(kind, seed, c):
+    """(layer, params) for one kind with C channels."""
+    key = jax.random.key(seed + 100)
+    if kind == "leaky_relu":
+        return layers.leaky_relu(0.2), None
+    if kind == "actnorm":
+        return layers.actnorm(), layers.init_actnorm(image(seed + 1, 3, 2, 2, c) * 3 + 1)
+    if kind == "permute":
+        return layers.permute(np.random.default_rng(seed).permutation(c)), None
+    if kind == "conv1x1":
+        perm = np.random.default_rng(seed).permutation(c)
+        params = layers.init_conv1x1(key, c, scale=0.3)
+        params["log_scale"] = 0.3 * jax.random.normal(jax.random.key(seed + 5), (c,))
+        return layers.conv1x1(perm), params
+    if kind == "squeeze":
+        return layers.squeeze(), None
+    if kind == "batch_pool":
+        return layers.batch_pool(), None
+    raise ValueError(kind)
+
+
+KINDS = ["leaky_relu", "actnorm", "permute", "conv1x1", "squeeze", "batch_pool"]
+
+
+# 1e-6 (the issue's bound, float32): one forward and one inverse, a few ulps; the leaky ReLU's
+# 1/slope = 5 and conv1x1's triangular solves (near-identity factors) stay well inside it.
+@pytest.mark.parametrize("kind", KINDS)
+@given(
+    seed=st.integers(0, 2**20),
+    # A few shapes (each one compiles anew), random values and parameters for each.
+    shape=st.sampled_from([(1, 2, 2, 1), (2, 4, 2, 3), (3, 2, 6, 5)]),
+)
+def test_inverse_of_forward_is_identity(kind, seed, shape):
+    layer, params = make(kind, seed, shape[-1])
+    x = image(seed, *shape)
+    y = jax.jit(layer.forward)(params, x)
+    x_rec = jax.jit(layer.inverse)(params, y)
+    assert x_rec.shape == x.shape
+    assert float(relative_error(x_rec, x)) <= 1e-6
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_log_det_matches_the_jacobian(kind):
+    layer, params = make(kind, 3, 2)
+    x = image(4, 1, 2, 2, 2)
+    flat = lambda v: layer.forward(params, v.reshape(x.shape)).reshape(-1)
+    jac = jax.jacfwd(flat)(x.reshape(-1))
+    _, logdet = jnp.linalg.slogdet(jac)
+    np.testing.assert_allclose(layer.log_det(params, x), logdet, atol=1e-5)
+
+
+def test_shapes_of_the_pooling_layers():
+    x = image(0, 2, 4, 6, 3)
+    assert layers.squeeze().forward(None, x).shape == (2, 2, 3, 12)
+    pooled = layers.batch_pool().forward(None, x)
+    assert pooled.shape == (8, 2, 3, 3)
+    # Example k N + n is phase k = 2 dh + dw of example n: phase (1, 0) of example 1.
+    np.testing.assert_array_equal(pooled[2 * 2 + 1], x[1, 1::2, 0::2])
+
+
+def test_actnorm_initialises_from_data():
+    x = image(0, 16, 4, 4, 3) * jnp.array([1.0, 5.0, 0.1]) + jnp.array([2.0, -1.0, 0.0])
+    y = layers.actnorm().forward(layers.init_actnorm(x), x)
+    np.testing.assert_allclose(jnp.mean(y, axis=(0, 1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(jnp.std(y, axis=(0, 1, 2)), 1.0, atol=1e-4)
+
+
+def test_layers_compose_and_run_in_reversible_scan():
+    """A stack of (actnorm, leaky ReLU, conv1x1) layers through reversible_scan (generic
+    inverse-then-vjp backward) equals plain backprop to 1e-5 at L = 8."""
+    block = rj.sequence(layers.actnorm(), layers.leaky_relu(0.5), layers.conv1x1())
+    depth, c = 8, 4
+    keys = jax.random.split(jax.random.key(0), depth)
+    params = (
+        {"log_scale": 0.1 * jax.random.normal(keys[0], (depth, c)), "bias": jnp.zeros((depth, c))},
+        None,
+        jax.vmap(lambda k: layers.init_conv1x1(k, c))(keys),
+    )
+    x = image(1, 2, 4, 4, c)
+
+    def loss(scan):
+        return lambda p, x_: jnp.sum(jnp.tanh(scan(block, p, x_)))
+
+    g = jax.grad(loss(rj.reversible_scan), argnums=(0, 1))(params, x)
+    g_ref = jax.grad(loss(plain_scan), argnums=(0, 1))(params, x)
+    assert float(relative_error(g, g_ref)) <= 1e-5
+
+
+@pytest.mark.parametrize("slope", [0.0, -1.0, float("inf")])
+def test_bad_slope_is_rejected(slope):
+    with pytest.raises(ValueError, match="slope must be finite and > 0"):
+        layers.leaky_relu(slope)
+
+
+def test_bad_shapes_and_permutations_are_rejected():
+    with pytest.raises(ValueError, match=r"even H and W, got shape \(1, 3, 4, 2\)"):
+        layers.squeeze().forward(None, image(0, 1, 3, 4, 2))
+    with pytest.raises(ValueError, match="batch_pool: expects"):
+        layers.batch_pool().forward(None, jnp.ones((4, 4, 2)))
+    with pytest.raises(ValueError, match="not a permutation"):
+        layers.permute([0, 0, 1])
+    with pytest.raises(ValueError, match=r"conv1x1: expected 3 channels"):
+        layers.conv1x1().forward(layers.init_conv1x1(jax.random.key(0), 3), jnp.ones((2, 4)))
