@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 import revjax as rj
 from revjax import layers
-from revjax.diagnostics import relative_error
+from revjax.diagnostics import reconstruction_report, relative_error
+from revjax.models.mlp import init_mlp_stack, mlp_coupling
 from revjax.scan import plain_scan
 
 
@@ -120,3 +121,36 @@ def test_bad_shapes_and_permutations_are_rejected():
         layers.permute([0, 0, 1])
     with pytest.raises(ValueError, match=r"conv1x1: expected 3 channels"):
         layers.conv1x1().forward(layers.init_conv1x1(jax.random.key(0), 3), jnp.ones((2, 4)))
+
+
+def test_layerwise_chain_loses_snr_much_faster_than_couplings():
+    """Hascoet et al.'s finding, in bfloat16 at L = 16: a chain of layer-wise inverses
+    (actnorm, leaky ReLU 0.5, conv1x1) falls from 46 dB after one inverse step to -28 dB after
+    sixteen (about -5 dB per step), additive MLP couplings of the same width from 57 dB to 41 dB
+    (about -1 dB per step). Asserted with margins: couplings stay above 35 dB, the chain ends
+    below 0 dB and falls at least 3x faster per step."""
+    depth, c, dt = 16, 16, jnp.bfloat16
+    keys = jax.random.split(jax.random.key(0), depth)
+    chain = rj.sequence(layers.actnorm(), layers.leaky_relu(0.5), layers.conv1x1())
+    chain_params = jax.tree.map(
+        lambda a: a.astype(dt),
+        (
+            {
+                "log_scale": 0.1 * jax.random.normal(keys[0], (depth, c)),
+                "bias": jnp.zeros((depth, c)),
+            },
+            None,
+            jax.vmap(lambda k: layers.init_conv1x1(k, c, 0.1))(keys),
+        ),
+    )
+    x = jax.random.normal(jax.random.key(1), (64, c)).astype(dt)
+    chain_db = np.asarray(reconstruction_report(chain, chain_params, x)["snr_db"])
+    coupling_params = init_mlp_stack(jax.random.key(0), depth, c // 2, 16, dtype=dt)
+    halves = (x[:, : c // 2], x[:, c // 2 :])
+    coupling_db = np.asarray(
+        reconstruction_report(mlp_coupling(), coupling_params, halves)["snr_db"]
+    )
+    # index 0 = the input of layer 0, after 16 inverse steps; index -1 = after one step.
+    assert coupling_db[0] > 35.0 and chain_db[0] < 0.0
+    chain_drop, coupling_drop = chain_db[-1] - chain_db[0], coupling_db[-1] - coupling_db[0]
+    assert chain_drop > 3 * coupling_drop
