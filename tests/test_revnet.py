@@ -1,0 +1,83 @@
+"""models.revnet: an invertible trunk, flat memory in blocks per stage, trains on digits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from revjax.data import load_digits
+from revjax.diagnostics import relative_error
+from revjax.memory import compiled_memory
+from revjax.models.revnet import (
+    init_revnet,
+    revnet_features,
+    revnet_features_inverse,
+    revnet_logits,
+)
+
+
+def test_trunk_is_invertible():
+    params = init_revnet(jax.random.key(0), stages=2, blocks=3, hidden=8)
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+    z = revnet_features(params, x)
+    assert z.shape == (4, 2, 2, 16)
+    # float32 round-off through 6 couplings and 2 squeezes (measured about 1e-7).
+    assert float(relative_error(revnet_features_inverse(params, z), x)) <= 1e-5
+
+
+def test_gradient_memory_is_flat_in_blocks_per_stage():
+    """Compiled temp of the gradient at 2 and 16 blocks per stage: equal (within 5%) for the
+    reversible network, growing for the non-reversible twin."""
+    x = jax.ShapeDtypeStruct((32, 8, 8, 1), jnp.float32)
+
+    def temp(blocks, reversible):
+        params = jax.eval_shape(lambda: init_revnet(jax.random.key(0), blocks=blocks, hidden=16))
+        loss = lambda p, x_: jnp.sum(revnet_logits(p, x_, reversible=reversible) ** 2)
+        return compiled_memory(jax.grad(loss), params, x).temp_bytes
+
+    assert temp(16, True) <= 1.05 * temp(2, True)
+    assert temp(16, False) >= 4 * temp(2, False)
+
+
+def train(reversible, seed=1, epochs=15, batch=64, lr=3e-3):
+    data = load_digits()
+    x_train, x_test = data.x_train.reshape(-1, 8, 8, 1), data.x_test.reshape(-1, 8, 8, 1)
+    params = init_revnet(jax.random.key(seed), hidden=32, blocks=2)
+    optimiser = optax.adam(lr)
+    state = optimiser.init(params)
+
+    def loss(p, x, y):
+        logits = revnet_logits(p, x, reversible=reversible)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @jax.jit
+    def step(p, s, x, y):
+        grads = jax.grad(loss)(p, x, y)
+        updates, s = optimiser.update(grads, s, p)
+        return optax.apply_updates(p, updates), s
+
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        order = rng.permutation(len(x_train))
+        for i in range(0, len(order) - batch + 1, batch):
+            idx = order[i : i + batch]
+            params, state = step(params, state, x_train[idx], data.y_train[idx])
+    predictions = jnp.argmax(revnet_logits(params, x_test, reversible=reversible), -1)
+    return float(jnp.mean(predictions == data.y_test))
+
+
+@pytest.fixture(scope="module")
+def accuracies():
+    return {"reversible": train(True), "twin": train(False)}
+
+
+def test_trains_on_digits(accuracies):
+    """The issue's bar, 95% test accuracy; measured 98.1% (reversible) and 97.8% (twin)."""
+    assert accuracies["reversible"] >= 0.95
+
+
+def test_matches_the_non_reversible_twin(accuracies):
+    """Within 1% (the issue's bound); measured 0.3% apart. The two differ only through
+    reconstruction round-off (gradients equal to about 1e-6), amplified by 330 Adam steps."""
+    assert abs(accuracies["reversible"] - accuracies["twin"]) <= 0.01
