@@ -15,6 +15,7 @@ than additive couplings, whose inverse only subtracts (see ``reconstruction_repo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -23,6 +24,7 @@ import numpy as np
 from jax.scipy.linalg import solve_triangular
 
 from revjax.coupling import Coupling
+from revjax.scan import reversible_scan
 
 PyTree = Any
 
@@ -221,3 +223,20 @@ def batch_pool() -> Coupling:
         return _merge_2x2(phases)
 
     return _layer(forward, inverse, lambda params, x, key=None: jnp.zeros((), jnp.float32))
+
+
+def layerwise_branch(block: Coupling) -> Callable[..., jax.Array]:
+    """A residual branch ``f(params, h)`` that runs a stack of layer-wise invertible layers
+    (``block``, params stacked over its layers) through :func:`revjax.reversible_scan`.
+
+    Inside :func:`revjax.additive_coupling` this is the *hybrid* block of Hascoet et al.: the
+    coupling reconstructs its input at block level, and the branch's own vjp reconstructs its
+    hidden activations layer by layer instead of storing them while the block is recomputed,
+    so the backward pass of one block holds a single hidden layer at a time. The price is the
+    layer-wise inverses' faster round-off growth (see the module docstring).
+    """
+
+    def branch(params, h, key=None):
+        return reversible_scan(block, params, h, key=key)
+
+    return branch

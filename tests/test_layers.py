@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import revjax as rj
 from revjax import layers
 from revjax.diagnostics import reconstruction_report, relative_error
+from revjax.memory import compiled_memory
 from revjax.models.mlp import init_mlp_stack, mlp_coupling
 from revjax.scan import plain_scan
 
@@ -154,3 +155,54 @@ def test_layerwise_chain_loses_snr_much_faster_than_couplings():
     assert coupling_db[0] > 35.0 and chain_db[0] < 0.0
     chain_drop, coupling_drop = chain_db[-1] - chain_db[0], coupling_db[-1] - coupling_db[0]
     assert chain_drop > 3 * coupling_drop
+
+
+def hybrid_setup(channels, inner_layers, blocks, batch, branch_of):
+    inner = rj.sequence(layers.conv1x1(), layers.actnorm(), layers.leaky_relu(0.5))
+
+    def branch_params(key):
+        keys = jax.random.split(key, inner_layers)
+        return (
+            jax.vmap(lambda k: layers.init_conv1x1(k, channels))(keys),
+            {
+                "log_scale": 0.1 * jax.random.normal(key, (inner_layers, channels)),
+                "bias": jnp.zeros((inner_layers, channels)),
+            },
+            None,
+        )
+
+    keys = jax.random.split(jax.random.key(0), 2 * blocks)
+    params = (jax.vmap(branch_params)(keys[:blocks]), jax.vmap(branch_params)(keys[blocks:]))
+    branch = branch_of(inner)
+    x = tuple(jax.random.normal(k, (batch, channels)) for k in jax.random.split(keys[0]))
+    return rj.additive_coupling(branch, branch), params, x
+
+
+def stored_branch(inner):
+    return lambda p, h: plain_scan(inner, p, h)
+
+
+def test_hybrid_block_gradient_matches_backprop():
+    """float32, 3 blocks of branches with 4 layer-wise layers each: 1e-5 (measured ~1e-7)."""
+    block, params, x = hybrid_setup(8, 4, 3, 16, layers.layerwise_branch)
+    reference, _, _ = hybrid_setup(8, 4, 3, 16, stored_branch)
+    loss = lambda b, scan: lambda p, x_: jnp.sum(jnp.tanh(scan(b, p, x_)[0]))
+    g = jax.grad(loss(block, rj.reversible_scan))(params, x)
+    g_ref = jax.grad(loss(reference, plain_scan))(params, x)
+    assert float(relative_error(g, g_ref)) <= 1e-5
+
+
+def test_hybrid_block_needs_less_memory_than_the_revnet_block():
+    """Branches of 8 layer-wise layers, halves 64 wide, 4 blocks, batch 512: gradient temp
+    2.4 MiB for hybrid blocks vs 7.3 MiB for RevNet blocks (whose branch recomputation stores
+    its 8 hidden layers) vs 27.6 MiB for plain backprop."""
+
+    def temp(branch_of, scan):
+        block, params, x = hybrid_setup(64, 8, 4, 512, branch_of)
+        loss = lambda p, x_: jnp.sum(scan(block, p, x_)[0] ** 2)
+        return compiled_memory(jax.grad(loss), params, x).temp_bytes
+
+    hybrid = temp(layers.layerwise_branch, rj.reversible_scan)
+    revnet = temp(stored_branch, rj.reversible_scan)
+    plain = temp(stored_branch, plain_scan)
+    assert hybrid <= 0.5 * revnet and revnet <= 0.5 * plain, (hybrid, revnet, plain)
