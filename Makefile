@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/count_gemms.py
 	$(BIN)/python benchmarks/numerics_depth.py --size cpu
 	$(BIN)/python benchmarks/bench_activations.py
+	$(BIN)/python benchmarks/bench_revnet.py
 	$(BIN)/python benchmarks/bench_moonwalk.py --size cpu
 	$(BIN)/python benchmarks/report.py
 
