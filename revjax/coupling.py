@@ -15,6 +15,11 @@ of the same structure, shapes and dtypes, plus two optional fields:
   output, the output cotangent ``y_bar`` solving ``y_bar J = x_bar`` (``J = dy/dx``; the
   vector-inverse-Jacobian product) and the parameter cotangent ``y_bar dy/dparams``. Couplings
   built here provide one that evaluates each branch once; see ``_feistel_coupling``.
+* ``aux(params, x) -> side``: side information the inverse needs but cannot recompute from the
+  output, such as a batch norm's batch statistics. :func:`revjax.reversible_scan` stores it per
+  layer (small: ``O(L C)``) in the forward pass and passes it back as ``inverse(params, y,
+  aux=side)`` and ``backward(params, y, y_bar, aux=side)``; ``forward`` recomputes it from ``x``,
+  so the vjp differentiates through it.
 * ``map_branches(wrap) -> Coupling``: the same coupling rebuilt with every residual branch ``fn``
   replaced by ``wrap(fn, kind)`` (``kind`` is ``"additive"`` or ``"affine"``). This is how a
   precision policy (:mod:`revjax.precision`) reaches inside f and g to cast their inputs or put
@@ -38,6 +43,7 @@ F and G themselves need not be invertible.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -65,6 +71,7 @@ class Coupling(NamedTuple):
     log_det: Callable[..., jax.Array] | None = None
     map_branches: Callable[[BranchWrapper], Coupling] | None = None
     vijp_step: Callable[..., tuple[PyTree, PyTree, PyTree]] | None = None
+    aux: Callable[..., PyTree] | None = None
 
 
 def call_with_key(fn: Callable[..., Any], *args: Any, key: Key | None) -> Any:
@@ -79,18 +86,24 @@ def split_key(key: Key | None, num: int) -> list[Key | None]:
     return list(jax.random.split(key, num))
 
 
+def with_aux(fn: Callable[..., Any], block: Coupling, aux: PyTree) -> Callable[..., Any]:
+    """``fn`` with ``aux=aux`` bound when ``block`` has side information, else ``fn``."""
+    return fn if block.aux is None else functools.partial(fn, aux=aux)
+
+
 def reconstruct_and_vjp(block: Coupling) -> Callable[..., tuple[PyTree, PyTree, PyTree]]:
-    """The block's backward step ``(params, y, y_bar[, key]) -> (x, x_bar, params_bar)``.
+    """The block's backward step ``(params, y, y_bar[, key][, aux=]) -> (x, x_bar, params_bar)``.
 
     Uses the block's fused ``backward`` when it has one. Otherwise reconstructs
     ``x = inverse(params, y)`` and pulls ``y_bar`` back through ``jax.vjp`` of ``forward`` at
-    ``(params, x)``, which evaluates ``forward`` once more than a fused step would.
+    ``(params, x)``, which evaluates ``forward`` once more than a fused step would. A block with
+    ``aux`` receives its stored side information as ``aux=``.
     """
     if block.backward is not None:
         return block.backward
 
-    def generic_backward(params, y, y_bar, key=None):
-        x = call_with_key(block.inverse, params, y, key=key)
+    def generic_backward(params, y, y_bar, key=None, aux=None):
+        x = call_with_key(with_aux(block.inverse, block, aux), params, y, key=key)
         _, pullback = jax.vjp(lambda p, x_: call_with_key(block.forward, p, x_, key=key), params, x)
         params_bar, x_bar = pullback(y_bar)
         return x, x_bar, params_bar
@@ -407,17 +420,26 @@ def sequence(*blocks: Coupling) -> Coupling:
             x = call_with_key(b.forward, p, x, key=k)
         return x
 
-    def inverse(params, y, key=None):
-        keys = split_key(key, n)
+    def side(params, x, key=None):
+        out = []
+        for b, p, k in zip(blocks, _params(params), split_key(key, n), strict=True):
+            out.append(None if b.aux is None else call_with_key(b.aux, p, x, key=k))
+            x = call_with_key(b.forward, p, x, key=k)
+        return tuple(out)
+
+    def inverse(params, y, key=None, aux=None):
+        keys, aux = split_key(key, n), aux or (None,) * n
         for i in reversed(range(n)):
-            y = call_with_key(blocks[i].inverse, _params(params)[i], y, key=keys[i])
+            inv = with_aux(blocks[i].inverse, blocks[i], aux[i])
+            y = call_with_key(inv, _params(params)[i], y, key=keys[i])
         return y
 
-    def backward(params, y, y_bar, key=None):
-        keys, params = split_key(key, n), _params(params)
+    def backward(params, y, y_bar, key=None, aux=None):
+        keys, params, aux = split_key(key, n), _params(params), aux or (None,) * n
         params_bar = [None] * n
         for i in reversed(range(n)):
-            y, y_bar, params_bar[i] = call_with_key(steps[i], params[i], y, y_bar, key=keys[i])
+            step = with_aux(steps[i], blocks[i], aux[i])
+            y, y_bar, params_bar[i] = call_with_key(step, params[i], y, y_bar, key=keys[i])
         return y, y_bar, _like_sequence(params, params_bar)
 
     log_det = None
@@ -450,7 +472,10 @@ def sequence(*blocks: Coupling) -> Coupling:
                 )
         return sequence(*(b.map_branches(wrap) for b in blocks))
 
-    return Coupling(forward, inverse, backward, log_det, map_branches, vijp_step)
+    has_aux = any(b.aux is not None for b in blocks)
+    return Coupling(
+        forward, inverse, backward, log_det, map_branches, vijp_step, side if has_aux else None
+    )
 
 
 def _like_sequence(template: tuple | list, items: list) -> tuple | list:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from revjax.coupling import Coupling, call_with_key
+from revjax.coupling import Coupling, call_with_key, with_aux
 from revjax.precision import Policy
 from revjax.scan import (
     anchor_interval,
@@ -108,20 +108,23 @@ def reconstruction_report(
 
     def forward(x_, inputs):
         p, layer = inputs
-        return call_with_key(block.forward, p, x_, key=layer_key(key, layer)), x_
+        k = layer_key(key, layer)
+        side = None if block.aux is None else call_with_key(block.aux, p, x_, key=k)
+        return call_with_key(block.forward, p, x_, key=k), (x_, side)
 
-    y, inputs_exact = lax.scan(forward, x, (params, layers))
+    y, (inputs_exact, aux) = lax.scan(forward, x, (params, layers))
     outputs_exact = jax.tree.map(
         lambda xs, last: jnp.concatenate([xs[1:], last[None]]), inputs_exact, y
     )
 
     def backward(y_, inputs):
-        p, layer, exact_output = inputs
+        p, layer, exact_output, side = inputs
         y_ = restart_at_anchor(y_, exact_output, layer, every)
-        x_rec = call_with_key(block.inverse, p, y_, key=layer_key(key, layer))
+        inverse = with_aux(block.inverse, block, side)
+        x_rec = call_with_key(inverse, p, y_, key=layer_key(key, layer))
         return x_rec, x_rec
 
-    _, inputs_rec = lax.scan(backward, y, (params, layers, outputs_exact), reverse=True)
+    _, inputs_rec = lax.scan(backward, y, (params, layers, outputs_exact, aux), reverse=True)
     signal, noise = jax.vmap(_signal_and_noise)(inputs_exact, inputs_rec)
     snr = jnp.where(noise > 0, signal / jnp.where(noise > 0, noise, 1.0), jnp.inf)
     return {

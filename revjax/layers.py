@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.scipy.linalg import solve_triangular
 
 from revjax.coupling import Coupling
@@ -100,6 +101,94 @@ def init_actnorm(x: jax.Array, eps: float = 1e-6) -> dict[str, jax.Array]:
     mean, std = jnp.mean(x, axis=axes), jnp.std(x, axis=axes)
     log_scale = -jnp.log(std + eps)
     return {"log_scale": log_scale, "bias": -mean * jnp.exp(log_scale)}
+
+
+def _batch_moments(x: jax.Array, eps: float) -> dict[str, jax.Array]:
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)
+    return {"mean": mean, "std": jnp.sqrt(jnp.var(x, axis=axes) + eps)}
+
+
+def _bn_scale(gamma: jax.Array, scale_eps: float) -> jax.Array:
+    # |gamma| + eps: bounded away from zero, so the inverse never divides by ~0 (Hascoet et al.).
+    return jnp.abs(gamma) + scale_eps
+
+
+def batch_norm(eps: float = 1e-5, scale_eps: float = 1e-2) -> Coupling:
+    """Invertible batch norm (training mode): ``y = (x - mean) / std * (|gamma| + scale_eps)
+    + beta`` with the batch's per-channel ``mean`` and ``std = sqrt(var + eps)``.
+
+    Params ``{"gamma": (C,), "beta": (C,)}``. The output's batch statistics no longer reveal
+    the input's, so the block has side information, ``aux = {"mean", "std"}`` per channel,
+    which :func:`revjax.reversible_scan` stores (``2 C`` numbers per layer) and hands to the
+    inverse. ``forward`` recomputes them from ``x``, so gradients flow through the batch
+    statistics exactly as in ordinary batch norm. Running statistics are not state of this
+    layer: get the batch statistics with ``reversible_scan(..., return_aux=True)`` and update
+    them once per training step with :func:`update_running_stats`; reconstruction never
+    touches them. For inference use :func:`batch_norm_inference`.
+
+    ``log_det = (number of pixels) * sum(log(|gamma| + scale_eps) - log(std))``, the
+    log-determinant with the batch statistics held fixed (as a function of the whole batch,
+    statistics included, the map is not invertible: every output batch has the same moments).
+    """
+    if not (eps > 0 and scale_eps > 0):
+        raise ValueError(f"batch_norm: eps and scale_eps must be > 0, got {eps}, {scale_eps}")
+
+    def forward(params, x, key=None):
+        _channels(x, params["gamma"].shape[-1], "batch_norm")
+        moments = _batch_moments(x, eps)
+        scale = _bn_scale(params["gamma"], scale_eps)
+        return (x - moments["mean"]) / moments["std"] * scale + params["beta"]
+
+    def inverse(params, y, key=None, *, aux):
+        _channels(y, params["gamma"].shape[-1], "batch_norm")
+        scale = _bn_scale(params["gamma"], scale_eps)
+        return (y - params["beta"]) / scale * aux["std"] + aux["mean"]
+
+    def side(params, x, key=None):
+        return jax.tree.map(lax.stop_gradient, _batch_moments(x, eps))
+
+    def log_det(params, x, key=None):
+        moments = _batch_moments(x, eps)
+        per_pixel = jnp.log(_bn_scale(params["gamma"], scale_eps)) - jnp.log(moments["std"])
+        return _pixels(x) * jnp.sum(per_pixel).astype(jnp.float32)
+
+    layer = Coupling(forward, inverse, log_det=log_det, aux=side)
+    return layer._replace(map_branches=_no_branches(layer))
+
+
+def update_running_stats(
+    running: dict[str, jax.Array], batch: dict[str, jax.Array], momentum: float = 0.9
+) -> dict[str, jax.Array]:
+    """``momentum * running + (1 - momentum) * batch`` for ``mean`` and ``var`` (``batch`` as
+    returned in ``aux`` by :func:`batch_norm`, with ``std``; leaves may be stacked over layers).
+    Call it once per training step."""
+    return {
+        "mean": momentum * running["mean"] + (1 - momentum) * batch["mean"],
+        "var": momentum * running["var"] + (1 - momentum) * jnp.square(batch["std"]),
+    }
+
+
+def batch_norm_inference(eps: float = 1e-5, scale_eps: float = 1e-2) -> Coupling:
+    """Batch norm with fixed statistics: params ``{"gamma", "beta", "mean", "var"}``; an
+    ordinary per-channel affine map, inverted exactly without side information."""
+
+    def affine(params):
+        scale = _bn_scale(params["gamma"], scale_eps) / jnp.sqrt(params["var"] + eps)
+        return scale, params["beta"] - params["mean"] * scale
+
+    def forward(params, x, key=None):
+        scale, shift = affine(params)
+        return x * scale + shift
+
+    def inverse(params, y, key=None):
+        scale, shift = affine(params)
+        return (y - shift) / scale
+
+    def log_det(params, x, key=None):
+        return _pixels(x) * jnp.sum(jnp.log(affine(params)[0])).astype(jnp.float32)
+
+    return _layer(forward, inverse, log_det)
 
 
 def permute(permutation: Any) -> Coupling:

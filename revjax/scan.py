@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from revjax.coupling import Coupling, call_with_key, reconstruct_and_vjp
+from revjax.coupling import Coupling, call_with_key, reconstruct_and_vjp, with_aux
 from revjax.precision import (
     INPUT_LAYER,
     NO_LAYER,
@@ -152,8 +152,8 @@ def _forward(
     every: int | None = None,
     remat: bool = False,
     check: RangeCheck | None = None,
-) -> tuple[PyTree, PyTree | None]:
-    """``lax.scan`` of ``block.forward`` over the layers; returns ``(y, anchors)``.
+) -> tuple[PyTree, PyTree | None, PyTree | None]:
+    """``lax.scan`` of ``block.forward`` over the layers; returns ``(y, anchors, aux)``.
 
     every: with an anchor interval ``k < L``, also returns the exact stream after every ``k``
       layers in a ``(L // k, ...)`` buffer per stream leaf (else ``anchors`` is None). Layer ``l``
@@ -163,6 +163,9 @@ def _forward(
     remat: wrap each layer in ``jax.checkpoint`` (per-layer rematerialisation).
     check: exact mode's range check; the scan carries the first offending layer and reports it
       once, after the loop.
+
+    ``aux`` is the block's side information per layer, stacked on a leading ``L`` axis (None
+    for blocks without ``aux``).
     """
     depth = stack_depth(params)
     step = lambda p, x_, k: call_with_key(block.forward, p, x_, key=k)
@@ -184,7 +187,9 @@ def _forward(
     def body(carry, inputs):
         x_, anchors_, status_ = carry
         p, layer = inputs
-        y_ = step(p, x_, layer_key(key, layer))
+        k = layer_key(key, layer)
+        side = None if block.aux is None else call_with_key(block.aux, p, x_, key=k)
+        y_ = step(p, x_, k)
         if with_anchors:
             anchors_ = jax.tree.map(
                 lambda buf, v: lax.dynamic_update_index_in_dim(buf, v, layer // every, 0),
@@ -195,12 +200,12 @@ def _forward(
             bad, value = check.out_of_range(y_)
             first = (status_[0] == NO_LAYER) & bad
             status_ = (jnp.where(first, layer, status_[0]), jnp.where(first, value, status_[1]))
-        return (y_, anchors_, status_), None
+        return (y_, anchors_, status_), side
 
-    (y, anchors, status), _ = lax.scan(body, (x, anchors, status), (params, jnp.arange(depth)))
+    (y, anchors, status), aux = lax.scan(body, (x, anchors, status), (params, jnp.arange(depth)))
     if check is not None:
         check.report(*status)
-    return y, anchors
+    return y, anchors, aux
 
 
 def restart_at_anchor(stream: PyTree, exact: PyTree, layer: jax.Array, every: int) -> PyTree:
@@ -221,32 +226,38 @@ def _reversible_scan(
     params: PyTree,
     x: PyTree,
     key: Key | None,
-) -> PyTree:
-    return _forward(block, params, x, key, check=check)[0]
+) -> tuple[PyTree, PyTree]:
+    y, _, aux = _forward(block, params, x, key, check=check)
+    return y, aux
 
 
 def _reversible_scan_fwd(block, every, check, params, x, key):
-    # Residuals: the output, and the anchors if any (params and key are inputs, stored anyway).
-    y, anchors = _forward(block, params, x, key, every=every, check=check)
-    return y, (params, y, anchors, key)
+    # Residuals: the output, the anchors and side information if any (params and key are
+    # inputs, stored anyway).
+    y, anchors, aux = _forward(block, params, x, key, every=every, check=check)
+    return (y, aux), (params, y, anchors, aux, key)
 
 
-def _reversible_scan_bwd(block, every, check, residuals, y_bar):
-    params, y, anchors, key = residuals
+def _reversible_scan_bwd(block, every, check, residuals, cotangents):
+    params, y, anchors, aux, key = residuals
+    y_bar, _ = cotangents  # aux is returned under stop_gradient: its cotangent is zero
     step = reconstruct_and_vjp(block)
 
     def body(carry, inputs):
         y_l, y_bar_l = carry
-        p, layer = inputs
+        p, layer, side = inputs
         if anchors is not None:
             y_l = restart_at_anchor(
                 y_l, jax.tree.map(lambda buf: buf[layer // every], anchors), layer, every
             )
-        x_l, x_bar_l, p_bar = call_with_key(step, p, y_l, y_bar_l, key=layer_key(key, layer))
+        layer_step = with_aux(step, block, side)
+        x_l, x_bar_l, p_bar = call_with_key(layer_step, p, y_l, y_bar_l, key=layer_key(key, layer))
         return (x_l, x_bar_l), p_bar
 
     depth = stack_depth(params)
-    (_, x_bar), params_bar = lax.scan(body, (y, y_bar), (params, jnp.arange(depth)), reverse=True)
+    (_, x_bar), params_bar = lax.scan(
+        body, (y, y_bar), (params, jnp.arange(depth), aux), reverse=True
+    )
     return params_bar, x_bar, None
 
 
@@ -281,7 +292,8 @@ def reversible_scan(
     key: Key | None = None,
     checkpoint_every: int | None = None,
     policy: Policy | None = None,
-) -> PyTree:
+    return_aux: bool = False,
+) -> PyTree | tuple[PyTree, PyTree]:
     """Applies ``L`` stacked reversible layers, with a backward pass that stores no activations.
 
     Equal in value and gradient (up to reconstruction round-off) to :func:`plain_scan`, i.e.
@@ -301,6 +313,9 @@ def reversible_scan(
         dtype, matmul precision, exact fixed-point mode). ``x`` is cast to the stream dtype
         (and snapped to the grid in exact mode) on entry; the gradient w.r.t. ``x`` comes back
         in ``x``'s dtypes.
+      return_aux: also return the blocks' side information (e.g. batch norm's batch
+        statistics, for updating running statistics once per step), stacked over layers and
+        under ``stop_gradient``.
 
     Returns:
       ``y = x_L``, same structure and shapes as ``x``, in the policy's stream dtype (``x``'s
@@ -316,7 +331,8 @@ def reversible_scan(
     """
     block, x, depth, check = prepare_stack(block, params, x, key, policy, "reversible_scan")
     every = anchor_interval(depth, checkpoint_every)
-    return _reversible_scan(block, every, check, params, x, key)
+    y, aux = _reversible_scan(block, every, check, params, x, key)
+    return (y, lax.stop_gradient(aux)) if return_aux else y
 
 
 def plain_scan(
@@ -327,16 +343,18 @@ def plain_scan(
     key: Key | None = None,
     remat: bool = False,
     policy: Policy | None = None,
-) -> PyTree:
+    return_aux: bool = False,
+) -> PyTree | tuple[PyTree, PyTree]:
     """The non-reversible twin of :func:`reversible_scan`: ``lax.scan`` of ``block.forward``.
 
     Differentiating it stores every layer's activations (``remat=False``, plain backprop) or only
     each layer's input, recomputing the layer in the backward pass (``remat=True``, per-layer
-    ``jax.checkpoint``). Layers get the same keys, and ``policy`` the same meaning, as in
-    :func:`reversible_scan`, so the two compute the same network.
+    ``jax.checkpoint``). Layers get the same keys, and ``policy`` and ``return_aux`` the same
+    meaning, as in :func:`reversible_scan`, so the two compute the same network.
     """
     block, x, _, check = prepare_stack(block, params, x, key, policy, "plain_scan")
-    return _forward(block, params, x, key, remat=remat, check=check)[0]
+    y, _, aux = _forward(block, params, x, key, remat=remat, check=check)
+    return (y, lax.stop_gradient(aux)) if return_aux else y
 
 
 def inverse_scan(
@@ -346,18 +364,29 @@ def inverse_scan(
     *,
     key: Key | None = None,
     policy: Policy | None = None,
+    aux: PyTree | None = None,
 ) -> PyTree:
     """Inverts a whole stack: returns ``x`` with ``reversible_scan(block, params, x) == y``.
 
     Runs ``block.inverse`` from layer ``L - 1`` down to ``0`` with the same per-layer keys (and
     policy) as the forward pass. Differentiable by ordinary autodiff (which stores its
-    activations).
+    activations). Blocks with side information (batch norm) need the ``aux`` that
+    ``reversible_scan(..., return_aux=True)`` returned.
+
+    Raises:
+      ValueError: the block has side information and ``aux`` is missing.
     """
     block, y, depth, _ = prepare_stack(block, params, y, key, policy, "inverse_scan")
+    if block.aux is not None and aux is None:
+        raise ValueError(
+            "inverse_scan: this block's inverse needs side information from the forward pass "
+            "(e.g. batch statistics); pass aux= from reversible_scan(..., return_aux=True)"
+        )
 
     def body(y_, inputs):
-        p, layer = inputs
-        return call_with_key(block.inverse, p, y_, key=layer_key(key, layer)), None
+        p, layer, side = inputs
+        inverse = with_aux(block.inverse, block, side)
+        return call_with_key(inverse, p, y_, key=layer_key(key, layer)), None
 
-    x, _ = lax.scan(body, y, (params, jnp.arange(depth)), reverse=True)
+    x, _ = lax.scan(body, y, (params, jnp.arange(depth), aux), reverse=True)
     return x

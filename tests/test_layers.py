@@ -206,3 +206,99 @@ def test_hybrid_block_needs_less_memory_than_the_revnet_block():
     revnet = temp(stored_branch, rj.reversible_scan)
     plain = temp(stored_branch, plain_scan)
     assert hybrid <= 0.5 * revnet and revnet <= 0.5 * plain, (hybrid, revnet, plain)
+
+
+# --- invertible batch norm --------------------------------------------------------------------
+
+
+def bn_params(seed, c, depth=None):
+    shape = (c,) if depth is None else (depth, c)
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return {"gamma": jax.random.normal(k1, shape), "beta": 0.1 * jax.random.normal(k2, shape)}
+
+
+@given(seed=st.integers(0, 2**20), shape=st.sampled_from([(4, 3), (2, 4, 2, 5), (8, 2)]))
+def test_batch_norm_inverts_with_its_stored_statistics(seed, shape):
+    """1e-6: the stored mean/std make the inverse exact up to round-off; gamma is drawn around
+    0, where |gamma| + scale_eps keeps the scale >= 0.01 (at most 100x amplification of an ulp
+    of the output, still far below 1e-6 relative)."""
+    bn = layers.batch_norm()
+    params = bn_params(seed, shape[-1])
+    x = 3.0 * jax.random.normal(jax.random.key(seed + 1), shape) + 2.0
+    y, side = jax.jit(lambda p, v: (bn.forward(p, v), bn.aux(p, v)))(params, x)
+    x_rec = jax.jit(lambda p, v, a: bn.inverse(p, v, aux=a))(params, y, side)
+    assert float(relative_error(x_rec, x)) <= 1e-6
+
+
+def test_batch_norm_log_det_is_that_of_the_fixed_statistics_map():
+    bn, frozen = layers.batch_norm(), layers.batch_norm_inference()
+    params, x = bn_params(0, 3), image(1, 2, 2, 2, 3)
+    moments = bn.aux(params, x)
+    fixed = {**params, "mean": moments["mean"], "var": jnp.square(moments["std"]) - 1e-5}
+    np.testing.assert_allclose(frozen.forward(fixed, x), bn.forward(params, x), atol=1e-5)
+    flat = lambda v: frozen.forward(fixed, v.reshape(x.shape)).reshape(-1)
+    _, logdet = jnp.linalg.slogdet(jax.jacfwd(flat)(x.reshape(-1)))
+    np.testing.assert_allclose(bn.log_det(params, x), logdet, rtol=1e-5)
+    np.testing.assert_allclose(frozen.inverse(fixed, frozen.forward(fixed, x)), x, atol=1e-5)
+
+
+def bn_stack(depth=6, c=4):
+    block = rj.sequence(layers.batch_norm(), layers.leaky_relu(0.5), layers.conv1x1())
+    keys = jax.random.split(jax.random.key(3), depth)
+    params = (bn_params(2, c, depth), None, jax.vmap(lambda k: layers.init_conv1x1(k, c))(keys))
+    return block, params, image(4, 8, 2, 2, c)
+
+
+def test_batch_norm_stack_in_reversible_scan():
+    """Gradients equal plain backprop (1e-5; through the batch statistics), the returned batch
+    statistics equal the plain forward's, and inverse_scan needs and uses them."""
+    block, params, x = bn_stack()
+
+    def loss(scan):
+        return lambda p, x_: jnp.sum(jnp.tanh(scan(block, p, x_)) * x_)
+
+    g = jax.grad(loss(rj.reversible_scan), argnums=(0, 1))(params, x)
+    g_ref = jax.grad(loss(plain_scan), argnums=(0, 1))(params, x)
+    assert float(relative_error(g, g_ref)) <= 1e-5
+    y, aux = rj.reversible_scan(block, params, x, return_aux=True)
+    y_ref, aux_ref = plain_scan(block, params, x, return_aux=True)
+    assert aux[0]["mean"].shape == (6, 4) and aux[1] is None
+    assert float(relative_error(y, y_ref)) <= 1e-6
+    assert float(relative_error(aux, aux_ref)) <= 1e-6
+    assert float(relative_error(rj.inverse_scan(block, params, y, aux=aux), x)) <= 1e-5
+    with pytest.raises(ValueError, match="needs side information"):
+        rj.inverse_scan(block, params, y)
+
+
+def test_running_statistics_update_once_per_step():
+    """A training step reads the batch statistics from the forward pass and updates the running
+    statistics once; the backward pass (reconstruction) cannot touch them."""
+    block, params, x = bn_stack()
+    running = {"mean": jnp.zeros((6, 4)), "var": jnp.ones((6, 4))}
+
+    @jax.jit
+    def step(params, running, x):
+        def loss(p):
+            y, aux = rj.reversible_scan(block, p, x, return_aux=True)
+            return jnp.sum(y**2), aux[0]
+
+        (_, batch), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return grads, layers.update_running_stats(running, batch, momentum=0.9)
+
+    _, after_one = step(params, running, x)
+    _, batch = plain_scan(block, params, x, return_aux=True)
+    expected = {
+        "mean": 0.1 * batch[0]["mean"],
+        "var": 0.9 + 0.1 * jnp.square(batch[0]["std"]),
+    }
+    assert float(relative_error(after_one, expected)) <= 1e-6
+    _, after_two = step(params, after_one, x)
+    expected_two = layers.update_running_stats(expected, batch[0], momentum=0.9)
+    assert float(relative_error(after_two, expected_two)) <= 1e-6
+
+
+def test_batch_norm_rejects_bad_settings():
+    with pytest.raises(ValueError, match="eps and scale_eps must be > 0"):
+        layers.batch_norm(scale_eps=0.0)
+    with pytest.raises(ValueError, match="batch_norm: expected 3 channels"):
+        layers.batch_norm().forward(bn_params(0, 3), jnp.ones((2, 4)))
