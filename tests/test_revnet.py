@@ -81,3 +81,15 @@ def test_matches_the_non_reversible_twin(accuracies):
     """Within 1% (the issue's bound); measured 0.3% apart. The two differ only through
     reconstruction round-off (gradients equal to about 1e-6), amplified by 330 Adam steps."""
     assert abs(accuracies["reversible"] - accuracies["twin"]) <= 0.01
+
+
+def test_batch_pool_trunk_is_invertible_and_keeps_channels():
+    params = init_revnet(jax.random.key(0), stages=2, blocks=2, hidden=8, downsample="batch_pool")
+    x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
+    z = revnet_features(params, x, downsample="batch_pool")
+    assert z.shape == (12, 2, 2, 4)  # 4 phases x 3 examples, channels stay 4
+    x_rec = revnet_features_inverse(params, z, downsample="batch_pool")
+    assert float(relative_error(x_rec, x)) <= 1e-5
+    assert revnet_logits(params, x, downsample="batch_pool").shape == (3, 10)
+    with pytest.raises(ValueError, match="downsample must be one of"):
+        revnet_logits(params, x, downsample="maxpool")

@@ -21,11 +21,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from revjax.coupling import Coupling, additive_coupling
-from revjax.layers import squeeze
+from revjax.layers import batch_pool, squeeze
 from revjax.scan import inverse_scan, plain_scan, reversible_scan
 
 PyTree = Any
 _SQUEEZE = squeeze()
+_DOWNSAMPLE = {"squeeze": _SQUEEZE, "batch_pool": batch_pool()}
 
 
 def conv3x3(w: jax.Array, h: jax.Array) -> jax.Array:
@@ -67,15 +68,21 @@ def init_revnet(
     hidden: int = 32,
     num_classes: int = 10,
     scale: float = 0.5,
+    downsample: str = "squeeze",
 ) -> dict[str, Any]:
     """Params: per stage ``(params_F, params_G)`` stacked over ``blocks``, and the head.
 
-    Stage ``s`` has ``in_channels * 4^(s+1)`` channels (two halves of half that each).
+    With ``downsample="squeeze"`` stage ``s`` has ``in_channels * 4^(s+1)`` channels (two halves
+    of half that each); with ``"batch_pool"`` every stage has ``4 in_channels`` (the first stage
+    squeezes, later ones pool 2x2 phases into the batch). Pass the same ``downsample`` to
+    :func:`revnet_logits`.
     """
+    _check_downsample(downsample)
     keys = jax.random.split(key, stages + 1)
     stage_params, channels = [], in_channels
     for s in range(stages):
-        channels *= 4
+        if s == 0 or downsample == "squeeze":
+            channels *= 4
         kf, kg = jax.random.split(keys[s])
         half = channels // 2
         stage_params.append(
@@ -91,32 +98,56 @@ def init_revnet(
     return {"stages": stage_params, "head": head}
 
 
-def revnet_features(params: dict[str, Any], x: jax.Array, *, reversible: bool = True) -> jax.Array:
-    """The invertible trunk: ``(N, H, W, C) -> (N, H / 2^S, W / 2^S, C 4^S)``.
+def _check_downsample(downsample: str) -> None:
+    if downsample not in _DOWNSAMPLE:
+        raise ValueError(
+            f"revnet: downsample must be one of {sorted(_DOWNSAMPLE)}, got {downsample!r}"
+        )
+
+
+def _downsampler(stage: int, downsample: str) -> Coupling:
+    return _SQUEEZE if stage == 0 else _DOWNSAMPLE[downsample]
+
+
+def revnet_features(
+    params: dict[str, Any], x: jax.Array, *, reversible: bool = True, downsample: str = "squeeze"
+) -> jax.Array:
+    """The invertible trunk: ``(N, H, W, C) -> (N, H / 2^S, W / 2^S, C 4^S)`` (squeeze), or
+    ``(4^(S-1) N, H / 2^S, W / 2^S, 4 C)`` (batch pooling: example ``k N + n`` is a 2x2 phase
+    of example ``n``).
 
     Raises:
-      ValueError: H or W not divisible by ``2^stages`` (from the squeeze).
+      ValueError: H or W not divisible by ``2^stages``, or an unknown ``downsample``.
     """
+    _check_downsample(downsample)
     scan = reversible_scan if reversible else plain_scan
     block = revnet_block()
-    for stage in params["stages"]:
-        x = _SQUEEZE.forward(None, x)
+    for s, stage in enumerate(params["stages"]):
+        x = _downsampler(s, downsample).forward(None, x)
         x1, x2 = jnp.split(x, 2, axis=-1)
         x1, x2 = scan(block, stage, (x1, x2))
         x = jnp.concatenate([x1, x2], axis=-1)
     return x
 
 
-def revnet_features_inverse(params: dict[str, Any], z: jax.Array) -> jax.Array:
+def revnet_features_inverse(
+    params: dict[str, Any], z: jax.Array, *, downsample: str = "squeeze"
+) -> jax.Array:
     """The trunk's inverse: the image ``x`` with ``revnet_features(params, x) == z``."""
+    _check_downsample(downsample)
     block = revnet_block()
-    for stage in reversed(params["stages"]):
-        z1, z2 = inverse_scan(block, stage, tuple(jnp.split(z, 2, axis=-1)))
-        z = _SQUEEZE.inverse(None, jnp.concatenate([z1, z2], axis=-1))
+    for s in reversed(range(len(params["stages"]))):
+        z1, z2 = inverse_scan(block, params["stages"][s], tuple(jnp.split(z, 2, axis=-1)))
+        z = _downsampler(s, downsample).inverse(None, jnp.concatenate([z1, z2], axis=-1))
     return z
 
 
-def revnet_logits(params: dict[str, Any], x: jax.Array, *, reversible: bool = True) -> jax.Array:
-    """Class logits: global average pool of :func:`revnet_features`, then a linear head."""
-    pooled = jnp.mean(revnet_features(params, x, reversible=reversible), axis=(1, 2))
+def revnet_logits(
+    params: dict[str, Any], x: jax.Array, *, reversible: bool = True, downsample: str = "squeeze"
+) -> jax.Array:
+    """Class logits: global average pool of :func:`revnet_features` (over space and, with
+    batch pooling, over each example's phases), then a linear head."""
+    features = revnet_features(params, x, reversible=reversible, downsample=downsample)
+    features = features.reshape(-1, x.shape[0], *features.shape[1:])  # (phases, N, h, w, C)
+    pooled = jnp.mean(features, axis=(0, 2, 3))
     return pooled @ params["head"]["w"] + params["head"]["b"]
