@@ -2,9 +2,9 @@
 
 Compiled temp memory of the gradient of ``revjax.models.revnet`` (2 stages, hidden 32, batch 256
 of 8x8x1 images) divided by the number of input values ``N H W C``, for 2, 8 and 32 couplings per
-stage, with ``reversible=True`` (RevNet: reconstructs inside each stage, stores stage outputs)
-and ``reversible=False`` (the ResNet-like twin: plain backprop). XLA memory analysis, any
-backend.
+stage: the ResNet-like twin (plain backprop), the RevNet (``reversible_scan`` per stage, which
+stores each stage's output) and the fully invertible variant (``across_stages=True``: one
+reconstruction through all stages and downsamplings). XLA memory analysis, any backend.
 
     python benchmarks/bench_revnet.py      # writes benchmarks/results/revnet_<backend>.json
 """
@@ -28,10 +28,17 @@ from revjax.models.revnet import init_revnet, revnet_logits
 BATCH, SHAPE = 256, (8, 8, 1)
 
 
-def bytes_per_pixel(blocks: int, reversible: bool) -> float:
+VARIANTS = {
+    "ResNet-like twin (backprop)": {"reversible": False},
+    "RevNet (reversible_scan per stage)": {},
+    "fully invertible (one reconstruction across stages)": {"across_stages": True},
+}
+
+
+def bytes_per_pixel(blocks: int, options: dict) -> float:
     params = jax.eval_shape(lambda: init_revnet(jax.random.key(0), blocks=blocks, hidden=32))
     x = jax.ShapeDtypeStruct((BATCH, *SHAPE), jnp.float32)
-    loss = lambda p, x_: jnp.sum(revnet_logits(p, x_, reversible=reversible) ** 2)
+    loss = lambda p, x_: jnp.sum(revnet_logits(p, x_, **options) ** 2)
     temp = compiled_memory(jax.grad(loss), params, x).temp_bytes
     return temp / (BATCH * math.prod(SHAPE))
 
@@ -43,11 +50,11 @@ def main(argv=None) -> None:
     rows = [
         {
             "blocks_per_stage": blocks,
-            "variant": "RevNet (reversible_scan)" if reversible else "ResNet-like twin (backprop)",
-            "bytes_per_input_pixel": bytes_per_pixel(blocks, reversible),
+            "variant": name,
+            "bytes_per_input_pixel": bytes_per_pixel(blocks, options),
         }
         for blocks in (2, 8, 32)
-        for reversible in (False, True)
+        for name, options in VARIANTS.items()
     ]
     for row in rows:
         print(row)

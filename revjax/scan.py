@@ -238,9 +238,25 @@ def _reversible_scan_fwd(block, every, check, params, x, key):
     return (y, aux), (params, y, anchors, aux, key)
 
 
-def _reversible_scan_bwd(block, every, check, residuals, cotangents):
-    params, y, anchors, aux, key = residuals
-    y_bar, _ = cotangents  # aux is returned under stop_gradient: its cotangent is zero
+def reverse_sweep(
+    block: Coupling,
+    params: PyTree,
+    y: PyTree,
+    y_bar: PyTree,
+    *,
+    key: Key | None = None,
+    anchors: PyTree | None = None,
+    every: int | None = None,
+    aux: PyTree | None = None,
+) -> tuple[PyTree, PyTree, PyTree]:
+    """RevBackprop over a whole stack: ``(x, x_bar, params_bar)`` from its output and cotangent.
+
+    Walks the layers in reverse, reconstructing each layer's input from its output while
+    pulling the cotangent back (restarting at ``anchors`` every ``every`` layers, handing each
+    layer its ``aux``). This is the backward pass of :func:`reversible_scan`; it also returns
+    the reconstructed input, so stacks can be chained (e.g. across the stages of a network)
+    under one ``custom_vjp`` that stores only the last output.
+    """
     step = reconstruct_and_vjp(block)
 
     def body(carry, inputs):
@@ -255,8 +271,17 @@ def _reversible_scan_bwd(block, every, check, residuals, cotangents):
         return (x_l, x_bar_l), p_bar
 
     depth = stack_depth(params)
-    (_, x_bar), params_bar = lax.scan(
+    (x, x_bar), params_bar = lax.scan(
         body, (y, y_bar), (params, jnp.arange(depth), aux), reverse=True
+    )
+    return x, x_bar, params_bar
+
+
+def _reversible_scan_bwd(block, every, check, residuals, cotangents):
+    params, y, anchors, aux, key = residuals
+    y_bar, _ = cotangents  # aux is returned under stop_gradient: its cotangent is zero
+    _, x_bar, params_bar = reverse_sweep(
+        block, params, y, y_bar, key=key, anchors=anchors, every=every, aux=aux
     )
     return params_bar, x_bar, None
 

@@ -14,6 +14,7 @@ non-reversible twin, plain backprop).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -22,7 +23,7 @@ from jax import lax
 
 from revjax.coupling import Coupling, additive_coupling
 from revjax.layers import batch_pool, squeeze
-from revjax.scan import inverse_scan, plain_scan, reversible_scan
+from revjax.scan import inverse_scan, plain_scan, reverse_sweep, reversible_scan
 
 PyTree = Any
 _SQUEEZE = squeeze()
@@ -109,17 +110,73 @@ def _downsampler(stage: int, downsample: str) -> Coupling:
     return _SQUEEZE if stage == 0 else _DOWNSAMPLE[downsample]
 
 
+def _split(x):
+    return tuple(jnp.split(x, 2, axis=-1))
+
+
+def _trunk_forward(downsample: str, params: dict[str, Any], x: jax.Array) -> jax.Array:
+    block = revnet_block()
+    for s, stage in enumerate(params["stages"]):
+        x = _downsampler(s, downsample).forward(None, x)
+        x = jnp.concatenate(plain_scan(block, stage, _split(x)), axis=-1)
+    return x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _reversible_trunk(downsample: str, params: dict[str, Any], x: jax.Array) -> jax.Array:
+    return _trunk_forward(downsample, params, x)
+
+
+def _reversible_trunk_fwd(downsample, params, x):
+    z = _trunk_forward(downsample, params, x)
+    return z, (params, z)  # only the trunk's output is stored
+
+
+def _reversible_trunk_bwd(downsample, residuals, z_bar):
+    params, z = residuals
+    block, stage_bars = revnet_block(), []
+    for s in reversed(range(len(params["stages"]))):
+        x, x_bar, p_bar = reverse_sweep(block, params["stages"][s], _split(z), _split(z_bar))
+        stage_bars.insert(0, p_bar)
+        down = _downsampler(s, downsample)
+        # Squeeze and batch pooling permute elements: their transpose is their inverse.
+        z = down.inverse(None, jnp.concatenate(x, axis=-1))
+        z_bar = down.inverse(None, jnp.concatenate(x_bar, axis=-1))
+    params_bar = {
+        **jax.tree.map(jnp.zeros_like, params),
+        "stages": type(params["stages"])(stage_bars),
+    }
+    return params_bar, z_bar
+
+
+_reversible_trunk.defvjp(_reversible_trunk_fwd, _reversible_trunk_bwd)
+
+
 def revnet_features(
-    params: dict[str, Any], x: jax.Array, *, reversible: bool = True, downsample: str = "squeeze"
+    params: dict[str, Any],
+    x: jax.Array,
+    *,
+    reversible: bool = True,
+    downsample: str = "squeeze",
+    across_stages: bool = False,
 ) -> jax.Array:
     """The invertible trunk: ``(N, H, W, C) -> (N, H / 2^S, W / 2^S, C 4^S)`` (squeeze), or
     ``(4^(S-1) N, H / 2^S, W / 2^S, 4 C)`` (batch pooling: example ``k N + n`` is a 2x2 phase
     of example ``n``).
 
+    ``across_stages=True`` (with ``reversible=True``) runs the whole trunk under one
+    ``custom_vjp`` that stores only its output and reconstructs through every stage and
+    downsampling in the backward pass (:func:`revjax.scan.reverse_sweep`), the fully invertible
+    variant; by default each stage's ``reversible_scan`` stores its own output.
+
     Raises:
       ValueError: H or W not divisible by ``2^stages``, or an unknown ``downsample``.
     """
     _check_downsample(downsample)
+    if across_stages:
+        if not reversible:
+            raise ValueError("revnet_features: across_stages=True needs reversible=True")
+        return _reversible_trunk(downsample, params, x)
     scan = reversible_scan if reversible else plain_scan
     block = revnet_block()
     for s, stage in enumerate(params["stages"]):
@@ -143,11 +200,18 @@ def revnet_features_inverse(
 
 
 def revnet_logits(
-    params: dict[str, Any], x: jax.Array, *, reversible: bool = True, downsample: str = "squeeze"
+    params: dict[str, Any],
+    x: jax.Array,
+    *,
+    reversible: bool = True,
+    downsample: str = "squeeze",
+    across_stages: bool = False,
 ) -> jax.Array:
     """Class logits: global average pool of :func:`revnet_features` (over space and, with
     batch pooling, over each example's phases), then a linear head."""
-    features = revnet_features(params, x, reversible=reversible, downsample=downsample)
+    features = revnet_features(
+        params, x, reversible=reversible, downsample=downsample, across_stages=across_stages
+    )
     features = features.reshape(-1, x.shape[0], *features.shape[1:])  # (phases, N, h, w, C)
     pooled = jnp.mean(features, axis=(0, 2, 3))
     return pooled @ params["head"]["w"] + params["head"]["b"]
