@@ -31,7 +31,8 @@ def relative_error(approx: PyTree, reference: PyTree) -> jax.Array:
     have the same structure and shapes. Both are divided by the largest magnitude in
     ``reference`` before squaring, so huge gradients (|g| > 1e19, whose squares overflow
     float32) still give a finite answer. Returns ``inf`` when the reference is zero and the
-    approximation is not, 0 when both are zero, and NaN when either holds a NaN or inf.
+    approximation is not, 0 when both are zero, and NaN when either holds a NaN or inf (never a
+    misleading 0).
     """
     a, r = jax.tree.leaves(approx), jax.tree.leaves(reference)
     if jax.tree.structure(approx) != jax.tree.structure(reference):
@@ -44,9 +45,13 @@ def relative_error(approx: PyTree, reference: PyTree) -> jax.Array:
     scale = jnp.where(scale > 0, scale, 1.0)
     diff = sum(jnp.sum(jnp.square((f32(x) - f32(y)) / scale)) for x, y in zip(a, r, strict=True))
     norm = sum(jnp.sum(jnp.square(f32(y) / scale)) for y in r)
-    return jnp.where(
+    finite = functools.reduce(
+        jnp.logical_and, [jnp.all(jnp.isfinite(f32(v))) for v in [*a, *r]], jnp.bool_(True)
+    )
+    error = jnp.where(
         norm > 0, jnp.sqrt(diff / jnp.where(norm > 0, norm, 1.0)), jnp.where(diff > 0, jnp.inf, 0.0)
     )
+    return jnp.where(finite, error, jnp.nan)
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:

@@ -4,7 +4,9 @@ After Hascoet, Febvre, Ariki & Takiguchi, "Reversible designs for extreme memory
 of CNN training", and i-RevNet (Jacobsen, Smeulders & Oyallon 2018). Each layer is a
 ``Coupling(forward, inverse, log_det=...)`` acting on one array ``x`` with channels last
 (``(..., C)``; images ``(N, H, W, C)``), usable in :func:`revjax.sequence`, and, when it keeps
-the shape, in :func:`revjax.reversible_scan` with params stacked over layers. ``log_det`` is
+the shape, in :func:`revjax.reversible_scan` with params stacked over layers (a scan needs at
+least one parameterised layer to count the layers: put parameter-free ones in a ``sequence``
+with one). Exact mode (:mod:`revjax.precision`) accepts only the permutations here. ``log_det`` is
 ``log|det dy/dx|`` summed over the whole array, as everywhere in revjax.
 
 Reconstruction error: a layer-wise inverse multiplies round-off by the inverse's gain, e.g. the
@@ -30,14 +32,32 @@ from revjax.scan import reversible_scan
 PyTree = Any
 
 
-def _no_branches(layer):
-    # No residual branches: a precision policy has nothing to reach inside.
-    return lambda wrap: layer
+def _no_branches(layer: Coupling, kind: str):
+    """``map_branches`` of a layer without residual branches: nothing to wrap, but the wrapper
+    is shown the layer's ``kind`` ("layerwise" or "permutation") so a policy can refuse it
+    (exact mode accepts permutations only: a scale or nonlinearity leaves the grid)."""
+
+    def map_branches(wrap):
+        wrap(None, kind)
+        return layer
+
+    return map_branches
 
 
-def _layer(forward, inverse, log_det) -> Coupling:
-    layer = Coupling(forward, inverse, log_det=log_det)
-    return layer._replace(map_branches=_no_branches(layer))
+def _zero_log_det(params, x, key=None):
+    return jnp.zeros((), jnp.float32)
+
+
+def _layer(forward, inverse, log_det, kind: str = "layerwise", aux=None) -> Coupling:
+    layer = Coupling(forward, inverse, log_det=log_det, aux=aux)
+    return layer._replace(map_branches=_no_branches(layer, kind))
+
+
+def _check_permutation(permutation: Any, where: str) -> np.ndarray:
+    perm = np.asarray(permutation)
+    if perm.ndim != 1 or sorted(perm.tolist()) != list(range(perm.size)):
+        raise ValueError(f"{where}: {permutation!r} is not a permutation of 0..C-1")
+    return perm
 
 
 def leaky_relu(slope: float = 0.1) -> Coupling:
@@ -105,8 +125,8 @@ def init_actnorm(x: jax.Array, eps: float = 1e-6) -> dict[str, jax.Array]:
 
 def _batch_moments(x: jax.Array, eps: float) -> dict[str, jax.Array]:
     axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x, axis=axes)
-    return {"mean": mean, "std": jnp.sqrt(jnp.var(x, axis=axes) + eps)}
+    var = jnp.var(x, axis=axes)
+    return {"mean": jnp.mean(x, axis=axes), "var": var, "std": jnp.sqrt(var + eps)}
 
 
 def _bn_scale(gamma: jax.Array, scale_eps: float) -> jax.Array:
@@ -153,20 +173,16 @@ def batch_norm(eps: float = 1e-5, scale_eps: float = 1e-2) -> Coupling:
         per_pixel = jnp.log(_bn_scale(params["gamma"], scale_eps)) - jnp.log(moments["std"])
         return _pixels(x) * jnp.sum(per_pixel).astype(jnp.float32)
 
-    layer = Coupling(forward, inverse, log_det=log_det, aux=side)
-    return layer._replace(map_branches=_no_branches(layer))
+    return _layer(forward, inverse, log_det, aux=side)
 
 
 def update_running_stats(
     running: dict[str, jax.Array], batch: dict[str, jax.Array], momentum: float = 0.9
 ) -> dict[str, jax.Array]:
     """``momentum * running + (1 - momentum) * batch`` for ``mean`` and ``var`` (``batch`` as
-    returned in ``aux`` by :func:`batch_norm`, with ``std``; leaves may be stacked over layers).
-    Call it once per training step."""
-    return {
-        "mean": momentum * running["mean"] + (1 - momentum) * batch["mean"],
-        "var": momentum * running["var"] + (1 - momentum) * jnp.square(batch["std"]),
-    }
+    returned in ``aux`` by :func:`batch_norm`: the biased batch variance, without ``eps``;
+    leaves may be stacked over layers). Call it once per training step."""
+    return {key: momentum * running[key] + (1 - momentum) * batch[key] for key in ("mean", "var")}
 
 
 def batch_norm_inference(eps: float = 1e-5, scale_eps: float = 1e-2) -> Coupling:
@@ -193,9 +209,7 @@ def batch_norm_inference(eps: float = 1e-5, scale_eps: float = 1e-2) -> Coupling
 
 def permute(permutation: Any) -> Coupling:
     """A fixed channel permutation ``y[..., i] = x[..., permutation[i]]``; params ``None``."""
-    perm = np.asarray(permutation)
-    if perm.ndim != 1 or sorted(perm.tolist()) != list(range(perm.size)):
-        raise ValueError(f"layers.permute: {permutation!r} is not a permutation of 0..C-1")
+    perm = _check_permutation(permutation, "layers.permute")
     inv = np.argsort(perm)
 
     def forward(params, x, key=None):
@@ -206,7 +220,7 @@ def permute(permutation: Any) -> Coupling:
         _channels(y, perm.size, "permute")
         return y[..., inv]
 
-    return _layer(forward, inverse, lambda params, x, key=None: jnp.zeros((), jnp.float32))
+    return _layer(forward, inverse, _zero_log_det, kind="permutation")
 
 
 def conv1x1(permutation: Any = None) -> Coupling:
@@ -219,7 +233,7 @@ def conv1x1(permutation: Any = None) -> Coupling:
     ``W`` is invertible for every parameter value, the inverse is two triangular solves and
     ``log_det = (number of pixels) * sum(log_scale)``.
     """
-    perm = None if permutation is None else np.asarray(permutation)
+    perm = None if permutation is None else _check_permutation(permutation, "layers.conv1x1")
 
     def factors(params):
         c = params["log_scale"].shape[-1]
@@ -292,7 +306,7 @@ def squeeze() -> Coupling:
             raise ValueError(f"squeeze.inverse: expects (N, H, W, 4C), got shape {y.shape}")
         return _merge_2x2(y.reshape(*y.shape[:3], 4, y.shape[-1] // 4))
 
-    return _layer(forward, inverse, lambda params, x, key=None: jnp.zeros((), jnp.float32))
+    return _layer(forward, inverse, _zero_log_det, kind="permutation")
 
 
 def batch_pool() -> Coupling:
@@ -311,7 +325,7 @@ def batch_pool() -> Coupling:
         phases = jnp.moveaxis(y.reshape(4, y.shape[0] // 4, *y.shape[1:]), 0, 3)
         return _merge_2x2(phases)
 
-    return _layer(forward, inverse, lambda params, x, key=None: jnp.zeros((), jnp.float32))
+    return _layer(forward, inverse, _zero_log_det, kind="permutation")
 
 
 def layerwise_branch(block: Coupling) -> Callable[..., jax.Array]:

@@ -25,8 +25,10 @@ point, so ``(x1 + q(d)) - q(d) == x1`` bit for bit: reconstruction is exact at a
 gradient of :func:`revjax.reversible_scan` equals plain backprop of the same (quantised) network
 exactly. Leaving the range would silently break exactness, so the forward pass checks every
 layer's output and raises ``OverflowError`` naming the first offending layer (one host check per
-scan, not per layer). Exact mode needs additive couplings (a scale ``exp(s)`` leaves the grid)
-and a float32/float64 stream.
+scan, not per layer). Only each layer's output is checked: inside a ``sequence`` block an
+intermediate stream that leaves the range and comes back is not caught. Exact mode needs
+additive couplings and permutations (a scale ``exp(s)`` leaves the grid) and a float32/float64
+stream.
 
 ``apply_policy`` rewrites a :class:`revjax.Coupling`; ``reversible_scan``, ``plain_scan``,
 ``inverse_scan`` and the diagnostics take ``policy=`` and apply it for you.
@@ -57,7 +59,8 @@ _PRECISION_NAMES = (
     "bfloat16",
     "tensorfloat32",
     "float32",
-    *lax.DotAlgorithmPreset.__members__,
+    # DEFAULT is a preset name jax.default_matmul_precision does not accept.
+    *(name for name in lax.DotAlgorithmPreset.__members__ if name != "DEFAULT"),
 )
 
 
@@ -87,8 +90,8 @@ class Policy:
     Attributes:
       compute_dtype: dtype f and g compute in, or None to leave their inputs as they are.
       stream_dtype: dtype of the residual stream. None resolves to float32 when
-        ``compute_dtype`` is bfloat16/float16 or in exact mode, to ``compute_dtype`` when that is
-        32/64-bit, and otherwise to the input stream's own dtype.
+        ``compute_dtype`` is bfloat16/float16, or in exact mode without a compute dtype; to
+        ``compute_dtype`` when that is 32/64-bit; and otherwise to the input stream's own dtype.
       matmul_precision: a ``jax.default_matmul_precision`` name (``"default"``, ``"high"``,
         ``"highest"``, ``"float32"``, ... or a ``lax.DotAlgorithmPreset`` name), or None to
         inherit the caller's.
@@ -276,11 +279,13 @@ def to_stream(x: PyTree, policy: Policy | None) -> PyTree:
 
 def _branch_wrapper(policy: Policy) -> Callable[[Callable, str], Callable]:
     def wrap(fn, kind):
-        if policy.exact and kind != "additive":
+        if policy.exact and kind not in ("additive", "permutation"):
             raise ValueError(
-                f"exact mode needs additive couplings; an {kind} coupling multiplies the stream "
-                "by exp(s), which leaves the fixed-point grid"
+                f"exact mode needs additive couplings (and permutations); an {kind} block scales "
+                "or bends the stream, which leaves the fixed-point grid"
             )
+        if fn is None:  # a layer without branches, shown to the policy for the check above
+            return None
 
         def branch(p, h, *key):
             if policy.compute_dtype is not None:
@@ -337,11 +342,14 @@ def apply_policy(block: Coupling, policy: Policy | None) -> Coupling:
         block = block.map_branches(_branch_wrapper(policy))
     if policy.matmul_precision is not None:
         under = lambda fn: _under_matmul_precision(fn, policy.matmul_precision)
-        block = Coupling(
-            under(block.forward),
-            under(block.inverse),
-            under(block.backward),
-            under(block.log_det),
+        # map_branches is dropped: rebuilding the branches would lose this wrapper.
+        block = block._replace(
+            forward=under(block.forward),
+            inverse=under(block.inverse),
+            backward=under(block.backward),
+            log_det=under(block.log_det),
             vijp_step=under(block.vijp_step),
+            aux=under(block.aux),
+            map_branches=None,
         )
     return block

@@ -256,7 +256,12 @@ def reverse_sweep(
     layer its ``aux``). This is the backward pass of :func:`reversible_scan`; it also returns
     the reconstructed input, so stacks can be chained (e.g. across the stages of a network)
     under one ``custom_vjp`` that stores only the last output.
+
+    Raises:
+      ValueError: ``anchors`` without ``every``.
     """
+    if anchors is not None and every is None:
+        raise ValueError("reverse_sweep: anchors need their interval every=")
     step = reconstruct_and_vjp(block)
 
     def body(carry, inputs):

@@ -22,6 +22,9 @@ def test_relative_error_of_huge_values_does_not_overflow():
     approx = {"a": jnp.array([3e30, 1e30]), "b": jnp.array([4e30])}
     assert float(relative_error(approx, ref)) == pytest.approx(1.0 / 5.0, rel=1e-6)
     assert np.isnan(float(relative_error(jnp.array([jnp.nan, 1.0]), jnp.ones(2))))
+    # A non-finite reference is never reported as agreement.
+    assert np.isnan(float(relative_error(jnp.ones(1), jnp.array([jnp.nan]))))
+    assert np.isnan(float(relative_error(jnp.array([jnp.inf]), jnp.ones(1))))
 
 
 def test_relative_error_zero_reference():

@@ -120,6 +120,8 @@ def test_bad_shapes_and_permutations_are_rejected():
         layers.batch_pool().forward(None, jnp.ones((4, 4, 2)))
     with pytest.raises(ValueError, match="not a permutation"):
         layers.permute([0, 0, 1])
+    with pytest.raises(ValueError, match=r"layers.conv1x1: .* not a permutation"):
+        layers.conv1x1([0, 0, 1])
     with pytest.raises(ValueError, match=r"conv1x1: expected 3 channels"):
         layers.conv1x1().forward(layers.init_conv1x1(jax.random.key(0), 3), jnp.ones((2, 4)))
 
@@ -234,7 +236,7 @@ def test_batch_norm_log_det_is_that_of_the_fixed_statistics_map():
     bn, frozen = layers.batch_norm(), layers.batch_norm_inference()
     params, x = bn_params(0, 3), image(1, 2, 2, 2, 3)
     moments = bn.aux(params, x)
-    fixed = {**params, "mean": moments["mean"], "var": jnp.square(moments["std"]) - 1e-5}
+    fixed = {**params, "mean": moments["mean"], "var": moments["var"]}
     np.testing.assert_allclose(frozen.forward(fixed, x), bn.forward(params, x), atol=1e-5)
     flat = lambda v: frozen.forward(fixed, v.reshape(x.shape)).reshape(-1)
     _, logdet = jnp.linalg.slogdet(jax.jacfwd(flat)(x.reshape(-1)))
@@ -287,14 +289,45 @@ def test_running_statistics_update_once_per_step():
 
     _, after_one = step(params, running, x)
     _, batch = plain_scan(block, params, x, return_aux=True)
-    expected = {
-        "mean": 0.1 * batch[0]["mean"],
-        "var": 0.9 + 0.1 * jnp.square(batch[0]["std"]),
-    }
+    expected = {"mean": 0.1 * batch[0]["mean"], "var": 0.9 + 0.1 * batch[0]["var"]}
     assert float(relative_error(after_one, expected)) <= 1e-6
     _, after_two = step(params, after_one, x)
     expected_two = layers.update_running_stats(expected, batch[0], momentum=0.9)
     assert float(relative_error(after_two, expected_two)) <= 1e-6
+
+
+def test_inference_batch_norm_with_the_batch_statistics_equals_training_mode():
+    """Running statistics hold the variance without eps, so inference adds eps once."""
+    bn, frozen = layers.batch_norm(eps=0.1), layers.batch_norm_inference(eps=0.1)
+    params, x = bn_params(0, 3), image(1, 4, 2, 2, 3)
+    stats = layers.update_running_stats(
+        {"mean": jnp.zeros(3), "var": jnp.ones(3)}, bn.aux(params, x), momentum=0.0
+    )
+    np.testing.assert_allclose(
+        frozen.forward({**params, **stats}, x), bn.forward(params, x), atol=1e-6
+    )
+
+
+def test_exact_mode_accepts_permutations_and_refuses_scaling_layers():
+    from revjax.precision import apply_policy, exact_policy
+
+    apply_policy(rj.sequence(layers.permute([1, 0]), layers.squeeze()), exact_policy())
+    for layer in (layers.actnorm(), layers.leaky_relu(), layers.conv1x1(), layers.batch_norm()):
+        with pytest.raises(ValueError, match="exact mode needs additive couplings"):
+            apply_policy(layer, exact_policy())
+
+
+def test_matmul_precision_policy_keeps_batch_norm_side_information():
+    from revjax.precision import Policy
+
+    block, params, x = bn_stack()
+    policy = Policy(matmul_precision="highest")
+    loss = lambda p: jnp.sum(jnp.tanh(rj.reversible_scan(block, p, x, policy=policy)))
+    g = jax.grad(loss)(params)
+    g_ref = jax.grad(lambda p: jnp.sum(jnp.tanh(plain_scan(block, p, x))))(params)
+    assert float(relative_error(g, g_ref)) <= 1e-5
+    _, aux = rj.reversible_scan(block, params, x, policy=policy, return_aux=True)
+    assert aux[0] is not None
 
 
 def test_batch_norm_rejects_bad_settings():

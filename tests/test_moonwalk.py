@@ -228,6 +228,11 @@ def test_mixed_moonwalk_memory_on_a_deep_submersive_mlp():
 # --- bad input ---------------------------------------------------------------------------------
 
 
+def test_blocks_with_side_information_are_rejected():
+    with pytest.raises(TypeError, match="needs side information"):
+        mw.from_coupling(rj.layers.batch_norm(), name="bn")
+
+
 def test_width_increasing_linear_is_rejected():
     with pytest.raises(ValueError, match=r"submersive_linear\('up'\): maps width 4 to 8"):
         mw.init_submersive_linear(jax.random.key(0), 4, 8, name="up")

@@ -67,6 +67,7 @@ def test_policy_default_stream(kwargs, stream):
         ),
         ({"stream_dtype": jnp.float64}, ValueError, "jax_enable_x64"),
         ({"matmul_precision": "fastest"}, ValueError, "not a jax.default_matmul_precision"),
+        ({"matmul_precision": "DEFAULT"}, ValueError, "not a jax.default_matmul_precision"),
         ({"fraction_bits": 8, "stream_dtype": jnp.bfloat16}, ValueError, "float32 or float64"),
         ({"fraction_bits": 24}, ValueError, r"in \[0, 23\]"),
         ({"fraction_bits": -1}, ValueError, r"in \[0, 23\]"),

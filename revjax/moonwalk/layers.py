@@ -81,6 +81,11 @@ def from_coupling(block: Coupling, name: str = "coupling") -> Layer:
     """
     if not isinstance(block, Coupling):
         raise TypeError(f"from_coupling({name!r}): expected a revjax.Coupling, got {block!r}")
+    if block.aux is not None:
+        raise TypeError(
+            f"from_coupling({name!r}): the block needs side information from the forward pass "
+            "(e.g. batch norm's batch statistics), which a Moonwalk sweep does not carry"
+        )
 
     def generic_step(params, x, x_bar):
         y, forward_pullback = jax.vjp(block.forward, params, x)
