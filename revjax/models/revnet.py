@@ -114,11 +114,14 @@ def _split(x):
     return tuple(jnp.split(x, 2, axis=-1))
 
 
-def _trunk_forward(downsample: str, params: dict[str, Any], x: jax.Array) -> jax.Array:
+def _trunk_forward(
+    downsample: str, params: dict[str, Any], x: jax.Array, scan=plain_scan
+) -> jax.Array:
+    """Downsample, then ``scan`` the stage's couplings over the channel halves, per stage."""
     block = revnet_block()
     for s, stage in enumerate(params["stages"]):
         x = _downsampler(s, downsample).forward(None, x)
-        x = jnp.concatenate(plain_scan(block, stage, _split(x)), axis=-1)
+        x = jnp.concatenate(scan(block, stage, _split(x)), axis=-1)
     return x
 
 
@@ -177,14 +180,7 @@ def revnet_features(
         if not reversible:
             raise ValueError("revnet_features: across_stages=True needs reversible=True")
         return _reversible_trunk(downsample, params, x)
-    scan = reversible_scan if reversible else plain_scan
-    block = revnet_block()
-    for s, stage in enumerate(params["stages"]):
-        x = _downsampler(s, downsample).forward(None, x)
-        x1, x2 = jnp.split(x, 2, axis=-1)
-        x1, x2 = scan(block, stage, (x1, x2))
-        x = jnp.concatenate([x1, x2], axis=-1)
-    return x
+    return _trunk_forward(downsample, params, x, reversible_scan if reversible else plain_scan)
 
 
 def revnet_features_inverse(
