@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,6 +38,28 @@ VARIANTS = {
 def inputs():
     params = init_mlp(jax.random.key(0), DEPTH, WIDTH, HIDDEN)
     return params, jax.random.normal(jax.random.key(1), (BATCH, WIDTH))
+
+
+def derivative_recovery() -> list[dict]:
+    """Max |f'(recovered x) - f'(x)| on the test grid (400001 points over [-20, 20]), away from
+    the minimum (|x - x_min| > 0.1) and everywhere, per function and dtype."""
+    grid = jnp.linspace(-20.0, 20.0, 400_001, dtype=jnp.float32)
+    out = []
+    for fn, x_min in activations.MINIMA.items():
+        for dtype in (jnp.float32, jnp.bfloat16):
+            x = grid.astype(dtype)
+            error = activations.derivative_error(fn, x)
+            far = jnp.abs(x.astype(jnp.float32) - x_min) > 0.1
+            out.append(
+                {
+                    "function": fn,
+                    "dtype": jnp.dtype(dtype).name,
+                    "max_error_far_from_minimum": float(jnp.max(jnp.where(far, error, 0.0))),
+                    "max_error": float(jnp.max(error)),
+                }
+            )
+            print(out[-1], flush=True)
+    return out
 
 
 def main(argv=None) -> None:
@@ -62,6 +85,7 @@ def main(argv=None) -> None:
         "env": env,
         "config": {"depth": DEPTH, "width": WIDTH, "hidden": HIDDEN, "batch": BATCH},
         "rows": rows,
+        "derivative_recovery": derivative_recovery(),
     }
     path = write_json(f"activations_{env['backend']}.json", payload, args.out)
     print(f"wrote {path}")
