@@ -29,6 +29,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_activations.py
 	$(BIN)/python benchmarks/bench_revnet.py
 	$(BIN)/python benchmarks/bench_moonwalk.py --size cpu
+	$(BIN)/python benchmarks/train_lm.py
+	$(BIN)/python benchmarks/bench_transformer.py --size cpu
 	$(BIN)/python benchmarks/report.py
 
 clean:

@@ -127,12 +127,83 @@ def render_moonwalk(payload: dict, filename: str) -> str:
     return text
 
 
+def render_train_lm(payload: dict, filename: str) -> str:
+    cfg, env, runs = payload["config"], payload["env"], payload["runs"]
+    rev, twin = runs["reversible"], runs["backprop"]
+    rows = [
+        {
+            "step": step,
+            "rev_train": rev["train_loss"][i],
+            "twin_train": twin["train_loss"][i],
+            "rev_eval": rev["eval_loss"][i],
+            "twin_eval": twin["eval_loss"][i],
+        }
+        for i, step in enumerate(rev["steps"])
+    ]
+    table = format_table(
+        rows,
+        [
+            ("step", "step", "d"),
+            ("rev_train", "train loss, reversible", ".4f"),
+            ("twin_train", "train loss, twin", ".4f"),
+            ("rev_eval", "eval loss, reversible", ".4f"),
+            ("twin_eval", "eval loss, twin", ".4f"),
+        ],
+    )
+    gap = payload["max_relative_gap"]
+    return (
+        f"Byte-level LM on {payload['corpus_bytes']['train']} bytes of the Python standard "
+        f"library's source: depth {cfg['depth']}, width {cfg['dim']}, {cfg['heads']} heads, "
+        f"context {cfg['seq_len']}, batch {cfg['batch']}, dropout {cfg['dropout']}, AdamW "
+        f"(lr {cfg['lr']}), float32, seed "
+        f"{cfg['seed']}. Losses in nats per byte; eval on {cfg['eval_batches']} held-out "
+        f"batches. Measured on {_where(env)} by `benchmarks/train_lm.py` "
+        f"(`benchmarks/results/{filename}`).\n\n{table}\n\n"
+        f"Largest relative gap between the curves: {gap['train_loss']:.1e} (train), "
+        f"{gap['eval_loss']:.1e} (eval). Unigram entropy of the held-out bytes: "
+        f"{payload['unigram_entropy_valid']:.4f} nats."
+    )
+
+
+def render_transformer(payload: dict, filename: str) -> str:
+    cfg, env = payload["config"], payload["env"]
+    columns = [
+        ("method", "method", "s"),
+        ("depth", "L", "d"),
+        ("temp_mib", "train-step temp MiB", ".1f"),
+        ("total_mib", "total MiB (args + outputs - donated + temp)", ".1f"),
+    ]
+    if any("tokens_per_s" in r for r in payload["rows"]):
+        columns += [("tokens_per_s", "tokens/s", ".0f"), ("peak_gib", "peak GiB", ".2f")]
+    rows = [
+        r
+        | {"temp_mib": r["temp"] / 2**20, "total_mib": r["total"] / 2**20}
+        | ({"peak_gib": r["peak_bytes"] / 2**30} if r.get("peak_bytes") else {})
+        for r in payload["rows"]
+    ]
+    cap = cfg["max_depth"]
+    deepest = ", ".join(
+        f"{m} {'>= ' if d >= cap else ''}{d}" for m, d in payload["deepest_depth"].items()
+    )
+    return (
+        f"One AdamW training step of the reversible transformer, width {cfg['dim']}, "
+        f"{cfg['heads']} heads, sequence {cfg['seq']}, batch {cfg['batch']}, float32. Measured "
+        f"on {_where(env)} by `benchmarks/bench_transformer.py --size {payload['size']}` "
+        f"(`benchmarks/results/{filename}`).\n\n{format_table(rows, columns)}\n\n"
+        f"Deepest model whose compiled training step (state donated) fits in "
+        f"{payload['budget_bytes'] / 2**30:.1f} GiB, searched up to {cap}: {deepest} blocks."
+    )
+
+
 RENDERERS = {
     "scan": ("scan_gpu_gpu.json", render_scan),
     "scan_bf16": ("scan_gpu_gpu_bfloat16.json", render_scan),
     "numerics_depth_cpu": ("numerics_depth_cpu_cpu.json", render_numerics_depth),
     "numerics_depth_gpu": ("numerics_depth_gpu_gpu.json", render_numerics_depth),
     "moonwalk_cpu": ("moonwalk_cpu_cpu.json", render_moonwalk),
+    "train_lm": ("train_lm_cpu.json", render_train_lm),
+    "transformer_cpu": ("transformer_cpu_cpu.json", render_transformer),
+    "transformer_gpu": ("transformer_gpu_gpu.json", render_transformer),
 }
 
 

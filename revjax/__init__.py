@@ -1,6 +1,6 @@
 """revjax: memory-efficient training in JAX through invertibility."""
 
-from revjax import activations, diagnostics, layers, memory, moonwalk, precision
+from revjax import activations, diagnostics, layers, memory, moonwalk, nnx, precision
 from revjax.coupling import Coupling, additive_coupling, affine_coupling, sequence, swap
 from revjax.scan import inverse_scan, reversible_scan
 
@@ -16,6 +16,7 @@ __all__ = [
     "layers",
     "memory",
     "moonwalk",
+    "nnx",
     "precision",
     "reversible_scan",
     "sequence",

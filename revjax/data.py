@@ -39,3 +39,72 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Split:
     mean, std = x[train].mean(0), np.maximum(x[train].std(0), 1e-3)
     standardise = lambda a: ((a - mean) / std).astype(np.float32)
     return Split(standardise(x[train]), y[train], standardise(x[test]), y[test])
+
+
+class TextSplit(NamedTuple):
+    """A byte-level corpus split into training and validation parts (uint8 arrays)."""
+
+    train: np.ndarray
+    valid: np.ndarray
+
+
+def load_stdlib_text(
+    max_bytes: int = 2_000_000,
+    valid_fraction: float = 0.1,
+    modules: tuple[str, ...] = (),
+    block_bytes: int = 4096,
+) -> TextSplit:
+    """A byte-level text corpus from the Python standard library's own ``.py`` source files.
+
+    Files of the top-level stdlib directory (``Lib/``, without subpackages or tests) are read in
+    sorted name order and concatenated (each followed by a newline) until ``max_bytes``. The
+    bytes are cut into blocks of ``block_bytes``; every ``round(1 / valid_fraction)``-th block
+    is validation data (so the fraction is ``1 / round(1 / valid_fraction)``, e.g. 1/3 for
+    0.3), the rest training data: disjoint, from the same mix of files, both non-empty.
+    ``modules`` restricts the corpus to the named modules (e.g. ``("typing", "argparse")``).
+    The result depends only on the Python version, not on the machine.
+    """
+    import sysconfig
+    from pathlib import Path
+
+    if not 0.0 < valid_fraction <= 0.5:
+        raise ValueError(
+            f"load_stdlib_text: valid_fraction must be in (0, 0.5], got {valid_fraction}"
+        )
+    if max_bytes < 1000:
+        raise ValueError(f"load_stdlib_text: max_bytes must be >= 1000, got {max_bytes}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(root.glob("*.py"))
+    if modules:
+        files = [p for p in files if p.stem in modules]
+        missing = sorted(set(modules) - {p.stem for p in files})
+        if missing:
+            raise ValueError(f"load_stdlib_text: no stdlib modules named {missing} in {root}")
+    chunks, total = [], 0
+    for path in files:
+        data = path.read_bytes() + b"\n"
+        chunks.append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    corpus = np.frombuffer(b"".join(chunks)[:max_bytes], dtype=np.uint8)
+    # Interleaved blocks, so both parts sample the same mix of files.
+    every = round(1 / valid_fraction)
+    is_valid = (np.arange(len(corpus)) // block_bytes) % every == every - 1
+    if not is_valid.any():
+        raise ValueError(
+            f"load_stdlib_text: {len(corpus)} bytes make fewer than {every} blocks of "
+            f"{block_bytes}, so the validation part would be empty; raise max_bytes or lower "
+            "block_bytes"
+        )
+    return TextSplit(corpus[~is_valid].copy(), corpus[is_valid].copy())
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int = 256) -> float:
+    """Entropy ``-sum_b p_b log p_b`` (nats) of the empirical distribution of ``tokens``: the
+    loss of the best model that ignores context."""
+    if np.size(tokens) == 0:
+        raise ValueError("unigram_entropy: no tokens")
+    counts = np.bincount(np.asarray(tokens).ravel(), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

@@ -19,3 +19,28 @@ def test_digits_split_is_disjoint_standardised_and_seeded():
 def test_bad_fraction():
     with pytest.raises(ValueError, match="test_fraction"):
         load_digits(test_fraction=1.5)
+
+
+def test_stdlib_text_is_disjoint_interleaved_and_bounded():
+    from revjax.data import load_stdlib_text, unigram_entropy
+
+    split = load_stdlib_text(100_000, valid_fraction=0.1, block_bytes=1000)
+    assert split.train.dtype == np.uint8
+    assert len(split.train) + len(split.valid) == 100_000
+    assert len(split.valid) == 10_000  # every 10th block of 1000 bytes
+    assert b"def " in split.train.tobytes() and b"def " in split.valid.tobytes()
+    # Bytes of text: an entropy between that of a constant (0) and uniform bytes (log 256).
+    assert 2.0 < unigram_entropy(split.train) < np.log(256)
+    assert unigram_entropy(np.zeros(10, np.uint8)) == 0.0
+    only = load_stdlib_text(5_000, modules=("typing",), block_bytes=100)
+    assert b"TypeVar" in only.train.tobytes() + only.valid.tobytes()
+    with pytest.raises(ValueError, match="no stdlib modules named"):
+        load_stdlib_text(5_000, modules=("no_such_module",))
+    with pytest.raises(ValueError, match="valid_fraction"):
+        load_stdlib_text(5_000, valid_fraction=0.0)
+    with pytest.raises(ValueError, match="valid_fraction"):
+        load_stdlib_text(5_000, valid_fraction=0.9)  # would leave no training data
+    with pytest.raises(ValueError, match="validation part would be empty"):
+        load_stdlib_text(5_000, block_bytes=4096)
+    with pytest.raises(ValueError, match="no tokens"):
+        unigram_entropy(np.zeros(0, np.uint8))

@@ -1,0 +1,182 @@
+"""Training loop of the byte-level language model (:mod:`revjax.models.transformer`).
+
+Pure pieces (batch sampling, the jitted train and eval steps) plus :func:`train_lm`, which
+trains one model with optax AdamW and logs train and validation loss. Batches depend only on
+``(seed, step)``, so a run resumed from a checkpoint sees exactly the batches it would have seen,
+and two runs with different ``method`` (reversible vs its twin) see identical data and keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from revjax.data import TextSplit
+from revjax.models.transformer import ReversibleTransformer, next_token_loss
+from revjax.nnx import Method, restore_state, save_state
+
+VOCAB_SIZE = 256  # bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """Model and optimisation settings of a language-model run."""
+
+    depth: int = 4
+    dim: int = 64
+    heads: int = 4
+    seq_len: int = 64
+    batch: int = 32
+    steps: int = 300
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup: int = 20
+    dropout: float = 0.1
+    eval_every: int = 25
+    eval_batches: int = 4
+    seed: int = 0
+
+
+class History(NamedTuple):
+    """Logged losses (nats per byte) at ``steps``; ``train_loss`` is the loss of that step's
+    batch, ``eval_loss`` the mean over the fixed validation batches."""
+
+    steps: list[int]
+    train_loss: list[float]
+    eval_loss: list[float]
+    seconds: float
+
+
+def sample_batch(corpus: np.ndarray, batch: int, length: int, seed: int, step: int) -> np.ndarray:
+    """``batch`` windows of ``length + 1`` consecutive bytes at offsets drawn from
+    ``(seed, step)``: int32 ``(batch, length + 1)``."""
+    if len(corpus) <= length + 1:
+        raise ValueError(
+            f"sample_batch: corpus of {len(corpus)} bytes is shorter than {length + 2}"
+        )
+    starts = np.random.default_rng((seed, step)).integers(0, len(corpus) - length - 1, batch)
+    return np.stack([corpus[s : s + length + 1] for s in starts]).astype(np.int32)
+
+
+def make_model(config: LMConfig, method: Method = "reversible") -> ReversibleTransformer:
+    """The model of ``config``; the same seed gives the same parameters for every method."""
+    return ReversibleTransformer(
+        VOCAB_SIZE,
+        config.dim,
+        config.depth,
+        config.heads,
+        config.seq_len,
+        dropout=config.dropout,
+        method=method,
+        rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
+    )
+
+
+def make_optimizer(model: ReversibleTransformer, config: LMConfig) -> nnx.Optimizer:
+    """AdamW with linear warm-up to ``lr`` then cosine decay to 0 at ``steps``."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.lr, config.warmup, max(config.steps, config.warmup + 1)
+    )
+    tx = optax.adamw(schedule, weight_decay=config.weight_decay)
+    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def functional_train_step(
+    model: ReversibleTransformer, optimizer: nnx.Optimizer
+) -> tuple[Callable[..., tuple[jax.Array, nnx.State]], nnx.State]:
+    """The training step as a pure function of the split state, for ``jax.jit`` with donation
+    and for compiled-memory analysis: ``(step, state)`` with ``state = nnx.state((model,
+    optimizer))`` and ``step(state, tokens, key=None) -> (loss, new_state)``."""
+    graphdef, state = nnx.split((model, optimizer))
+
+    def step(state: nnx.State, tokens: jax.Array, key: jax.Array | None = None):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(next_token_loss)(model, tokens, key)
+        optimizer.update(model, grads)
+        return loss, nnx.state((model, optimizer))
+
+    return step, state
+
+
+@nnx.jit
+def train_step(model, optimizer, tokens, key):
+    """One AdamW step on ``tokens (B, T + 1)``; returns the batch loss before the update."""
+    loss, grads = nnx.value_and_grad(next_token_loss)(model, tokens, key)
+    optimizer.update(model, grads)
+    return loss
+
+
+@nnx.jit
+def eval_step(model, tokens):
+    return next_token_loss(model, tokens)
+
+
+def evaluate(model: ReversibleTransformer, batches: list[np.ndarray]) -> float:
+    """Mean loss over ``batches`` with dropout off; leaves the model in training mode."""
+    model.eval()
+    loss = float(np.mean([float(eval_step(model, b)) for b in batches]))
+    model.train()
+    return loss
+
+
+def train_lm(
+    config: LMConfig,
+    corpus: TextSplit,
+    method: Method = "reversible",
+    *,
+    start_step: int = 0,
+    stop_step: int | None = None,
+    model: ReversibleTransformer | None = None,
+    optimizer: nnx.Optimizer | None = None,
+    checkpoint: str | Path | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> tuple[ReversibleTransformer, nnx.Optimizer, History]:
+    """Trains for steps ``[start_step, stop_step)`` (default: to ``config.steps``).
+
+    Losses are logged at every ``eval_every``-th step and at the last one. With ``model`` and
+    ``optimizer`` (e.g. restored by :func:`resume`) training continues them; ``checkpoint``
+    saves both at every logged step (overwriting), so it always holds the latest logged state.
+    ``progress(step, loss)`` is called after every step.
+    """
+    stop_step = config.steps if stop_step is None else stop_step
+    model = model if model is not None else make_model(config, method)
+    optimizer = optimizer if optimizer is not None else make_optimizer(model, config)
+    valid = [
+        sample_batch(corpus.valid, config.batch, config.seq_len, config.seed + 1, i)
+        for i in range(config.eval_batches)
+    ]
+    base_key = jax.random.key(config.seed + 2)
+    steps, train_losses, eval_losses = [], [], []
+    start = time.perf_counter()
+    for step in range(start_step, stop_step):
+        tokens = sample_batch(corpus.train, config.batch, config.seq_len, config.seed, step)
+        loss = float(train_step(model, optimizer, tokens, jax.random.fold_in(base_key, step)))
+        if progress is not None:
+            progress(step, loss)
+        if (step + 1) % config.eval_every == 0 or step + 1 == stop_step:
+            steps.append(step + 1)
+            train_losses.append(loss)
+            eval_losses.append(evaluate(model, valid))
+            if checkpoint is not None:
+                save_state((model, optimizer), checkpoint)
+    seconds = time.perf_counter() - start
+    return model, optimizer, History(steps, train_losses, eval_losses, seconds)
+
+
+def resume(
+    config: LMConfig, checkpoint: str | Path, method: Method = "reversible"
+) -> tuple[ReversibleTransformer, nnx.Optimizer, int]:
+    """``(model, optimizer, step)`` restored from :func:`train_lm`'s ``checkpoint`` file;
+    ``step`` (the optimiser's update count) is where training continues."""
+    model = make_model(config, method)
+    optimizer = make_optimizer(model, config)
+    restore_state((model, optimizer), checkpoint)
+    return model, optimizer, int(optimizer.step[...])

@@ -1,0 +1,187 @@
+"""Reversible decoder-only transformer (Reformer-style) and its non-reversible twin.
+
+Each block is a RevNet coupling of pre-norm causal self-attention and a pre-norm MLP:
+
+    y1 = x1 + Attention(LN(x2)),    y2 = x2 + MLP(LN(y1)),
+
+stacked by :class:`revjax.nnx.Stack`, so training stores no per-block activations. Token and
+position embeddings and the output head are ordinary layers outside the reversible stack; the
+embedding ``h`` enters as both halves, ``(x1, x2) = (h, h)``, and the head reads
+``LN((y1 + y2) / 2)``.
+
+The twin with identical parameters is the same model with the stack's method switched:
+``nnx.view(model, method="backprop")`` (plain backprop) or ``method="checkpoint"`` (one
+``jax.checkpoint`` per block, the equivalent of ``nnx.remat`` on each block).
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+from flax import nnx
+
+from revjax.nnx import Method, Stack, reversible
+from revjax.precision import Policy
+
+
+def _linear(
+    d_in: int, d_out: int, split: str, axis: str | None, rngs: nnx.Rngs, bias: bool = True
+) -> nnx.Linear:
+    """``nnx.Linear``; with a mesh ``axis`` name, Megatron-style partitioning metadata: output
+    features sharded (``split="out"``, bias too) or input features (``split="in"``)."""
+    if axis is None:
+        return nnx.Linear(d_in, d_out, use_bias=bias, rngs=rngs)
+    names = (None, axis) if split == "out" else (axis, None)
+    bias_names = (axis,) if split == "out" else (None,)
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=bias,
+        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros, bias_names),
+        rngs=rngs,
+    )
+
+
+class CausalSelfAttention(nnx.Module):
+    """``x (B, T, D) -> Dropout(W_o softmax(Q K^T / sqrt(D/H) + causal mask) V)``, with
+    ``Q, K, V = LN(x) W_q, LN(x) W_k, LN(x) W_v`` split into ``H`` heads.
+
+    ``tensor_parallel``: a mesh axis name; ``W_q, W_k, W_v`` are then sharded by output
+    feature (whole heads per device when ``H`` is divisible by the axis size) and ``W_o`` by
+    input feature, so attention needs one all-reduce of its output (Megatron-LM)."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        dropout: float = 0.0,
+        tensor_parallel: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if dim % heads:
+            raise ValueError(f"CausalSelfAttention: dim={dim} is not divisible by heads={heads}")
+        self.heads = heads
+        self.norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.q = _linear(dim, dim, "out", tensor_parallel, rngs, bias=False)
+        self.k = _linear(dim, dim, "out", tensor_parallel, rngs, bias=False)
+        self.v = _linear(dim, dim, "out", tensor_parallel, rngs, bias=False)
+        self.out = _linear(dim, dim, "in", tensor_parallel, rngs, bias=False)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        *batch, length, dim = x.shape
+        h = self.norm(x)
+        split = lambda a: a.reshape(*batch, length, self.heads, dim // self.heads)
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        attended = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return self.dropout(self.out(attended.reshape(*batch, length, dim)))
+
+
+class FeedForward(nnx.Module):
+    """``x (..., D) -> Dropout(W_2 gelu(LN(x) W_1 + b_1) + b_2)``, hidden width ``hidden``;
+    with ``tensor_parallel``, ``W_1, b_1`` are sharded by hidden unit and ``W_2`` by input."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        dropout: float = 0.0,
+        tensor_parallel: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.up = _linear(dim, hidden, "out", tensor_parallel, rngs)
+        self.down = _linear(hidden, dim, "in", tensor_parallel, rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.dropout(self.down(jax.nn.gelu(self.up(self.norm(x)))))
+
+
+@reversible
+class TransformerBlock(nnx.Module):
+    """Reversible transformer block: ``f`` = causal self-attention, ``g`` = MLP."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        hidden: int,
+        *,
+        dropout: float = 0.0,
+        tensor_parallel: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        tp = tensor_parallel
+        self.f = CausalSelfAttention(dim, heads, dropout=dropout, tensor_parallel=tp, rngs=rngs)
+        self.g = FeedForward(dim, hidden, dropout=dropout, tensor_parallel=tp, rngs=rngs)
+
+
+class ReversibleTransformer(nnx.Module):
+    """Byte/token-level causal language model: ``tokens (B, T) int -> logits (B, T, vocab)``.
+
+    Args:
+      vocab_size, dim, depth, heads: sizes; ``hidden`` defaults to ``4 * dim``.
+      max_len: longest sequence (learned position embeddings).
+      dropout: rate of the dropout after attention and after the MLP.
+      method, checkpoint_every, policy: see :class:`revjax.nnx.Stack`.
+      tensor_parallel: optional mesh axis name over which attention heads and MLP hidden units
+        are sharded (partitioning metadata; build the model under ``jax.set_mesh(mesh)``).
+        Embeddings and head are replicated.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        max_len: int,
+        *,
+        hidden: int | None = None,
+        dropout: float = 0.0,
+        method: Method = "reversible",
+        checkpoint_every: int | None = None,
+        policy: Policy | None = None,
+        tensor_parallel: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.max_len = max_len
+        self.embed = nnx.Embed(vocab_size, dim, rngs=rngs)
+        self.position = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, dim)))
+        self.stack = Stack(
+            TransformerBlock,
+            depth,
+            dim,
+            heads,
+            hidden or 4 * dim,
+            dropout=dropout,
+            tensor_parallel=tensor_parallel,
+            method=method,
+            checkpoint_every=checkpoint_every,
+            policy=policy,
+            rngs=rngs,
+        )
+        self.norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.head = nnx.Linear(dim, vocab_size, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        length = tokens.shape[-1]
+        if length > self.max_len:
+            raise ValueError(
+                f"ReversibleTransformer: sequence length {length} exceeds max_len={self.max_len}"
+            )
+        h = self.embed(tokens) + self.position[...][:length]
+        y1, y2 = self.stack((h, h), key=key)
+        return self.head(self.norm((y1 + y2) / 2))
+
+
+def next_token_loss(
+    model: ReversibleTransformer, tokens: jax.Array, key: jax.Array | None = None
+) -> jax.Array:
+    """Mean cross-entropy (nats) of predicting ``tokens[:, t + 1]`` from ``tokens[:, :t + 1]``."""
+    logits = model(tokens[:, :-1], key=key)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()

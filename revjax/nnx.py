@@ -1,0 +1,454 @@
+"""Flax NNX integration: reversible blocks by decorator, and a stack of them as one NNX module.
+
+A block is an ``nnx.Module`` with two residual branches, the submodules ``f`` and ``g``::
+
+    @revjax.nnx.reversible
+    class Block(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f = Attention(dim, rngs=rngs)
+            self.g = MLP(dim, rngs=rngs)
+
+    model = revjax.nnx.Stack(Block, 48, 512, rngs=nnx.Rngs(0))   # 48 blocks, Block(512, rngs=.)
+    y1, y2 = model((x1, x2))
+
+The decorator gives the block the RevNet additive coupling on a stream of two halves,
+
+    y1 = x1 + f(x2),  y2 = x2 + g(y1)        x2 = y2 - g(y1),  x1 = y1 - f(x2),
+
+as ``__call__`` and ``inverse``. :class:`Stack` builds ``L`` blocks with ``nnx.vmap`` and
+``nnx.split_rngs`` (every parameter gets a leading axis ``L``) and runs them with
+:func:`revjax.reversible_scan`, so the gradient stores no per-layer activations.
+
+Functional core. Inside the scan nothing is stateful: ``nnx.split`` separates each branch into a
+graph definition, its ``nnx.Param`` state (the scanned, differentiated parameters) and its RNG
+streams. Layer ``l``'s branch is a pure function ``(params_l, x_half, key) -> out`` that merges
+a fresh copy of the module, reseeds every RNG stream in it from the explicit key, and calls it.
+The key of stream ``i`` (in ``nnx.iter_graph`` order) of branch ``f`` in layer ``l`` is
+
+    fold_in(k_f, i),   (k_f, k_g) = jax.random.split(fold_in(key, l))
+
+in the forward pass and again in the reconstruction, so dropout masks are replayed exactly and
+no module's mutable RNG counter is read or advanced inside the scan. The per-call ``key`` comes
+from the ``key=`` argument, or else from the stack's own RNG stream (advanced once per call,
+outside the scan, like ``nnx.Dropout``'s own stream).
+
+State other than parameters and RNG streams (``nnx.BatchNorm`` statistics, caches, counters) is
+refused with a ``TypeError``: the reconstruction re-runs every branch, so such state would be
+updated twice per step. Use ``nnx.LayerNorm``/``nnx.RMSNorm`` in reversible branches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, serialization
+
+from revjax.coupling import Coupling, additive_coupling
+from revjax.precision import Policy
+from revjax.scan import inverse_scan, plain_scan, reversible_scan
+
+PyTree = Any
+Key = Any
+Method = Literal["reversible", "backprop", "checkpoint"]
+
+METHODS: tuple[str, ...] = ("reversible", "backprop", "checkpoint")
+BRANCHES: tuple[str, ...] = ("f", "g")
+ALLOWED_STATE: tuple[type, ...] = (nnx.Param, nnx.RngState)
+
+
+# --------------------------------------------------------------------------- the decorator
+
+
+def reversible(cls: type) -> type:
+    """Class decorator: an ``nnx.Module`` with branches ``f`` and ``g`` becomes a coupling block.
+
+    The class's ``__init__`` must set ``self.f`` and ``self.g`` (``nnx.Module`` instances
+    mapping one array to an array shaped like it: attention, MLP, conv, norms, dropout,
+    ``nnx.Sequential``) and nothing else that holds state. The decorator adds
+
+    * ``__call__(x)``: ``x = (x1, x2) -> (y1, y2)``, ``y1 = x1 + f(x2)``, ``y2 = x2 + g(y1)``;
+    * ``inverse(y)``: ``(y1, y2) -> (x1, x2)``, ``x2 = y2 - g(y1)``, ``x1 = y1 - f(x2)``
+      (refused while dropout is active: a single block's masks come from its RNG counter);
+
+    and checks every instance when it is built (see :func:`check_block`).
+
+    Raises:
+      TypeError: ``cls`` is not an ``nnx.Module`` subclass, or defines its own ``__call__`` or
+        ``inverse`` (the coupling is what the decorator provides).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nnx.Module)):
+        raise TypeError(f"revjax.nnx.reversible decorates nnx.Module subclasses, got {cls!r}")
+    for name in ("__call__", "inverse"):
+        if name in vars(cls):
+            raise TypeError(
+                f"revjax.nnx.reversible: {cls.__name__} defines {name}; a reversible block only "
+                "defines its branches self.f and self.g, and the decorator supplies the coupling"
+            )
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def checked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        for method, expected in (("__call__", _block_forward), ("inverse", _block_inverse)):
+            if getattr(type(self), method) is not expected:
+                raise TypeError(
+                    f"{type(self).__name__} overrides {method} of the reversible block it "
+                    "subclasses; the coupling is what @revjax.nnx.reversible provides"
+                )
+        check_block(self)
+
+    cls.__init__ = checked_init
+    cls.__call__ = _block_forward
+    cls.inverse = _block_inverse
+    cls.__revjax_reversible__ = True
+    return cls
+
+
+def _block_forward(self, x: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    x1, x2 = _halves(x, type(self).__name__)
+    y1 = x1 + self.f(x2)
+    return y1, x2 + self.g(y1)
+
+
+def _block_inverse(self, y: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    y1, y2 = _halves(y, type(self).__name__)
+    if is_stochastic(self):
+        raise ValueError(
+            f"{type(self).__name__}.inverse: the block has active dropout, whose masks come from "
+            "its RNG counter and cannot be replayed here; call .eval() first, or use "
+            "revjax.nnx.Stack with key= for a stochastic forward that can be inverted"
+        )
+    x2 = y2 - self.g(y1)
+    return y1 - self.f(x2), x2
+
+
+def _halves(x: Any, name: str) -> tuple[Any, Any]:
+    if not (isinstance(x, tuple | list) and len(x) == 2):
+        raise ValueError(
+            f"{name}: a reversible block takes a pair (x1, x2), got {type(x).__name__}"
+        )
+    return x[0], x[1]
+
+
+def is_stochastic(module: nnx.Module) -> bool:
+    """True when ``module`` holds RNG streams and a submodule with ``deterministic == False``
+    (and, if it has a ``rate``, a nonzero one; e.g. an ``nnx.Dropout`` in training mode): its
+    output then depends on random draws."""
+    nodes = [node for _, node in nnx.iter_graph(module)]
+    has_streams = any(isinstance(node, nnx.RngStream) for node in nodes)
+    return has_streams and any(
+        getattr(node, "deterministic", None) is False and getattr(node, "rate", 1.0) != 0.0
+        for node in nodes
+    )
+
+
+def _state_entries(module: nnx.Module, prefix: tuple) -> list[tuple[str, Any]]:
+    """``(dotted path, variable or raw array)`` for every leaf of ``nnx.state(module)``."""
+    return [
+        (".".join(map(str, (*prefix, *path))), leaf)
+        for path, leaf in nnx.to_flat_state(nnx.state(module))
+    ]
+
+
+def check_block(block: nnx.Module) -> None:
+    """Checks that ``block`` is a valid reversible block.
+
+    Raises:
+      TypeError: ``f`` or ``g`` is missing or not an ``nnx.Module``; state that is not an
+        ``nnx.Param`` or an RNG stream (e.g. ``nnx.BatchStat`` or a raw array attribute),
+        naming its path and type; a variable held outside ``f`` and ``g``; a variable shared
+        by ``f`` and ``g``.
+    """
+    name = type(block).__name__
+    for branch in BRANCHES:
+        if not isinstance(getattr(block, branch, None), nnx.Module):
+            raise TypeError(
+                f"{name}: a reversible block needs an nnx.Module attribute self.{branch} (the "
+                f"residual branch), got {getattr(block, branch, None)!r}"
+            )
+        for where, leaf in _state_entries(getattr(block, branch), (branch,)):
+            if not isinstance(leaf, ALLOWED_STATE):
+                raise TypeError(
+                    f"{name}.{where} is state of type {type(leaf).__name__}: reversible blocks "
+                    "may only hold nnx.Param and RNG streams, because the backward pass re-runs "
+                    "each branch to reconstruct its input and would update other state twice "
+                    "(use LayerNorm/RMSNorm instead of BatchNorm; wrap constants in nnx.Param "
+                    "or pass them as static Python numbers)"
+                )
+    owner: dict[int, str] = {}
+    for branch in BRANCHES:
+        for path, node in nnx.iter_graph(getattr(block, branch)):
+            if not isinstance(node, nnx.Variable):
+                continue
+            where = ".".join(map(str, (branch, *path)))
+            if id(node) in owner:
+                raise TypeError(
+                    f"{name}.{where} is the same variable as {name}.{owner[id(node)]}: f and g "
+                    "must not share variables"
+                )
+            owner[id(node)] = where
+    inside = {
+        where
+        for branch in BRANCHES
+        for where, _ in _state_entries(getattr(block, branch), (branch,))
+    }
+    for where, _ in _state_entries(block, ()):
+        if where not in inside:
+            raise TypeError(
+                f"{name}.{where} is state outside the branches f and g; a reversible block "
+                "holds state only inside f and g"
+            )
+
+
+# --------------------------------------------------------------------------- the pure branches
+
+
+def _stream_template(rng_state: nnx.State) -> tuple[Any, list[tuple[tuple[int, ...], Any, bool]]]:
+    """Static description of one layer's RNG state: treedef and (shape, dtype, is_key) per leaf.
+
+    ``rng_state`` is stacked over layers, so each per-layer shape drops the leading axis.
+    """
+    leaves, treedef = jax.tree.flatten(rng_state)
+    spec = [
+        (tuple(leaf.shape[1:]), leaf.dtype, jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key))
+        for leaf in leaves
+    ]
+    return treedef, spec
+
+
+def _fresh_streams(template: tuple[Any, list], key: Key) -> nnx.State:
+    """One layer's RNG state rebuilt from ``key``: stream ``i`` gets ``fold_in(key, i)``, count
+    0."""
+    treedef, spec = template
+    leaves, stream = [], 0
+    for shape, dtype, is_key in spec:
+        if is_key:
+            leaves.append(jax.random.fold_in(key, stream))
+            stream += 1
+        else:
+            leaves.append(jnp.zeros(shape, dtype))
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _pure_branch(graphdef: nnx.GraphDef, template: tuple[Any, list] | None, rest: nnx.State):
+    """The branch as a pure function ``(params, h[, key]) -> out`` of one layer's parameters.
+
+    ``rest`` is the array-free remainder of the branch's state (e.g. the empty capture slots
+    ``nnx.capture`` adds); it is merged back unchanged."""
+
+    def branch(params: nnx.State, h: jax.Array, key: Key | None = None) -> jax.Array:
+        if template is None:
+            return nnx.merge(graphdef, params, rest)(h)
+        return nnx.merge(graphdef, params, _fresh_streams(template, key), rest)(h)
+
+    return branch
+
+
+# --------------------------------------------------------------------------- the stack
+
+
+class Stack(nnx.Module):
+    """``depth`` reversible blocks applied in sequence through :func:`revjax.reversible_scan`.
+
+    ``Stack(block, depth, *args, rngs=rngs, **kwargs)`` builds ``block(*args, rngs=r, **kwargs)``
+    ``depth`` times under ``nnx.vmap`` with ``nnx.split_rngs`` (independent initialisations);
+    ``self.blocks`` is one block instance whose parameters have a leading axis ``depth``. The
+    stack is an ordinary NNX module: ``nnx.jit``, ``nnx.grad``, ``nnx.Optimizer``,
+    ``nnx.split``/``nnx.merge`` and :func:`save_state` work on it and on models containing it.
+
+    Attributes (static, settable, also through ``nnx.view``):
+      method: ``"reversible"`` (default; no stored activations), ``"backprop"`` (plain
+        ``lax.scan``, the non-reversible twin with the same parameters and dropout masks) or
+        ``"checkpoint"`` (``jax.checkpoint`` per block).
+      deterministic: set by ``model.eval()`` / ``model.train()``. When True the stack runs a
+        plain forward scan (inference needs no reconstruction).
+      checkpoint_every, policy: passed to :func:`revjax.reversible_scan` (anchors, precision).
+
+    Raises:
+      ValueError: ``depth`` is not a positive integer, or ``method`` is unknown.
+      TypeError: ``block`` is not decorated with :func:`reversible`, or its state is refused by
+        :func:`check_block`.
+    """
+
+    def __init__(
+        self,
+        block: type,
+        depth: int,
+        *args: Any,
+        rngs: nnx.Rngs,
+        method: Method = "reversible",
+        checkpoint_every: int | None = None,
+        policy: Policy | None = None,
+        rng_stream: str = "dropout",
+        **kwargs: Any,
+    ):
+        if not getattr(block, "__revjax_reversible__", False):
+            raise TypeError(
+                f"revjax.nnx.Stack: {getattr(block, '__name__', block)!r} is not a reversible "
+                "block; decorate the class with @revjax.nnx.reversible"
+            )
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(
+                f"revjax.nnx.Stack({block.__name__}): depth must be a positive int, got {depth!r}"
+            )
+        _check_method(method)
+
+        @nnx.split_rngs(splits=depth)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+        def build(layer_rngs):
+            return block(*args, rngs=layer_rngs, **kwargs)
+
+        self.blocks = build(rngs)
+        self.depth = depth
+        self.method = method
+        self.checkpoint_every = checkpoint_every
+        self.policy = policy
+        self.deterministic = False
+        has_streams = bool(jax.tree.leaves(nnx.state(self.blocks, nnx.RngState)))
+        self.rngs = rngs[rng_stream].fork() if has_streams else None
+
+    def set_view(self, deterministic: bool | None = None, method: Method | None = None) -> None:
+        """Used by ``nnx.view(model, deterministic=..., method=...)``."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+        if method is not None:
+            _check_method(method)
+            self.method = method
+
+    def coupling(self) -> tuple[Coupling, PyTree]:
+        """The stack as pure JAX: ``(block, params)`` for :func:`revjax.reversible_scan`.
+
+        ``block`` is an additive coupling whose branches merge fresh copies of ``f`` and ``g``;
+        ``params = (params_f, params_g)`` are the branches' ``nnx.Param`` states, leading axis L.
+        """
+        branches, params = [], []
+        for name in BRANCHES:
+            module = getattr(self.blocks, name)
+            graphdef, p, streams, rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
+            if jax.tree.leaves(rest):
+                paths = [".".join(map(str, path)) for path, _ in nnx.to_flat_state(rest)]
+                raise TypeError(
+                    f"Stack({type(self.blocks).__name__}).{name}: state other than nnx.Param and "
+                    f"RNG streams appeared after construction at {paths[:5]}; reversible "
+                    "branches cannot carry it through the reconstruction"
+                )
+            template = _stream_template(streams) if jax.tree.leaves(streams) else None
+            branches.append(_pure_branch(graphdef, template, rest))
+            params.append(p)
+        return additive_coupling(*branches), tuple(params)
+
+    def __call__(self, x: tuple[jax.Array, jax.Array], *, key: Key | None = None):
+        """Applies the blocks to ``x = (x1, x2)`` and returns ``(y1, y2)``.
+
+        ``key`` (optional) fixes the dropout masks; without it, and only when dropout is
+        active, the stack draws one from its own RNG stream. Pass the same key to
+        :meth:`inverse` to invert a stochastic forward.
+        """
+        x = _halves(x, f"Stack({type(self.blocks).__name__})")
+        _check_method(self.method)
+        if key is None and self.rngs is not None:
+            # Draw (and advance the stream) only when a mask will be drawn; deterministic
+            # blocks still need stream values to merge, and ignore them.
+            key = self.rngs() if is_stochastic(self.blocks) else jax.random.key(0)
+        block, params = self.coupling()
+        options = dict(key=key, policy=self.policy)
+        with _named(f"Stack({type(self.blocks).__name__})"):
+            if self.deterministic or self.method == "backprop":
+                return plain_scan(block, params, x, **options)
+            if self.method == "checkpoint":
+                return plain_scan(block, params, x, remat=True, **options)
+            return reversible_scan(
+                block, params, x, checkpoint_every=self.checkpoint_every, **options
+            )
+
+    def inverse(self, y: tuple[jax.Array, jax.Array], *, key: Key | None = None):
+        """``x`` with ``self(x, key=key) == y`` (up to round-off).
+
+        Raises:
+          ValueError: the blocks have active dropout (:func:`is_stochastic`) and no ``key`` is
+            given (the masks of the forward pass cannot be known).
+        """
+        y = _halves(y, f"Stack({type(self.blocks).__name__})")
+        if key is None and self.rngs is not None:
+            if is_stochastic(self.blocks):
+                raise ValueError(
+                    f"Stack({type(self.blocks).__name__}).inverse: the blocks have active "
+                    "dropout; pass the key= given to the forward call, or call model.eval() "
+                    "first"
+                )
+            key = jax.random.key(0)  # unused: deterministic blocks ignore their streams
+        block, params = self.coupling()
+        with _named(f"Stack({type(self.blocks).__name__}).inverse"):
+            return inverse_scan(block, params, y, key=key, policy=self.policy)
+
+
+@contextlib.contextmanager
+def _named(where: str):
+    """Prefixes the message of a ValueError/TypeError raised while tracing with ``where``, so
+    a wrong branch shape names the block class as well as the branch."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        if type(err) not in (ValueError, TypeError):  # JAX's own subclasses: leave untouched
+            raise
+        raise type(err)(f"{where}: {err}") from err
+
+
+def _check_method(method: Any) -> None:
+    if method not in METHODS:
+        raise ValueError(f"revjax.nnx.Stack: method must be one of {METHODS}, got {method!r}")
+
+
+# --------------------------------------------------------------------------- serialisation
+
+
+def _flat_state(node: Any) -> dict[str, nnx.Variable]:
+    return {"/".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(node))}
+
+
+def save_state(node: Any, path: str | Path) -> None:
+    """Writes every variable of ``node`` to ``path`` as msgpack, keyed by the variable's path.
+
+    ``node`` is any NNX graph node: a module, or e.g. ``(model, optimizer)`` to save parameters,
+    optimiser moments and RNG streams together. PRNG keys are stored as their key data.
+    """
+    flat = {}
+    for name, var in _flat_state(node).items():
+        value = var.get_value()
+        if jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
+            value = jax.random.key_data(value)
+        flat[name] = np.asarray(jax.device_get(value))
+    Path(path).write_bytes(serialization.msgpack_serialize(flat))
+
+
+def restore_state(node: Any, path: str | Path) -> None:
+    """Loads :func:`save_state`'s file into ``node`` (same structure as when saved) in place.
+
+    Raises:
+      ValueError: the file's variables differ from the module's (missing or extra paths, or a
+        different shape or dtype), naming the first differences.
+    """
+    saved = serialization.msgpack_restore(Path(path).read_bytes())
+    target = _flat_state(node)
+    missing, extra = sorted(set(target) - set(saved)), sorted(set(saved) - set(target))
+    if missing or extra:
+        raise ValueError(
+            f"restore_state: {path} does not match the module: missing {missing[:5]}, "
+            f"unexpected {extra[:5]}"
+        )
+    for name, var in target.items():
+        current, value = var.get_value(), saved[name]
+        if jnp.issubdtype(current.dtype, jax.dtypes.prng_key):
+            value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(current))
+        if value.shape != current.shape or value.dtype != current.dtype:
+            raise ValueError(
+                f"restore_state: {name} is {value.dtype}{list(value.shape)} in {path} but "
+                f"{current.dtype}{list(current.shape)} in the module"
+            )
+        var.set_value(jnp.asarray(value))

@@ -1,0 +1,297 @@
+"""Sharded runs on 8 simulated CPU devices, for tests/test_sharding.py.
+
+Run as a separate process (``python tests/sharding_worker.py``): it sets
+``--xla_force_host_platform_device_count=8`` before JAX starts, so the rest of the test suite
+keeps its single CPU device. Prints one JSON object (the measurements) as its last line.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import functools
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import revjax as rj
+from revjax import moonwalk as mw
+from revjax.memory import compiled_memory
+from revjax.models.mlp import init_mlp_stack, mlp_coupling
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+WIDTH, HIDDEN = 16, 64
+AUTO = (AxisType.Auto, AxisType.Auto)
+
+
+def relative_error(a, b) -> float:
+    """Largest per-leaf ``||a - b|| / ||b||``, computed on the host (a and b may live on
+    different devices)."""
+    a, b = jax.device_get(a), jax.device_get(b)
+    errors = jax.tree.map(lambda u, v: float(np.linalg.norm(u - v) / np.linalg.norm(v)), a, b)
+    return max(jax.tree.leaves(errors))
+
+
+def collectives(compiled_text: str) -> dict[str, list[int]]:
+    """Result sizes in bytes of every collective in the optimised HLO, by kind."""
+    found = {kind: [] for kind in COLLECTIVES}
+    for line in compiled_text.splitlines():
+        for kind in COLLECTIVES:
+            match = re.search(rf"= (.*?) {kind}(?:-start)?\(", line)
+            if match:
+                shapes = re.findall(r"(f32|bf16|f16|s32|u32|pred)\[([\d,]*)\]", match.group(1))
+                size = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1}
+                total = 0
+                for dtype, dims in shapes:
+                    n = 1
+                    for d in filter(None, dims.split(",")):
+                        n *= int(d)
+                    total += n * size[dtype]
+                found[kind].append(total)
+    return found
+
+
+def put(mesh, array: jax.Array, spec: P) -> jax.Array:
+    return jax.device_put(array, NamedSharding(mesh, spec))
+
+
+def specs(tree) -> list[str]:
+    return [str(leaf.sharding.spec) for leaf in jax.tree.leaves(tree)]
+
+
+def same_shardings(tree, like) -> bool:
+    """Every leaf of ``tree`` is laid out like the matching leaf of ``like`` (specs compared
+    as layouts, so ``P("data")`` and ``P("data", None)`` agree)."""
+    return all(
+        a.sharding.is_equivalent_to(b.sharding, a.ndim)
+        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(like), strict=True)
+    )
+
+
+# --------------------------------------------------------------------------- reversible_scan
+
+
+def mlp_problem(depth: int, rows: int):
+    params = init_mlp_stack(jax.random.key(0), depth, WIDTH, HIDDEN)
+    k1, k2 = jax.random.split(jax.random.key(1))
+    x = (jax.random.normal(k1, (rows, WIDTH)), jax.random.normal(k2, (rows, WIDTH)))
+    return mlp_coupling(), params, x
+
+
+def scan_loss(block):
+    def loss(params, x):
+        y1, y2 = rj.reversible_scan(block, params, x)
+        return jnp.sum(y1 * y2) + jnp.sum(jnp.tanh(y1))
+
+    return loss
+
+
+LAYOUTS = {
+    # name: (mesh shape, axis names, batch spec, spec of w1-like and w2-like parameter leaves)
+    "data": ((8,), ("data",), P("data"), P(), P()),
+    "tensor": ((8,), ("model",), P(), P(None, None, "model"), P(None, "model", None)),
+    "2d": ((2, 4), ("data", "model"), P("data"), P(None, None, "model"), P(None, "model", None)),
+}
+
+
+def param_specs(params, up: P, down: P):
+    """Megatron-style: the hidden axis of the up-projection (and its bias) and of the
+    down-projection's input is sharded; everything else replicated."""
+
+    def spec(leaf):
+        if leaf.ndim == 3 and leaf.shape[-1] == HIDDEN:
+            return up
+        if leaf.ndim == 3 and leaf.shape[1] == HIDDEN:
+            return down
+        if leaf.ndim == 2 and leaf.shape[-1] == HIDDEN and up != P():
+            return P(None, "model")
+        return P()
+
+    return jax.tree.map(spec, params)
+
+
+def check_scan() -> dict:
+    block, params, x = mlp_problem(depth=16, rows=64)
+    loss = scan_loss(block)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    reference = grad(params, x)
+    out = {"param_shapes": [list(a.shape) for a in jax.tree.leaves(params)]}
+    for name, (shape, axes, batch, up, down) in LAYOUTS.items():
+        mesh = jax.make_mesh(shape, axes, axis_types=AUTO[: len(axes)])
+        wanted = param_specs(params, up, down)
+        p = jax.tree.map(functools.partial(put, mesh), params, wanted)
+        xs = jax.tree.map(functools.partial(put, mesh, spec=batch), x)
+        grads = grad(p, xs)
+        y = jax.jit(lambda p, x: rj.reversible_scan(block, p, x))(p, xs)
+        out[name] = {
+            "grad_error": relative_error(grads, reference),
+            "param_grads_like_params": same_shardings(grads[0], p),
+            "input_grads_like_inputs": same_shardings(grads[1], xs),
+            "outputs_like_inputs": same_shardings(y, xs),
+            "wanted_param_specs": [str(s) for s in jax.tree.leaves(wanted)],
+            "param_grad_specs": specs(grads[0]),
+            "input_grad_specs": specs(grads[1]),
+            "output_specs": specs(y),
+            "batch_spec": str(batch),
+            "collectives": collectives(grad.lower(p, xs).compile().as_text()),
+        }
+    # Explicit axes (sharding in types): data parallel needs no change in user code.
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        xs = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P("data"))), x)
+        p = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P())), params)
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(p, xs)
+        out["data_explicit"] = {
+            "grad_error": relative_error(grads, reference),
+            "input_grad_specs": specs(grads[1]),
+        }
+    return out
+
+
+def check_memory() -> dict:
+    """Per-device compiled temp of the reversible gradient at L = 64, data parallel."""
+    block, params, x = mlp_problem(depth=64, rows=8192)
+    loss = scan_loss(block)
+    grad = jax.grad(loss, argnums=(0, 1))
+    single = compiled_memory(grad, params, x).temp_bytes
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    abstract = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, s))
+    p = jax.tree.map(lambda a: abstract(a, P()), params)
+    xs = jax.tree.map(lambda a: abstract(a, P("data")), x)
+    sharded = compiled_memory(grad, p, xs).temp_bytes
+    return {"single_temp": single, "data_parallel_temp": sharded}
+
+
+# --------------------------------------------------------------------------- NNX stack
+
+INIT = nnx.initializers.lecun_normal()
+
+
+class ShardedMlp(nnx.Module):
+    """Megatron MLP branch: hidden axis sharded over "model" by partitioning metadata."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs):
+        self.norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.up = nnx.Linear(
+            dim,
+            4 * dim,
+            kernel_init=nnx.with_partitioning(INIT, (None, "model")),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("model",)),
+            rngs=rngs,
+        )
+        self.down = nnx.Linear(
+            4 * dim, dim, kernel_init=nnx.with_partitioning(INIT, ("model", None)), rngs=rngs
+        )
+        self.dropout = nnx.Dropout(0.2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dropout(self.down(jax.nn.gelu(self.up(self.norm(x)))))
+
+
+@rj.nnx.reversible
+class ShardedBlock(nnx.Module):
+    def __init__(self, dim: int, *, rngs: nnx.Rngs):
+        self.f = ShardedMlp(dim, rngs=rngs)
+        self.g = ShardedMlp(dim, rngs=rngs)
+
+
+def nnx_loss(model, x, key):
+    y1, y2 = model((x, x), key=key)
+    return jnp.sum(y1 * y2)
+
+
+def check_nnx() -> dict:
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=AUTO)
+    with jax.set_mesh(mesh):
+        model = rj.nnx.Stack(ShardedBlock, 6, WIDTH, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (64, WIDTH))
+    key = jax.random.key(2)
+    params = nnx.state(model, nnx.Param)
+    # The single-device twin: the same state gathered onto one device.
+    graphdef, state = nnx.split(model)
+    single = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
+    reference = nnx.jit(nnx.grad(nnx_loss))(single, x, key)
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+        step = nnx.jit(nnx.grad(nnx_loss))
+        grads = step(model, xs, key)
+    return {
+        "grad_error": relative_error(grads, reference),
+        "param_specs": specs(params),
+        "grads_like_params": same_shardings(grads, params),
+        "hidden_sharded": sum("model" in s for s in specs(params)),
+    }
+
+
+def check_transformer() -> dict:
+    """The reversible transformer, heads and hidden units over "model", batch over "data"."""
+    from revjax.models.transformer import ReversibleTransformer, next_token_loss
+
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=AUTO)
+    with jax.set_mesh(mesh):
+        model = ReversibleTransformer(
+            256, 32, 3, 4, 16, dropout=0.1, tensor_parallel="model", rngs=nnx.Rngs(0)
+        )
+    tokens = jax.random.randint(jax.random.key(1), (8, 17), 0, 256)
+    key = jax.random.key(2)
+    graphdef, state = nnx.split(model)
+    single = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
+    grad = nnx.jit(nnx.grad(next_token_loss))
+    reference = grad(single, tokens, key)
+    params = nnx.state(model, nnx.Param)
+    with jax.set_mesh(mesh):
+        sharded_tokens = jax.device_put(tokens, NamedSharding(mesh, P("data")))
+        grads = grad(model, sharded_tokens, key)
+    leaves = lambda tree: [np.ravel(a) for a in jax.tree.leaves(jax.device_get(tree))]
+    got, want = np.concatenate(leaves(grads)), np.concatenate(leaves(reference))
+    return {
+        "grad_error": relative_error(grads, reference),
+        "joint_grad_error": float(np.linalg.norm(got - want) / np.linalg.norm(want)),
+        "grads_like_params": same_shardings(grads, params),
+        "hidden_sharded": sum("model" in s for s in specs(params)),
+    }
+
+
+# --------------------------------------------------------------------------- Moonwalk
+
+
+def check_moonwalk() -> dict:
+    params = init_mlp_stack(jax.random.key(0), 8, WIDTH, HIDDEN)
+    k1, k2 = jax.random.split(jax.random.key(1))
+    x = (jax.random.normal(k1, (64, WIDTH)), jax.random.normal(k2, (64, WIDTH)))
+    net = mw.stack(mw.from_coupling(mlp_coupling()))
+    loss = lambda y: jnp.sum(jnp.tanh(y[0]) * y[1], axis=-1)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    xs = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P("data"))), x)
+    out = {}
+    for method in ("moonwalk", "mixed_moonwalk", "revbackprop"):
+        fn = jax.jit(mw.value_and_grad(net, loss, method=method))
+        _, reference = fn(params, x)
+        _, grads = fn(params, xs)
+        out[method] = {
+            "grad_error": relative_error(grads, reference),
+            "collectives": collectives(fn.lower(params, xs).compile().as_text()),
+        }
+    return out
+
+
+if __name__ == "__main__":
+    assert jax.device_count() == 8, jax.devices()
+    results = {
+        "scan": check_scan(),
+        "memory": check_memory(),
+        "nnx": check_nnx(),
+        "transformer": check_transformer(),
+        "moonwalk": check_moonwalk(),
+    }
+    print(json.dumps(results))

@@ -1,0 +1,75 @@
+"""Tests of revjax.models.lm_training: the byte-level LM run and its checkpoints."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from revjax.data import load_stdlib_text, unigram_entropy
+from revjax.models.lm_training import LMConfig, resume, sample_batch, train_lm
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_stdlib_text(300_000)
+
+
+def test_reversible_and_twin_loss_curves_agree_and_learn(corpus):
+    config = LMConfig(depth=3, dim=32, batch=16, steps=200, lr=1e-2, eval_every=25)
+    histories = {m: train_lm(config, corpus, m)[2] for m in ("reversible", "backprop")}
+    rev, twin = histories["reversible"], histories["backprop"]
+    assert rev.steps == twin.steps == [25, 50, 75, 100, 125, 150, 175, 200]
+    for a, b in ((rev.train_loss, twin.train_loss), (rev.eval_loss, twin.eval_loss)):
+        # Issue criterion: within 1% at every logged step (same seed, float32).
+        assert max(abs(x - y) / y for x, y in zip(a, b, strict=True)) <= 0.01
+    # "Well below" the best context-free loss: at least 20% below the unigram entropy.
+    entropy = unigram_entropy(corpus.valid)
+    assert rev.eval_loss[-1] <= 0.8 * entropy, (rev.eval_loss, entropy)
+    assert rev.eval_loss[-1] < rev.eval_loss[0]
+
+
+def test_resume_from_checkpoint_continues_the_same_run(corpus, tmp_path):
+    config = LMConfig(depth=2, dim=16, heads=2, seq_len=32, batch=8, steps=20, eval_every=10)
+    _, _, whole = train_lm(config, corpus)
+    path = tmp_path / "lm.msgpack"
+    train_lm(config, corpus, stop_step=10, checkpoint=path)
+    model, optimizer, step = resume(config, path)
+    assert step == 10
+    _, _, second_half = train_lm(config, corpus, start_step=10, model=model, optimizer=optimizer)
+    assert second_half.steps == [20]
+    # Same parameters, optimiser moments and batches: the resumed run is the uninterrupted one
+    # (up to XLA's run-to-run float32 determinism on CPU, which is exact here).
+    np.testing.assert_allclose(second_half.eval_loss, whole.eval_loss[-1:], rtol=1e-6)
+    np.testing.assert_allclose(second_half.train_loss, whole.train_loss[-1:], rtol=1e-6)
+
+
+def test_script_resumes_from_its_checkpoint(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import train_lm as script
+
+    tiny = ["--depth", "1", "--dim", "16", "--heads", "2", "--seq-len", "16", "--batch", "4"]
+    tiny += ["--eval-every", "2", "--eval-batches", "1", "--max-bytes", "60000"]
+    path = tmp_path / "ckpt.msgpack"
+    first = script.main([*tiny, "--steps", "4", "--checkpoint", str(path), "--out", str(tmp_path)])
+    assert first["runs"]["reversible"]["steps"] == [2, 4]
+    resumed = script.main(
+        [*tiny, "--steps", "6", "--resume-from", str(path), "--out", str(tmp_path)]
+    )
+    # The resumed reversible run starts at the checkpoint's step 4; the twin runs from 0.
+    assert resumed["runs"]["reversible"]["steps"] == [6]
+    assert resumed["runs"]["backprop"]["steps"] == [2, 4, 6]
+    assert resumed["max_relative_gap"]["eval_loss"] <= 0.01
+
+
+def test_batches_are_windows_of_the_corpus_and_seeded(corpus):
+    a = sample_batch(corpus.train, 4, 16, seed=0, step=3)
+    assert a.shape == (4, 17) and a.dtype == np.int32
+    np.testing.assert_array_equal(a, sample_batch(corpus.train, 4, 16, seed=0, step=3))
+    assert not np.array_equal(a, sample_batch(corpus.train, 4, 16, seed=0, step=4))
+    text = corpus.train.tobytes()
+    assert all(bytes(row.astype(np.uint8).tobytes()) in text for row in a)
+    with pytest.raises(ValueError, match="shorter than"):
+        sample_batch(corpus.train[:10], 1, 16, seed=0, step=0)

@@ -1,0 +1,361 @@
+"""Tests of revjax.nnx: the @reversible decorator, Stack, and state serialisation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import revjax.nnx as rnnx
+from revjax.precision import Policy
+
+DIM, DEPTH, BATCH = 8, 5, 6
+
+
+class Mlp(nnx.Module):
+    """Pre-norm MLP branch with dropout: every kind of state a branch may hold."""
+
+    def __init__(self, dim: int, rate: float, *, rngs: nnx.Rngs):
+        self.norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.up = nnx.Linear(dim, 2 * dim, rngs=rngs)
+        self.down = nnx.Linear(2 * dim, dim, rngs=rngs)
+        self.dropout = nnx.Dropout(rate, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dropout(self.down(jnp.tanh(self.up(self.norm(x)))))
+
+
+@rnnx.reversible
+class Block(nnx.Module):
+    def __init__(self, dim: int, rate: float = 0.0, *, rngs: nnx.Rngs):
+        self.f = Mlp(dim, rate, rngs=rngs)
+        self.g = Mlp(dim, rate, rngs=rngs)
+
+
+def make_stack(rate: float = 0.0, depth: int = DEPTH, **options) -> rnnx.Stack:
+    return rnnx.Stack(Block, depth, DIM, rate, rngs=nnx.Rngs(0), **options)
+
+
+def inputs(seed: int = 1):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return (jax.random.normal(k1, (BATCH, DIM)), jax.random.normal(k2, (BATCH, DIM)))
+
+
+def loss_of(model, x, key):
+    y1, y2 = model(x, key=key)
+    return jnp.sum(jnp.sin(y1) * y2) + jnp.sum(y1**2)
+
+
+def reseeded_branch(branch: nnx.Module, key) -> nnx.Module:
+    """The documented key contract: stream i of a branch gets fold_in(branch_key, i), count 0."""
+    streams = [node for _, node in nnx.iter_graph(branch) if isinstance(node, nnx.RngStream)]
+    for i, stream in enumerate(streams):
+        stream.key.set_value(jax.random.fold_in(key, i))
+        stream.count.set_value(jnp.zeros((), jnp.uint32))
+    return branch
+
+
+def loop_twin_loss(stack: rnnx.Stack, x, key):
+    """A plain NNX twin written independently of revjax: a Python loop over the layers, each
+    block rebuilt from layer l's slice of the stacked state and called as ordinary NNX code."""
+    graphdef, state = nnx.split(stack.blocks)
+    x1, x2 = x
+    for layer in range(stack.depth):
+        block = nnx.merge(graphdef, jax.tree.map(lambda a, i=layer: a[i], state))
+        if key is not None:
+            kf, kg = jax.random.split(jax.random.fold_in(key, layer))
+            reseeded_branch(block.f, kf)
+            reseeded_branch(block.g, kg)
+        x1 = x1 + block.f(x2)
+        x2 = x2 + block.g(x1)
+    return jnp.sum(jnp.sin(x1) * x2) + jnp.sum(x1**2)
+
+
+def max_relative_error(a, b) -> float:
+    errors = jax.tree.map(lambda u, v: float(jnp.linalg.norm(u - v) / jnp.linalg.norm(v)), a, b)
+    return max(jax.tree.leaves(errors))
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_gradients_equal_plain_nnx_twin(rate):
+    stack, x = make_stack(rate), inputs()
+    key = jax.random.key(7) if rate else None
+    grads = nnx.grad(loss_of, argnums=(0, 1))(stack, x, key)
+    twin = nnx.grad(loop_twin_loss, argnums=(0, 1))(stack, x, key)
+    # float32 reconstruction round-off over 5 layers is ~1e-7 relative; 1e-5 is the issue's bound.
+    assert max_relative_error(grads, twin) <= 1e-5
+    # The masks really are random: a different key changes the gradient.
+    if rate:
+        other = nnx.grad(loss_of)(stack, x, jax.random.key(8))
+        assert max_relative_error(other, grads[0]) > 1e-2
+
+
+@pytest.mark.parametrize("method", ["backprop", "checkpoint"])
+def test_twin_methods_agree(method):
+    stack, x, key = make_stack(0.3), inputs(), jax.random.key(3)
+    reversible = nnx.grad(loss_of)(stack, x, key)
+    twin = nnx.view(stack, method=method)
+    assert twin.method == method and stack.method == "reversible"
+    # Same parameters (the view shares the arrays) and the same keys: gradients agree to
+    # reconstruction round-off (float32, 5 layers).
+    assert max_relative_error(reversible, nnx.grad(loss_of)(twin, x, key)) <= 1e-5
+
+
+def test_anchors_and_policy_pass_through():
+    x, key = inputs(), jax.random.key(3)
+    plain = nnx.grad(loss_of)(make_stack(0.3), x, key)
+    anchored = nnx.grad(loss_of)(make_stack(0.3, checkpoint_every=1), x, key)
+    # checkpoint_every=1 stores every layer's output: no reconstruction, so only the order of
+    # floating-point additions differs from the reversible gradient.
+    assert max_relative_error(anchored, plain) <= 1e-5
+    with pytest.raises(
+        ValueError, match=r"Stack\(Block\): checkpoint_every=2 must be a positive divisor"
+    ):
+        make_stack(checkpoint_every=2)(x)
+    bf16 = make_stack(policy=Policy(compute_dtype=jnp.bfloat16))
+    y = bf16(x)
+    assert all(leaf.dtype == jnp.float32 for leaf in y)  # float32 stream by default
+    y32 = make_stack()(x)
+    # bf16 branches (8 mantissa bits) over 5 layers: relative error ~1e-2, far from 0 and 1.
+    assert 1e-5 < max_relative_error(y, y32) < 5e-2
+
+
+def test_optimizer_step_under_jit_matches_twin():
+    x, key = inputs(), jax.random.key(2)
+
+    @nnx.jit
+    def train_step(model, optimizer, x, key):
+        loss, grads = nnx.value_and_grad(loss_of)(model, x, key)
+        optimizer.update(model, grads)
+        return loss
+
+    results = []
+    for method in ("reversible", "backprop"):
+        model = make_stack(0.3, method=method)
+        optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+        losses = [float(train_step(model, optimizer, x, key)) for _ in range(3)]
+        results.append((losses, nnx.state(model, nnx.Param)))
+    (loss_rev, params_rev), (loss_bp, params_bp) = results
+    assert loss_rev[-1] < loss_rev[0]  # it trains
+    np.testing.assert_allclose(loss_rev, loss_bp, rtol=1e-5)
+    # Adam normalises each update, so 3 steps of lr 1e-2 move parameters by up to 3e-2 and
+    # round-off-level gradient differences stay round-off-level in the parameters.
+    assert max_relative_error(params_rev, params_bp) <= 1e-5
+
+
+def test_split_merge_and_jit_keep_the_module_ordinary():
+    stack, x, key = make_stack(0.3), inputs(), jax.random.key(4)
+    graphdef, state = nnx.split(stack)
+    rebuilt = nnx.merge(graphdef, state)
+    np.testing.assert_array_equal(rebuilt(x, key=key)[0], stack(x, key=key)[0])
+    jitted = nnx.jit(lambda m, x, k: m(x, key=k))(stack, x, key)
+    np.testing.assert_allclose(jitted[0], stack(x, key=key)[0], rtol=1e-6, atol=1e-6)
+    params = nnx.state(stack.blocks, nnx.Param)
+    assert all(leaf.shape[0] == DEPTH for leaf in jax.tree.leaves(params))
+    # The layers were initialised independently (split_rngs), not copies of one layer.
+    kernel = stack.blocks.f.up.kernel[...]
+    assert float(jnp.abs(kernel[0] - kernel[1]).max()) > 1e-3
+
+
+def test_own_stream_draws_fresh_masks_and_explicit_keys_replay():
+    stack, x = make_stack(0.5), inputs()
+    first, second = stack(x)[0], stack(x)[0]
+    assert float(jnp.abs(first - second).max()) > 1e-3  # the stack's stream advanced
+    key = jax.random.key(9)
+    np.testing.assert_array_equal(stack(x, key=key)[0], stack(x, key=key)[0])
+
+
+def test_inverse_reconstructs_the_input():
+    stack, x, key = make_stack(0.3), inputs(), jax.random.key(5)
+    x_rec = stack.inverse(stack(x, key=key), key=key)
+    # float32 round-off of 5 layers of reconstruction.
+    assert max_relative_error(x_rec, x) <= 1e-5
+    with pytest.raises(ValueError, match="pass the key"):
+        stack.inverse(stack(x, key=key))
+    # Only the stack flagged deterministic while its dropout layers are live: still refused.
+    view = nnx.view(stack, only=rnnx.Stack, deterministic=True)
+    with pytest.raises(ValueError, match="active dropout"):
+        view.inverse(view(x))
+    stack.eval()
+    x_rec = stack.inverse(stack(x))
+    assert max_relative_error(x_rec, x) <= 1e-5
+
+
+def test_eval_mode_runs_a_plain_forward_without_dropout():
+    stack, x = make_stack(0.5), inputs()
+    stack.eval()
+    count = int(stack.rngs.count[...])
+    stack(x)
+    assert int(stack.rngs.count[...]) == count  # no key drawn when nothing is random
+    assert stack.deterministic and stack.blocks.f.dropout.deterministic
+    y_a, y_b = stack(x, key=jax.random.key(0)), stack(x, key=jax.random.key(1))
+    np.testing.assert_array_equal(y_a[0], y_b[0])  # dropout is off
+    jaxpr = str(jax.make_jaxpr(lambda x: stack(x, key=jax.random.key(0)))(x))
+    assert "custom_vjp" not in jaxpr  # no reversible machinery at inference
+    stack.train()
+    jaxpr = str(jax.make_jaxpr(lambda x: stack(x, key=jax.random.key(0)))(x))
+    assert "custom_vjp" in jaxpr
+
+
+def test_save_and_restore_state(tmp_path):
+    x, key = inputs(), jax.random.key(6)
+    model = make_stack(0.3)
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    grads = nnx.grad(loss_of)(model, x, key)
+    optimizer.update(model, grads)
+    path = tmp_path / "state.msgpack"
+    rnnx.save_state((model, optimizer), path)
+
+    fresh_model = rnnx.Stack(Block, DEPTH, DIM, 0.3, rngs=nnx.Rngs(123))
+    fresh = nnx.Optimizer(fresh_model, optax.adam(1e-2), wrt=nnx.Param)
+    assert float(jnp.abs(fresh_model(x, key=key)[0] - model(x, key=key)[0]).max()) > 1e-3
+    rnnx.restore_state((fresh_model, fresh), path)
+    np.testing.assert_array_equal(fresh_model(x, key=key)[0], model(x, key=key)[0])
+    restored, saved = nnx.state(fresh, nnx.OptState), nnx.state(optimizer, nnx.OptState)
+    assert len(jax.tree.leaves(saved)) > 0
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The stack's own RNG stream was restored too: the next key-less call draws the same masks.
+    np.testing.assert_array_equal(fresh_model(x)[0], model(x)[0])
+
+    with pytest.raises(ValueError, match="does not match"):
+        rnnx.restore_state(make_stack(0.3), path)
+    wider = rnnx.Stack(Block, DEPTH, DIM + 1, 0.3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"f/down/bias is float32\[5, 8\] in .* float32\[5, 9\]"):
+        rnnx.restore_state((wider, nnx.Optimizer(wider, optax.adam(1e-2), wrt=nnx.Param)), path)
+
+
+# --------------------------------------------------------------------------- bad use
+
+
+def test_branch_changing_the_half_shape_names_block_and_branch():
+    @rnnx.reversible
+    class Widening(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f = nnx.Linear(dim, dim + 1, rngs=rngs)
+            self.g = nnx.Linear(dim, dim, rngs=rngs)
+
+    stack = rnnx.Stack(Widening, 2, DIM, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"Stack\(Widening\).*f must return.*\(6, 8\).*\(6, 9\)"):
+        stack(inputs())
+
+
+@pytest.mark.parametrize("depth", [0, -1, 2.0, True])
+def test_bad_depth(depth):
+    with pytest.raises(ValueError, match="depth must be a positive int"):
+        rnnx.Stack(Block, depth, DIM, rngs=nnx.Rngs(0))
+
+
+def test_batch_norm_state_is_refused_with_its_path():
+    @rnnx.reversible
+    class Normed(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f = nnx.Sequential(nnx.Linear(dim, dim, rngs=rngs), nnx.BatchNorm(dim, rngs=rngs))
+            self.g = nnx.Linear(dim, dim, rngs=rngs)
+
+    with pytest.raises(TypeError, match=r"Normed\.f\.layers\.1\.mean is state of type BatchStat"):
+        rnnx.Stack(Normed, 2, DIM, rngs=nnx.Rngs(0))
+
+
+def test_other_bad_blocks():
+    class Undecorated(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f = self.g = nnx.Linear(dim, dim, rngs=rngs)
+
+    with pytest.raises(TypeError, match=r"decorate the class with @revjax\.nnx\.reversible"):
+        rnnx.Stack(Undecorated, 2, DIM, rngs=nnx.Rngs(0))
+
+    with pytest.raises(TypeError, match="defines __call__"):
+
+        @rnnx.reversible
+        class WithCall(nnx.Module):
+            def __call__(self, x):
+                return x
+
+    @rnnx.reversible
+    class NoG(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f = nnx.Linear(dim, dim, rngs=rngs)
+
+    with pytest.raises(TypeError, match=r"nnx\.Module attribute self\.g"):
+        NoG(DIM, rngs=nnx.Rngs(0))
+
+    @rnnx.reversible
+    class Shared(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f = nnx.Linear(dim, dim, rngs=rngs)
+            self.g = nnx.Sequential(self.f)
+
+    with pytest.raises(TypeError, match="must not share variables"):
+        Shared(DIM, rngs=nnx.Rngs(0))
+
+    @rnnx.reversible
+    class Outside(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f = nnx.Linear(dim, dim, rngs=rngs)
+            self.g = nnx.Linear(dim, dim, rngs=rngs)
+            self.scale = nnx.Param(jnp.ones(dim))
+
+    with pytest.raises(TypeError, match=r"Outside\.scale .*outside the branches"):
+        Outside(DIM, rngs=nnx.Rngs(0))
+
+    class Scaled(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.linear = nnx.Linear(dim, dim, rngs=rngs)
+            self.scale = jnp.full((dim,), 2.0)  # a raw array: not a parameter
+
+        def __call__(self, x):
+            return self.linear(x) * self.scale
+
+    @rnnx.reversible
+    class RawArray(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f = Scaled(dim, rngs=rngs)
+            self.g = nnx.Linear(dim, dim, rngs=rngs)
+
+    with pytest.raises(TypeError, match=r"RawArray\.f\.scale is state of type ArrayImpl"):
+        RawArray(DIM, rngs=nnx.Rngs(0))
+
+    @rnnx.reversible
+    class LambdaBranch(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f = lambda h: h
+            self.g = nnx.Linear(dim, dim, rngs=rngs)
+
+    with pytest.raises(TypeError, match=r"needs an nnx\.Module attribute self\.f"):
+        LambdaBranch(DIM, rngs=nnx.Rngs(0))
+
+    class Overriding(Block):
+        def __call__(self, x):
+            return x
+
+    with pytest.raises(TypeError, match="Overriding overrides __call__"):
+        Overriding(DIM, rngs=nnx.Rngs(0))
+
+    with pytest.raises(ValueError, match="method must be one of"):
+        make_stack(method="magic")
+    with pytest.raises(ValueError, match=r"takes a pair \(x1, x2\)"):
+        make_stack()(inputs()[0])
+
+
+def test_single_block_call_and_inverse():
+    block = Block(DIM, rngs=nnx.Rngs(0))
+    x = inputs()
+    y = block(x)
+    np.testing.assert_allclose(y[0], x[0] + block.f(x[1]), rtol=1e-6)
+    np.testing.assert_allclose(y[1], x[1] + block.g(y[0]), rtol=1e-6)
+    assert max_relative_error(block.inverse(y), x) <= 1e-6
+    noisy = Block(DIM, 0.5, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"Block\.inverse: the block has active dropout"):
+        noisy.inverse(noisy(x))
+    noisy.eval()
+    assert max_relative_error(noisy.inverse(noisy(x)), x) <= 1e-6
+
+
+def test_stack_works_under_nnx_capture():
+    stack, x = make_stack(), inputs()
+    y, _ = nnx.capture(stack, nnx.Intermediate)(x)
+    np.testing.assert_allclose(y[0], stack(x)[0], rtol=1e-6)
