@@ -22,16 +22,7 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_scan.py --size cpu
-	$(BIN)/python benchmarks/numerics_cpu.py
-	$(BIN)/python benchmarks/count_gemms.py
-	$(BIN)/python benchmarks/numerics_depth.py --size cpu
-	$(BIN)/python benchmarks/bench_activations.py
-	$(BIN)/python benchmarks/bench_revnet.py
-	$(BIN)/python benchmarks/bench_moonwalk.py --size cpu
-	$(BIN)/python benchmarks/train_lm.py
-	$(BIN)/python benchmarks/bench_transformer.py --size cpu
-	$(BIN)/python benchmarks/report.py
+	$(BIN)/python -m revjax bench --size cpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -12,8 +12,8 @@ The recipe, in three annotations on top of single-device code:
 keeps every sharding (checked in tests/test_sharding.py). Multi-host: start one process per host
 with ``--distributed`` (``jax.distributed.initialize()`` reads the cluster from the
 environment on SLURM, Open MPI or Cloud TPU, or takes ``--coordinator HOST:PORT
---num-processes N --process-id I``); each process feeds its own rows with
-``jax.make_array_from_process_local_data``.
+--num-processes N --process-id I``); each process builds the global batch's layout with
+``jax.make_array_from_callback``, supplying only the rows its devices hold.
 
     # 8 simulated CPU devices:
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/sharded_training.py
@@ -55,8 +55,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--process-id", type=int)
     args = parser.parse_args(argv)
     if args.distributed:
-        if jax.config.jax_platforms == "cpu":  # CPU processes talk through gloo
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=args.coordinator,
             num_processes=args.num_processes,
@@ -79,15 +77,17 @@ def main(argv: list[str] | None = None) -> dict:
         return loss
 
     rows = NamedSharding(mesh, P("data"))
-    local_rows = args.batch // jax.process_count()
     corpus = load_stdlib_text(300_000).train
+    global_shape = (args.batch, args.seq_len + 1)
     losses = []
     with jax.set_mesh(mesh):
         for step in range(args.steps):
-            # This process's share of the global batch (all of it on a single host).
-            local = sample_batch(corpus, local_rows, args.seq_len, jax.process_index(), step)
-            tokens = jax.make_array_from_process_local_data(rows, local)
-            losses.append(float(train_step(model, optimizer, tokens, jax.random.key(step))))
+            # Every process draws the same global batch from (seed, step) and hands JAX only
+            # the rows its own devices hold, whatever the mesh layout across hosts.
+            batch = sample_batch(corpus, args.batch, args.seq_len, 0, step)
+            tokens = jax.make_array_from_callback(global_shape, rows, batch.__getitem__)
+            losses.append(train_step(model, optimizer, tokens, jax.random.key(step)))
+    losses = [float(x) for x in jax.device_get(losses)]  # one host sync, at the end
     kernel = model.stack.blocks.g.up.kernel[...]
     report = {
         "devices": jax.device_count(),

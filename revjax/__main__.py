@@ -1,10 +1,14 @@
-"""Command line: ``python -m revjax demo [options]``."""
+"""Command line: ``python -m revjax {demo,compare,bench} [options]``."""
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"demo": "train a reversible digits classifier three ways and compare them"}
+COMMANDS = {
+    "demo": "train a reversible digits classifier three ways and compare them",
+    "compare": "gradient error, memory and time of every method on one network",
+    "bench": "run the benchmarks into benchmarks/results/ and refresh the README (checkout only)",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,11 +18,19 @@ def main(argv: list[str] | None = None) -> int:
         for name, text in COMMANDS.items():
             print(f"  {name:8s} {text}")
         return 0 if not argv or argv[0] in {"-h", "--help"} else 2
-    if argv[0] == "demo":
+    command, rest = argv[0], argv[1:]
+    if command == "demo":
         from revjax.demo import main as demo_main
 
-        demo_main(argv[1:])
-    return 0
+        demo_main(rest)
+        return 0
+    if command == "compare":
+        from revjax.compare import main as compare_main
+
+        return compare_main(rest)
+    from revjax.bench import main as bench_main
+
+    return bench_main(rest)
 
 
 if __name__ == "__main__":

@@ -49,14 +49,15 @@ def collectives(compiled_text: str) -> dict[str, list[int]]:
         for kind in COLLECTIVES:
             match = re.search(rf"= (.*?) {kind}(?:-start)?\(", line)
             if match:
-                shapes = re.findall(r"(f32|bf16|f16|s32|u32|pred)\[([\d,]*)\]", match.group(1))
-                size = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1}
+                shapes = re.findall(r"([a-z]+\d*|pred)\[([\d,]*)\]", match.group(1))
+                size = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2}
+                size |= {"f16": 2, "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1}
                 total = 0
                 for dtype, dims in shapes:
                     n = 1
                     for d in filter(None, dims.split(",")):
                         n *= int(d)
-                    total += n * size[dtype]
+                    total += n * size.get(dtype, 8)  # unknown: count generously
                 found[kind].append(total)
     return found
 
@@ -154,6 +155,7 @@ def check_scan() -> dict:
         out["data_explicit"] = {
             "grad_error": relative_error(grads, reference),
             "input_grad_specs": specs(grads[1]),
+            "param_grads_replicated": same_shardings(grads[0], p),
         }
     return out
 
@@ -210,27 +212,44 @@ def nnx_loss(model, x, key):
     return jnp.sum(y1 * y2)
 
 
+#: The NNX modules name the axes "data" and "model"; a size-1 axis means "not split".
+MESHES_2D = {"data": (8, 1), "tensor": (1, 8), "2d": (2, 4)}
+
+
 def check_nnx() -> dict:
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=AUTO)
-    with jax.set_mesh(mesh):
-        model = rj.nnx.Stack(ShardedBlock, 6, WIDTH, rngs=nnx.Rngs(0))
+    out = {}
     x = jax.random.normal(jax.random.key(1), (64, WIDTH))
     key = jax.random.key(2)
-    params = nnx.state(model, nnx.Param)
-    # The single-device twin: the same state gathered onto one device.
-    graphdef, state = nnx.split(model)
-    single = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
-    reference = nnx.jit(nnx.grad(nnx_loss))(single, x, key)
-    with jax.set_mesh(mesh):
-        xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-        step = nnx.jit(nnx.grad(nnx_loss))
-        grads = step(model, xs, key)
-    return {
-        "grad_error": relative_error(grads, reference),
-        "param_specs": specs(params),
-        "grads_like_params": same_shardings(grads, params),
-        "hidden_sharded": sum("model" in s for s in specs(params)),
-    }
+    for layout, shape in MESHES_2D.items():
+        mesh = jax.make_mesh(shape, ("data", "model"), axis_types=AUTO)
+        with jax.set_mesh(mesh):
+            model = rj.nnx.Stack(ShardedBlock, 6, WIDTH, rngs=nnx.Rngs(0))
+        params = nnx.state(model, nnx.Param)
+        # The single-device twin: the same state gathered onto one device.
+        graphdef, state = nnx.split(model)
+        single = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
+        grad = nnx.jit(nnx.grad(nnx_loss, argnums=(0, 1)))
+        reference = grad(single, x, key)
+        with jax.set_mesh(mesh):
+            xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+            grads = grad(model, xs, key)
+            y = nnx.jit(lambda m, x: m((x, x), key=key))(model, xs)
+            graphdef, state = nnx.split(model)
+
+            def pure_grad(state, x, graphdef=graphdef):
+                return nnx.grad(nnx_loss, argnums=(0, 1))(nnx.merge(graphdef, state), x, key)
+
+            hlo = jax.jit(pure_grad).lower(state, xs).compile().as_text()
+        out[layout] = {
+            "grad_error": relative_error(grads, reference),
+            "param_specs": specs(params),
+            "grads_like_params": same_shardings(grads[0], params),
+            "input_grad_like_input": same_shardings(grads[1], xs),
+            "outputs_like_input": same_shardings(y, (xs, xs)),
+            "hidden_sharded": sum("model" in s for s in specs(params)),
+            "collectives": collectives(hlo),
+        }
+    return out
 
 
 def check_transformer() -> dict:
@@ -252,6 +271,12 @@ def check_transformer() -> dict:
     with jax.set_mesh(mesh):
         sharded_tokens = jax.device_put(tokens, NamedSharding(mesh, P("data")))
         grads = grad(model, sharded_tokens, key)
+        graphdef, state = nnx.split(model)
+
+        def pure_grad(state, tokens):
+            return nnx.grad(next_token_loss)(nnx.merge(graphdef, state), tokens, key)
+
+        hlo = jax.jit(pure_grad).lower(state, sharded_tokens).compile().as_text()
     leaves = lambda tree: [np.ravel(a) for a in jax.tree.leaves(jax.device_get(tree))]
     got, want = np.concatenate(leaves(grads)), np.concatenate(leaves(reference))
     return {
@@ -259,6 +284,7 @@ def check_transformer() -> dict:
         "joint_grad_error": float(np.linalg.norm(got - want) / np.linalg.norm(want)),
         "grads_like_params": same_shardings(grads, params),
         "hidden_sharded": sum("model" in s for s in specs(params)),
+        "collectives": collectives(hlo),
     }
 
 
@@ -271,17 +297,21 @@ def check_moonwalk() -> dict:
     x = (jax.random.normal(k1, (64, WIDTH)), jax.random.normal(k2, (64, WIDTH)))
     net = mw.stack(mw.from_coupling(mlp_coupling()))
     loss = lambda y: jnp.sum(jnp.tanh(y[0]) * y[1], axis=-1)
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
-    xs = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P("data"))), x)
     out = {}
-    for method in ("moonwalk", "mixed_moonwalk", "revbackprop"):
-        fn = jax.jit(mw.value_and_grad(net, loss, method=method))
-        _, reference = fn(params, x)
-        _, grads = fn(params, xs)
-        out[method] = {
-            "grad_error": relative_error(grads, reference),
-            "collectives": collectives(fn.lower(params, xs).compile().as_text()),
-        }
+    for layout, (shape, axes, batch, up, down) in LAYOUTS.items():
+        mesh = jax.make_mesh(shape, axes, axis_types=AUTO[: len(axes)])
+        p = jax.tree.map(functools.partial(put, mesh), params, param_specs(params, up, down))
+        xs = jax.tree.map(functools.partial(put, mesh, spec=batch), x)
+        out[layout] = {}
+        for method in ("moonwalk", "mixed_moonwalk", "revbackprop"):
+            fn = jax.jit(mw.value_and_grad(net, loss, method=method))
+            _, reference = fn(params, x)
+            _, grads = fn(p, xs)
+            out[layout][method] = {
+                "grad_error": relative_error(grads, reference),
+                "grads_like_params": same_shardings(grads, p),
+                "collectives": collectives(fn.lower(p, xs).compile().as_text()),
+            }
     return out
 
 

@@ -27,5 +27,6 @@ def test_demo_table(capsys, tmp_path):
 
 def test_cli_usage(capsys):
     assert main(["--help"]) == 0
-    assert "demo" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("demo", "compare", "bench"))
     assert main(["nonsense"]) == 2

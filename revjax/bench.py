@@ -1,0 +1,68 @@
+"""``python -m revjax bench``: run every benchmark and regenerate the README's results.
+
+The benchmark scripts live in the source checkout (``benchmarks/``), not in the installed
+package, so this command works from a clone (``make bench`` calls it). ``--size cpu`` (default)
+runs everything at CPU sizes; ``--size gpu`` runs the GPU-size benchmarks (timings, peak
+memory), which need an accelerator. ``--list`` prints the commands without running them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Script and arguments, per size. Every script writes JSON into benchmarks/results/.
+SUITES: dict[str, list[list[str]]] = {
+    "cpu": [
+        ["bench_scan.py", "--size", "cpu"],
+        ["numerics_cpu.py"],
+        ["count_gemms.py"],
+        ["numerics_depth.py", "--size", "cpu"],
+        ["bench_activations.py"],
+        ["bench_revnet.py"],
+        ["bench_moonwalk.py", "--size", "cpu"],
+        ["train_lm.py"],
+        ["bench_transformer.py", "--size", "cpu"],
+    ],
+    "gpu": [
+        ["bench_scan.py", "--size", "gpu", "--dtype", "float32"],
+        ["bench_scan.py", "--size", "gpu", "--dtype", "bfloat16"],
+        ["numerics_depth.py", "--size", "gpu"],
+        ["bench_moonwalk.py", "--size", "gpu"],
+        ["bench_activations.py"],
+        ["bench_transformer.py", "--size", "gpu"],
+    ],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m revjax bench", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--size", choices=sorted(SUITES), default="cpu")
+    parser.add_argument("--list", action="store_true", help="print the commands only")
+    args = parser.parse_args(argv)
+    scripts = ROOT / "benchmarks"
+    if not (scripts / "report.py").exists():
+        print(f"error: {scripts} not found; run from a source checkout of revjax", file=sys.stderr)
+        return 2
+    commands = [[sys.executable, str(scripts / name), *rest] for name, *rest in SUITES[args.size]]
+    commands.append([sys.executable, str(scripts / "report.py")])
+    for command in commands:
+        shown = " ".join(Path(part).name if part.endswith(".py") else part for part in command[1:])
+        if args.list:
+            print(shown)
+            continue
+        start = time.perf_counter()
+        print(f"[revjax bench] {shown}", flush=True)
+        result = subprocess.run(command, check=False)
+        if result.returncode:
+            print(f"error: {shown} exited with {result.returncode}", file=sys.stderr)
+            return result.returncode
+        print(f"[revjax bench] {shown}: {time.perf_counter() - start:.0f} s", flush=True)
+    return 0

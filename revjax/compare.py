@@ -1,0 +1,243 @@
+"""``python -m revjax compare``: every gradient method on one network, side by side.
+
+For a model (``mlp``: additive GELU-MLP couplings; ``revnet``: the RevNet CNN; ``transformer``:
+the reversible transformer) at a given depth and dtype, each method computes the gradient of the
+same loss at the same parameters and inputs. One row per method:
+
+* ``grad_error``: ``||g - g_backprop|| / ||g_backprop||`` over all parameters (joint norm);
+* ``temp_mib``: compiled temp memory of the gradient (XLA memory analysis, nothing executed);
+* ``ms``: median wall time of the jitted gradient (``--repeats`` runs after warm-up). On CPU
+  this is indicative only: revjax's timing claims are measured on GPUs (``benchmarks/``).
+
+Methods: ``backprop``, ``checkpoint`` (``jax.checkpoint`` per layer), ``reversible``
+(``reversible_scan``), ``anchored`` (``reversible_scan`` storing the stream every ``k`` layers,
+``k`` the largest divisor of L not above sqrt(L)), and for ``mlp`` Moonwalk's ``moonwalk``
+(pure forward) and ``mixed_moonwalk``; for ``revnet``, ``across_stages`` (one reconstruction
+through the whole trunk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from revjax.diagnostics import format_table, relative_error
+from revjax.memory import compiled_memory
+from revjax.timing import median_ms
+
+PyTree = Any
+COLUMNS = [
+    ("method", "method", "s"),
+    ("grad_error", "grad error vs backprop", ".1e"),
+    ("temp_mib", "grad temp MiB", ".3f"),
+    ("ms", "ms", ".2f"),
+]
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def anchor_interval_for(depth: int) -> int:
+    """Largest divisor of ``depth`` not above ``sqrt(depth)`` (at least 1)."""
+    return max(k for k in range(1, math.isqrt(depth) + 1) if depth % k == 0)
+
+
+def _cast(tree: PyTree, dtype: Any) -> PyTree:
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
+
+
+def mlp_problem(depth: int, dtype: Any, width: int = 32, hidden: int = 128, batch: int = 64):
+    """Gradient functions ``name -> (params, x) -> grads`` for additive MLP couplings."""
+    from revjax import moonwalk as mw
+    from revjax.models.mlp import init_mlp_stack, mlp_coupling
+    from revjax.scan import plain_scan, reversible_scan
+
+    block = mlp_coupling()
+    params = _cast(init_mlp_stack(jax.random.key(0), depth, width, hidden), dtype)
+    k1, k2 = jax.random.split(jax.random.key(1))
+    x = _cast((jax.random.normal(k1, (batch, width)), jax.random.normal(k2, (batch, width))), dtype)
+    per_example = lambda y: jnp.sum(jnp.tanh(y[0]) * y[1], axis=-1).astype(jnp.float32)
+    mean = lambda y: jnp.mean(per_example(y))
+    k = anchor_interval_for(depth)
+    scans = {
+        "backprop": lambda p, x: plain_scan(block, p, x),
+        "checkpoint": lambda p, x: plain_scan(block, p, x, remat=True),
+        "reversible": lambda p, x: reversible_scan(block, p, x),
+        f"anchored (k={k})": lambda p, x: reversible_scan(block, p, x, checkpoint_every=k),
+    }
+    methods = {
+        name: jax.grad(lambda p, scan=scan: mean(scan(p, x))) for name, scan in scans.items()
+    }
+    net = mw.stack(mw.from_coupling(block))
+    for name in ("moonwalk", "mixed_moonwalk"):
+        fn = mw.value_and_grad(net, per_example, method=name)
+        methods[name] = lambda p, fn=fn: fn(p, x)[1]
+    return methods, params
+
+
+def revnet_problem(depth: int, dtype: Any, batch: int = 32):
+    """RevNet CNN on 8x8x1 inputs, 2 stages of ``depth`` couplings."""
+    from revjax.models.revnet import init_revnet, revnet_logits
+
+    params = _cast(init_revnet(jax.random.key(0), blocks=depth, hidden=16), dtype)
+    x = jax.random.normal(jax.random.key(1), (batch, 8, 8, 1)).astype(dtype)
+    labels = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
+
+    def loss(options):
+        def fn(p):
+            logits = revnet_logits(p, x, **options).astype(jnp.float32)
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(batch), labels])
+
+        return jax.grad(fn)
+
+    variants = {
+        "backprop": {"reversible": False},
+        "reversible": {},
+        "across_stages": {"across_stages": True},
+    }
+    return {name: loss(options) for name, options in variants.items()}, params
+
+
+def transformer_problem(depth: int, dtype: Any, batch: int = 8, length: int = 64):
+    """Reversible byte-level transformer, width 64, 4 heads."""
+    from flax import nnx
+
+    from revjax.models.transformer import ReversibleTransformer, next_token_loss
+    from revjax.precision import Policy
+
+    policy = None if dtype == jnp.float32 else Policy(compute_dtype=dtype)
+    model = ReversibleTransformer(256, 64, depth, 4, length, policy=policy, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (batch, length + 1), 0, 256)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    k = anchor_interval_for(depth)
+    variants = {
+        "backprop": {"method": "backprop"},
+        "checkpoint": {"method": "checkpoint"},
+        "reversible": {"method": "reversible"},
+        f"anchored (k={k})": {"method": "reversible", "checkpoint_every": k},
+    }
+
+    def grad_for(options):
+        def fn(p):
+            model = nnx.merge(graphdef, p, rest)
+            for name, value in options.items():
+                setattr(model.stack, name, value)
+            return next_token_loss(model, tokens)
+
+        return jax.grad(fn)
+
+    return {name: grad_for(options) for name, options in variants.items()}, params
+
+
+PROBLEMS: dict[str, Callable[..., tuple[dict[str, Callable], PyTree]]] = {
+    "mlp": mlp_problem,
+    "revnet": revnet_problem,
+    "transformer": transformer_problem,
+}
+
+
+def compare(
+    model: str,
+    depth: int,
+    dtype: str = "float32",
+    *,
+    repeats: int = 5,
+    methods: list[str] | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """One row per method: ``method``, ``grad_error``, ``temp_mib``, ``ms`` (see module doc).
+
+    Raises:
+      ValueError: unknown model, dtype or method, or ``depth < 1``.
+    """
+    if model not in PROBLEMS:
+        raise ValueError(f"compare: unknown model {model!r}; choose from {sorted(PROBLEMS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"compare: unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"compare: depth must be a positive int, got {depth!r}")
+    grads, params = PROBLEMS[model](depth, DTYPES[dtype])
+    names = list(grads)
+    if methods:
+        available = {name.split(" ")[0]: name for name in names}
+        unknown = [m for m in methods if m not in available]
+        if unknown:
+            raise ValueError(
+                f"compare: unknown methods {unknown} for {model}; choose from {sorted(available)}"
+            )
+        names = ["backprop", *(available[m] for m in methods if m != "backprop")]
+    steps = names
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            steps = tqdm(names, desc=f"compare {model} L={depth}", unit="method")
+        except ImportError:  # pragma: no cover - tqdm is in the bench extra
+            pass
+    rows, reference = [], None
+    for name in steps:
+        fn = jax.jit(grads[name])
+        g = jax.block_until_ready(fn(params))
+        reference = g if reference is None else reference
+        rows.append(
+            {
+                "method": name,
+                "grad_error": float(relative_error(g, reference)),
+                "temp_mib": compiled_memory(fn, params).temp_mib,
+                "ms": median_ms(fn, params, repeats=repeats, warmup=1),
+            }
+        )
+    return rows
+
+
+def render(rows: list[dict[str, Any]], title: str) -> str:
+    """The rows as a rich table when rich is installed (the bench extra), else Markdown."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover - rich is in the bench extra
+        return f"{title}\n\n{format_table(rows, COLUMNS)}"
+    table = Table(title=title)
+    for _, header, _ in COLUMNS:
+        table.add_column(header, justify="left" if header == "method" else "right")
+    for row in rows:
+        table.add_row(*(format(row[key], fmt) for key, _, fmt in COLUMNS))
+    console = Console(width=120, record=True, file=io.StringIO())
+    console.print(table)
+    return console.export_text()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m revjax compare", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--model", choices=sorted(PROBLEMS), default="mlp")
+    parser.add_argument("--depth", type=int, default=16)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--methods", nargs="+", help="subset of methods (backprop always runs)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        rows = compare(
+            args.model, args.depth, args.dtype, repeats=args.repeats, methods=args.methods,
+            progress=not args.json,
+        )  # fmt: skip
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"model": args.model, "depth": args.depth, "dtype": args.dtype,
+                          "backend": jax.default_backend(), "rows": rows}))  # fmt: skip
+    else:
+        title = f"{args.model}, L = {args.depth}, {args.dtype}, {jax.default_backend()}"
+        print(render(rows, title))
+    return 0

@@ -1,0 +1,76 @@
+"""compare: every method's gradient agrees with backprop; memory ordering; CLI output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from revjax.__main__ import main as cli
+from revjax.compare import anchor_interval_for, compare
+
+
+def by_method(rows):
+    return {row["method"].split(" ")[0]: row for row in rows}
+
+
+def test_mlp_methods_agree_and_reversible_uses_least_memory():
+    rows = by_method(compare("mlp", 16, repeats=1))
+    assert set(rows) == {
+        "backprop", "checkpoint", "reversible", "anchored", "moonwalk", "mixed_moonwalk"
+    }  # fmt: skip
+    assert rows["backprop"]["grad_error"] == 0.0
+    # float32, 16 layers: reconstruction / vijp round-off; measured 1e-7 to 1e-6.
+    for name in ("checkpoint", "reversible", "anchored", "moonwalk", "mixed_moonwalk"):
+        assert rows[name]["grad_error"] <= 1e-5, (name, rows[name])
+    assert rows["reversible"]["temp_mib"] < rows["checkpoint"]["temp_mib"]
+    assert rows["checkpoint"]["temp_mib"] < rows["backprop"]["temp_mib"]
+    assert all(row["ms"] > 0 for row in rows.values())
+
+
+def test_revnet_and_transformer_and_bf16():
+    revnet = by_method(compare("revnet", 4, repeats=1))
+    assert revnet["reversible"]["grad_error"] <= 1e-5
+    assert revnet["across_stages"]["grad_error"] <= 1e-5
+    assert revnet["reversible"]["temp_mib"] < revnet["backprop"]["temp_mib"]
+    transformer = by_method(compare("transformer", 4, repeats=1, methods=["reversible"]))
+    assert set(transformer) == {"backprop", "reversible"}
+    assert transformer["reversible"]["grad_error"] <= 1e-5
+    bf16 = by_method(compare("mlp", 8, "bfloat16", repeats=1, methods=["reversible"]))
+    # bfloat16 stream and compute: reconstruction error is visible but bounded (~1e-2 at L=8).
+    assert 1e-5 < bf16["reversible"]["grad_error"] < 0.1
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown model"):
+        compare("resnet", 4)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        compare("mlp", 4, "float16")
+    with pytest.raises(ValueError, match="depth must be a positive int"):
+        compare("mlp", 0)
+    with pytest.raises(ValueError, match=r"unknown methods \['magic'\]"):
+        compare("mlp", 4, methods=["magic"])
+
+
+def test_anchor_interval():
+    assert [anchor_interval_for(d) for d in (1, 7, 16, 24, 64)] == [1, 1, 4, 4, 8]
+
+
+def test_cli_table_and_json(capsys):
+    assert cli(["compare", "--model", "mlp", "--depth", "4", "--repeats", "1", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["model"] == "mlp" and len(record["rows"]) == 6
+    assert cli(["compare", "--depth", "4", "--repeats", "1", "--methods", "reversible"]) == 0
+    out = capsys.readouterr().out
+    assert "grad error vs backprop" in out and "reversible" in out
+    assert cli(["compare", "--methods", "magic"]) == 2
+    assert "unknown methods" in capsys.readouterr().err
+
+
+def test_bench_lists_every_benchmark(capsys):
+    assert cli(["bench", "--list"]) == 0
+    listed = capsys.readouterr().out
+    for script in ("bench_scan.py", "numerics_depth.py", "train_lm.py", "report.py"):
+        assert script in listed
+    assert cli(["bench", "--size", "gpu", "--list"]) == 0
+    assert "--size gpu" in capsys.readouterr().out
