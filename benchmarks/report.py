@@ -195,12 +195,29 @@ def render_transformer(payload: dict, filename: str) -> str:
     )
 
 
+def render_memory_depth(payload: dict, filename: str) -> str:
+    cfg, env = payload["config"], payload["env"]
+    methods = list(dict.fromkeys(r["method"] for r in payload["rows"]))
+    depths = sorted({r["depth"] for r in payload["rows"]})
+    temp = {(r["method"], r["depth"]): r["temp_mib"] for r in payload["rows"]}
+    rows = [{"L": d, **{m: temp[(m, d)] for m in methods}} for d in depths]
+    table = format_table(rows, [("L", "L", "d")] + [(m, m, ".2f") for m in methods])
+    return (
+        f"Compiled temp memory (MiB) of the gradient of L additive GELU-MLP couplings, halves "
+        f"{cfg['width']} wide, hidden {cfg['hidden']}, batch {cfg['batch']}, {cfg['dtype']}; "
+        f"anchors and nested groups every k layers, k the largest divisor of L not above "
+        f"sqrt(L). Measured on {_where(env)} by `benchmarks/memory_depth.py` "
+        f"(`benchmarks/results/{filename}`, plot alongside as PNG).\n\n{table}"
+    )
+
+
 RENDERERS = {
     "scan": ("scan_gpu_gpu.json", render_scan),
     "scan_bf16": ("scan_gpu_gpu_bfloat16.json", render_scan),
     "numerics_depth_cpu": ("numerics_depth_cpu_cpu.json", render_numerics_depth),
     "numerics_depth_gpu": ("numerics_depth_gpu_gpu.json", render_numerics_depth),
     "moonwalk_cpu": ("moonwalk_cpu_cpu.json", render_moonwalk),
+    "memory_depth": ("memory_depth_cpu.json", render_memory_depth),
     "train_lm": ("train_lm_cpu.json", render_train_lm),
     "transformer_cpu": ("transformer_cpu_cpu.json", render_transformer),
     "transformer_gpu": ("transformer_gpu_gpu.json", render_transformer),

@@ -26,6 +26,7 @@ SUITES: dict[str, list[list[str]]] = {
         ["bench_activations.py"],
         ["bench_revnet.py"],
         ["bench_moonwalk.py", "--size", "cpu"],
+        ["memory_depth.py"],
         ["train_lm.py"],
         ["bench_transformer.py", "--size", "cpu"],
     ],

@@ -1,0 +1,136 @@
+"""Activation memory of the gradient vs depth, for every memory-saving method.
+
+Compiled temp memory (XLA memory analysis: nothing is executed, so any depth costs only compile
+time) of the gradient of L additive GELU-MLP couplings (halves 64 wide, hidden 256, batch 256,
+float32) for L = 8 .. 256:
+
+* backprop: ``lax.scan``, every activation stored;
+* checkpoint: ``jax.checkpoint`` per layer (stores each layer's input);
+* sqrt(L) nested checkpointing: the stack split into groups of k ~ sqrt(L) layers; the forward
+  pass stores only group inputs (L / k streams), the backward recomputes one group at a time
+  storing its activations (k layers' worth);
+* reversible: ``reversible_scan``;
+* reversible + anchors: ``reversible_scan(checkpoint_every=k)``, k ~ sqrt(L);
+* mixed Moonwalk: ``revjax.moonwalk`` (reverse pass of residuals, then the vijp forward sweep).
+
+    python benchmarks/memory_depth.py     # writes memory_depth_<backend>.json and .png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS, environment, write_json
+from revjax import moonwalk as mw
+from revjax.compare import anchor_interval_for
+from revjax.memory import compiled_memory
+from revjax.models.mlp import init_mlp_stack, mlp_coupling
+from revjax.scan import plain_scan, reversible_scan
+
+WIDTH, HIDDEN, BATCH = 64, 256, 256
+DEPTHS = (8, 16, 32, 64, 128, 256)
+BLOCK = mlp_coupling()
+
+
+def per_example(y):
+    return jnp.sum(jnp.tanh(y[0]) * y[1], axis=-1)
+
+
+def nested_checkpoint_scan(params, x, group: int):
+    """``L`` layers as ``L / group`` checkpointed groups of ``group`` plain layers."""
+    depth = jax.tree.leaves(params)[0].shape[0]
+    grouped = jax.tree.map(lambda a: a.reshape(depth // group, group, *a.shape[1:]), params)
+
+    @jax.checkpoint
+    def run_group(x_, group_params):
+        return lax.scan(lambda h, p: (BLOCK.forward(p, h), None), x_, group_params)[0]
+
+    return lax.scan(lambda h, p: (run_group(h, p), None), x, grouped)[0]
+
+
+def gradient(method: str, depth: int):
+    k = anchor_interval_for(depth)
+    if method == "mixed Moonwalk":
+        fn = mw.value_and_grad(
+            mw.stack(mw.from_coupling(BLOCK)), per_example, method="mixed_moonwalk"
+        )
+        return lambda p, x: fn(p, x)[1]
+    forward = {
+        "backprop": lambda p, x: plain_scan(BLOCK, p, x),
+        "checkpoint": lambda p, x: plain_scan(BLOCK, p, x, remat=True),
+        "sqrt(L) nested checkpointing": lambda p, x: nested_checkpoint_scan(p, x, k),
+        "reversible": lambda p, x: reversible_scan(BLOCK, p, x),
+        "reversible + anchors": lambda p, x: reversible_scan(BLOCK, p, x, checkpoint_every=k),
+    }[method]
+    return jax.grad(lambda p, x: jnp.mean(per_example(forward(p, x))))
+
+
+METHODS = (
+    "backprop",
+    "checkpoint",
+    "sqrt(L) nested checkpointing",
+    "reversible",
+    "reversible + anchors",
+    "mixed Moonwalk",
+)
+
+
+def temp_mib(method: str, depth: int) -> float:
+    params = jax.eval_shape(lambda: init_mlp_stack(jax.random.key(0), depth, WIDTH, HIDDEN))
+    x = (jax.ShapeDtypeStruct((BATCH, WIDTH), jnp.float32),) * 2
+    return compiled_memory(gradient(method, depth), params, x).temp_mib
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method in METHODS:
+        points = [(r["depth"], r["temp_mib"]) for r in rows if r["method"] == method]
+        ax.plot(*zip(*points, strict=True), marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("layers L")
+    ax.set_ylabel("gradient temp memory (MiB)")
+    ax.set_title(f"{WIDTH}-wide halves, hidden {HIDDEN}, batch {BATCH}, float32")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rows = []
+    for depth in DEPTHS:
+        for method in METHODS:
+            rows.append({"method": method, "depth": depth, "temp_mib": temp_mib(method, depth)})
+            print(rows[-1], flush=True)
+    env = environment()
+    payload = {
+        "benchmark": "memory_depth",
+        "config": {"width": WIDTH, "hidden": HIDDEN, "batch": BATCH, "dtype": "float32"},
+        "rows": rows,
+        "env": env,
+    }
+    path = write_json(f"memory_depth_{env['backend']}.json", payload, args.out)
+    plot(rows, Path(args.out or RESULTS) / f"memory_depth_{env['backend']}.png")
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
