@@ -118,8 +118,8 @@ def render_moonwalk(payload: dict, filename: str) -> str:
         text += "\n\nPure-forward Moonwalk vs exact forward mode on the RevNet (wall time on " + (
             f"{env['backend']}): "
             + "; ".join(
-                f"L = {r['depth']}: {r['forward']:.1f} ms vs {r['moonwalk']:.1f} ms, "
-                f"{r['speedup']:.0f}x"
+                f"L = {r['depth']}: {r['moonwalk']:.1f} ms vs {r['forward']:.1f} ms, "
+                f"{r['speedup']:.0f}x faster"
                 for r in speed
             )
             + "."
@@ -182,8 +182,17 @@ def render_transformer(payload: dict, filename: str) -> str:
         for r in payload["rows"]
     ]
     cap = cfg["max_depth"]
-    deepest = ", ".join(
-        f"{m} {'>= ' if d >= cap else ''}{d}" for m, d in payload["deepest_depth"].items()
+    deepest_by = payload["deepest_depth"]
+    deepest = ", ".join(f"{m} {'>= ' if d >= cap else ''}{d}" for m, d in deepest_by.items())
+    temp = {(r["method"], r["depth"]): r["temp"] for r in payload["rows"]}
+    shallow, deep = min(cfg["depths"]), max(cfg["depths"])
+    growth = ", ".join(
+        f"{m} {temp[(m, deep)] / temp[(m, shallow)]:.2f}x"
+        for m in dict.fromkeys(k[0] for k in temp)
+    )
+    rev = deepest_by["reversible"]
+    ratios = ", ".join(
+        f"{rev / d:.1f}x deeper than {m}" for m, d in deepest_by.items() if m != "reversible"
     )
     return (
         f"One AdamW training step of the reversible transformer, width {cfg['dim']}, "
@@ -191,7 +200,8 @@ def render_transformer(payload: dict, filename: str) -> str:
         f"on {_where(env)} by `benchmarks/bench_transformer.py --size {payload['size']}` "
         f"(`benchmarks/results/{filename}`).\n\n{format_table(rows, columns)}\n\n"
         f"Deepest model whose compiled training step (state donated) fits in "
-        f"{payload['budget_bytes'] / 2**30:.1f} GiB, searched up to {cap}: {deepest} blocks."
+        f"{payload['budget_bytes'] / 2**30:.1f} GiB, searched up to {cap}: {deepest} blocks "
+        f"(reversible {ratios}). Temp memory from L = {shallow} to L = {deep}: {growth}."
     )
 
 

@@ -47,7 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--size", choices=sorted(SUITES), default="cpu")
     parser.add_argument("--list", action="store_true", help="print the commands only")
+    parser.add_argument(
+        "--force", action="store_true", help="run the GPU sizes even without an accelerator"
+    )
     args = parser.parse_args(argv)
+    if args.size == "gpu" and not (args.list or args.force):
+        import jax
+
+        if jax.default_backend() == "cpu":
+            print("error: --size gpu needs a GPU or TPU (jax sees only a CPU); use --force "
+                  "to run anyway", file=sys.stderr)  # fmt: skip
+            return 2
     scripts = ROOT / "benchmarks"
     if not (scripts / "report.py").exists():
         print(f"error: {scripts} not found; run from a source checkout of revjax", file=sys.stderr)

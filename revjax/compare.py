@@ -4,7 +4,10 @@ For a model (``mlp``: additive GELU-MLP couplings; ``revnet``: the RevNet CNN; `
 the reversible transformer) at a given depth and dtype, each method computes the gradient of the
 same loss at the same parameters and inputs. One row per method:
 
-* ``grad_error``: ``||g - g_backprop|| / ||g_backprop||`` over all parameters (joint norm);
+* ``grad_error``: ``||g - g_ref|| / ||g_ref||`` over all parameters (joint norm), ``g_ref``
+  being plain backprop of the same network in float32. ``--dtype bfloat16`` casts parameters
+  and inputs to bfloat16 for every method (compute and stream), so its rows show each
+  method's total error, backprop's own rounding included;
 * ``temp_mib``: compiled temp memory of the gradient (XLA memory analysis, nothing executed);
 * ``ms``: median wall time of the jitted gradient (``--repeats`` runs after warm-up). On CPU
   this is indicative only: revjax's timing claims are measured on GPUs (``benchmarks/``).
@@ -36,7 +39,7 @@ from revjax.timing import median_ms
 PyTree = Any
 COLUMNS = [
     ("method", "method", "s"),
-    ("grad_error", "grad error vs backprop", ".1e"),
+    ("grad_error", "grad error vs f32 backprop", ".1e"),
     ("temp_mib", "grad temp MiB", ".3f"),
     ("ms", "ms", ".2f"),
 ]
@@ -111,12 +114,11 @@ def transformer_problem(depth: int, dtype: Any, batch: int = 8, length: int = 64
     from flax import nnx
 
     from revjax.models.transformer import ReversibleTransformer, next_token_loss
-    from revjax.precision import Policy
 
-    policy = None if dtype == jnp.float32 else Policy(compute_dtype=dtype)
-    model = ReversibleTransformer(256, 64, depth, 4, length, policy=policy, rngs=nnx.Rngs(0))
+    model = ReversibleTransformer(256, 64, depth, 4, length, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (batch, length + 1), 0, 256)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = _cast(params, dtype)
     k = anchor_interval_for(depth)
     variants = {
         "backprop": {"method": "backprop"},
@@ -130,7 +132,7 @@ def transformer_problem(depth: int, dtype: Any, batch: int = 8, length: int = 64
             model = nnx.merge(graphdef, p, rest)
             for name, value in options.items():
                 setattr(model.stack, name, value)
-            return next_token_loss(model, tokens)
+            return next_token_loss(model, tokens).astype(jnp.float32)
 
         return jax.grad(fn)
 
@@ -166,14 +168,25 @@ def compare(
         raise ValueError(f"compare: depth must be a positive int, got {depth!r}")
     grads, params = PROBLEMS[model](depth, DTYPES[dtype])
     names = list(grads)
-    if methods:
-        available = {name.split(" ")[0]: name for name in names}
+    if methods is not None:
+        if isinstance(methods, str) or not methods:
+            raise ValueError(f"compare: methods must be a non-empty list of names, got {methods!r}")
+        available = {name.split(" ")[0]: name for name in names} | {n: n for n in names}
         unknown = [m for m in methods if m not in available]
         if unknown:
             raise ValueError(
-                f"compare: unknown methods {unknown} for {model}; choose from {sorted(available)}"
+                f"compare: unknown methods {unknown} for {model}; choose from "
+                f"{sorted(name.split(' ')[0] for name in names)}"
             )
-        names = ["backprop", *(available[m] for m in methods if m != "backprop")]
+        names = list(dict.fromkeys(["backprop", *(available[m] for m in methods)]))
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"compare: repeats must be a positive int, got {repeats!r}")
+    if dtype == "float32":
+        reference_grad, reference_params = grads["backprop"], params
+    else:
+        f32_grads, reference_params = PROBLEMS[model](depth, jnp.float32)
+        reference_grad = f32_grads["backprop"]
+    reference = jax.jit(reference_grad)(reference_params)
     steps = names
     if progress:
         try:
@@ -182,15 +195,14 @@ def compare(
             steps = tqdm(names, desc=f"compare {model} L={depth}", unit="method")
         except ImportError:  # pragma: no cover - tqdm is in the bench extra
             pass
-    rows, reference = [], None
+    rows = []
     for name in steps:
         fn = jax.jit(grads[name])
         g = jax.block_until_ready(fn(params))
-        reference = g if reference is None else reference
         rows.append(
             {
                 "method": name,
-                "grad_error": float(relative_error(g, reference)),
+                "grad_error": float(relative_error(_cast(g, jnp.float32), reference)),
                 "temp_mib": compiled_memory(fn, params).temp_mib,
                 "ms": median_ms(fn, params, repeats=repeats, warmup=1),
             }
@@ -232,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.json,
         )  # fmt: skip
     except ValueError as err:
+        if not str(err).startswith("compare:"):
+            raise  # not a usage error: show the traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import jax
 import pytest
 
 from revjax.__main__ import main as cli
@@ -37,8 +39,12 @@ def test_revnet_and_transformer_and_bf16():
     assert set(transformer) == {"backprop", "reversible"}
     assert transformer["reversible"]["grad_error"] <= 1e-5
     bf16 = by_method(compare("mlp", 8, "bfloat16", repeats=1, methods=["reversible"]))
-    # bfloat16 stream and compute: reconstruction error is visible but bounded (~1e-2 at L=8).
-    assert 1e-5 < bf16["reversible"]["grad_error"] < 0.1
+    # Everything in bfloat16 (8 mantissa bits), compared with float32 backprop: backprop's own
+    # rounding and the reconstruction's are both visible (~1e-2) but bounded.
+    assert 1e-4 < bf16["backprop"]["grad_error"] < 0.1
+    assert 1e-4 < bf16["reversible"]["grad_error"] < 0.1
+    tf16 = by_method(compare("transformer", 2, "bfloat16", repeats=1, methods=["reversible"]))
+    assert 1e-4 < tf16["reversible"]["grad_error"] < 0.2
 
 
 def test_bad_arguments():
@@ -50,6 +56,18 @@ def test_bad_arguments():
         compare("mlp", 0)
     with pytest.raises(ValueError, match=r"unknown methods \['magic'\]"):
         compare("mlp", 4, methods=["magic"])
+    with pytest.raises(ValueError, match="non-empty list"):
+        compare("mlp", 4, methods=[])
+    with pytest.raises(ValueError, match="non-empty list"):
+        compare("mlp", 4, methods="reversible")
+    with pytest.raises(ValueError, match="repeats must be a positive int"):
+        compare("mlp", 4, repeats=0)
+
+
+def test_method_selection_by_short_or_full_label():
+    rows = compare("mlp", 4, repeats=1, methods=["anchored", "anchored (k=2)", "reversible"])
+    # Duplicates collapse; backprop (the reference) always runs first.
+    assert [row["method"] for row in rows] == ["backprop", "anchored (k=2)", "reversible"]
 
 
 def test_anchor_interval():
@@ -62,7 +80,13 @@ def test_cli_table_and_json(capsys):
     assert record["model"] == "mlp" and len(record["rows"]) == 6
     assert cli(["compare", "--depth", "4", "--repeats", "1", "--methods", "reversible"]) == 0
     out = capsys.readouterr().out
-    assert "grad error vs backprop" in out and "reversible" in out
+    assert "grad error vs f32 backprop" in out and "reversible" in out
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert "┃" in out  # rendered by rich, not the Markdown fallback
     assert cli(["compare", "--methods", "magic"]) == 2
     assert "unknown methods" in capsys.readouterr().err
 
@@ -70,7 +94,13 @@ def test_cli_table_and_json(capsys):
 def test_bench_lists_every_benchmark(capsys):
     assert cli(["bench", "--list"]) == 0
     listed = capsys.readouterr().out
-    for script in ("bench_scan.py", "numerics_depth.py", "train_lm.py", "report.py"):
-        assert script in listed
+    scripts = Path(__file__).resolve().parents[1] / "benchmarks"
+    helpers = {"common.py", "__init__.py"}
+    for script in sorted(p.name for p in scripts.glob("*.py") if p.name not in helpers):
+        assert script in listed, f"{script} is not run by python -m revjax bench"
+    assert listed.strip().splitlines()[-1] == "report.py"  # the README is refreshed last
     assert cli(["bench", "--size", "gpu", "--list"]) == 0
     assert "--size gpu" in capsys.readouterr().out
+    if jax.default_backend() == "cpu":
+        assert cli(["bench", "--size", "gpu"]) == 2
+        assert "needs a GPU" in capsys.readouterr().err
