@@ -221,6 +221,17 @@ def render_memory_depth(payload: dict, filename: str) -> str:
     )
 
 
+def render_bench_suite(payload: dict, filename: str) -> str:
+    env = payload["env"]
+    slowest = max(payload["scripts"], key=lambda t: t["seconds"])
+    return (
+        f"The last `python -m revjax bench --size {payload['size']}` took "
+        f"{payload['total_seconds'] / 60:.1f} minutes on {_where(env)} with "
+        f"{payload['cpu_count']} CPU cores (slowest: `{slowest['command']}`, "
+        f"{slowest['seconds']:.0f} s; per script in `benchmarks/results/{filename}`)."
+    )
+
+
 RENDERERS = {
     "scan": ("scan_gpu_gpu.json", render_scan),
     "scan_bf16": ("scan_gpu_gpu_bfloat16.json", render_scan),
@@ -228,6 +239,7 @@ RENDERERS = {
     "numerics_depth_gpu": ("numerics_depth_gpu_gpu.json", render_numerics_depth),
     "moonwalk_cpu": ("moonwalk_cpu_cpu.json", render_moonwalk),
     "memory_depth": ("memory_depth_cpu.json", render_memory_depth),
+    "bench_suite": ("bench_suite_cpu_cpu.json", render_bench_suite),
     "train_lm": ("train_lm_cpu.json", render_train_lm),
     "transformer_cpu": ("transformer_cpu_cpu.json", render_transformer),
     "transformer_gpu": ("transformer_gpu_gpu.json", render_transformer),

@@ -9,6 +9,7 @@ memory), which need an accelerator. ``--list`` prints the commands without runni
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -63,17 +64,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {scripts} not found; run from a source checkout of revjax", file=sys.stderr)
         return 2
     commands = [[sys.executable, str(scripts / name), *rest] for name, *rest in SUITES[args.size]]
-    commands.append([sys.executable, str(scripts / "report.py")])
+    report = [sys.executable, str(scripts / "report.py")]
+    if args.list:
+        for command in [*commands, report]:
+            print(_shown(command))
+        return 0
+    timings = []
     for command in commands:
-        shown = " ".join(Path(part).name if part.endswith(".py") else part for part in command[1:])
-        if args.list:
-            print(shown)
-            continue
         start = time.perf_counter()
-        print(f"[revjax bench] {shown}", flush=True)
+        print(f"[revjax bench] {_shown(command)}", flush=True)
         result = subprocess.run(command, check=False)
         if result.returncode:
-            print(f"error: {shown} exited with {result.returncode}", file=sys.stderr)
+            print(f"error: {_shown(command)} exited with {result.returncode}", file=sys.stderr)
             return result.returncode
-        print(f"[revjax bench] {shown}: {time.perf_counter() - start:.0f} s", flush=True)
-    return 0
+        timings.append({"command": _shown(command), "seconds": time.perf_counter() - start})
+        print(f"[revjax bench] {_shown(command)}: {timings[-1]['seconds']:.0f} s", flush=True)
+    _record(scripts, args.size, timings)
+    return subprocess.run(report, check=False).returncode
+
+
+def _shown(command: list[str]) -> str:
+    return " ".join(Path(part).name if part.endswith(".py") else part for part in command[1:])
+
+
+def _record(scripts: Path, size: str, timings: list[dict]) -> None:
+    """Writes ``bench_suite_<size>_<backend>.json``: how long each benchmark took."""
+    sys.path.insert(0, str(scripts.parent))
+    from benchmarks.common import environment, write_json
+
+    env = environment()
+    total = sum(t["seconds"] for t in timings)
+    payload = {"benchmark": "bench_suite", "size": size, "scripts": timings,
+               "total_seconds": total, "cpu_count": os.cpu_count(), "env": env}  # fmt: skip
+    write_json(f"bench_suite_{size}_{env['backend']}.json", payload)
