@@ -1,9 +1,11 @@
 """``python -m revjax bench``: run every benchmark and regenerate the README's results.
 
 The benchmark scripts live in the source checkout (``benchmarks/``), not in the installed
-package, so this command works from a clone (``make bench`` calls it). ``--size cpu`` (default)
-runs everything at CPU sizes; ``--size gpu`` runs the GPU-size benchmarks (timings, peak
-memory), which need an accelerator. ``--list`` prints the commands without running them.
+package, so this command works from a clone (``make bench`` calls it). After the benchmarks it
+draws the PNG plots (``benchmarks/plots.py``) and refreshes the README (``report.py``).
+``--size cpu`` (default) runs everything at CPU sizes; ``--size gpu`` runs the GPU-size
+benchmarks (timings, peak memory), which need an accelerator. ``--list`` prints the commands
+without running them.
 """
 
 from __future__ import annotations
@@ -64,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {scripts} not found; run from a source checkout of revjax", file=sys.stderr)
         return 2
     commands = [[sys.executable, str(scripts / name), *rest] for name, *rest in SUITES[args.size]]
+    plots = [sys.executable, str(scripts / "plots.py")]
     report = [sys.executable, str(scripts / "report.py")]
     if args.list:
-        for command in [*commands, report]:
+        for command in [*commands, plots, report]:
             print(_shown(command))
         return 0
     timings = []
@@ -80,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         timings.append({"command": _shown(command), "seconds": time.perf_counter() - start})
         print(f"[revjax bench] {_shown(command)}: {timings[-1]['seconds']:.0f} s", flush=True)
     _record(scripts, args.size, timings)
-    return subprocess.run(report, check=False).returncode
+    failed = subprocess.run(plots, check=False).returncode
+    return failed or subprocess.run(report, check=False).returncode
 
 
 def _shown(command: list[str]) -> str:

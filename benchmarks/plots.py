@@ -1,0 +1,108 @@
+"""PNG plots of benchmark results, drawn from the JSON in benchmarks/results/ (never re-measured).
+
+    python benchmarks/plots.py        # writes <result>.png next to each result it knows
+
+``python -m revjax bench`` runs it after the benchmarks. Each plot states the device and date
+of its measurement in its title.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _where(env: dict) -> str:
+    return f"{env['device']}, {env['date']}"
+
+
+def plot_train_lm(payload: dict, ax) -> None:
+    for method, run in payload["runs"].items():
+        ax.plot(run["steps"], run["eval_loss"], marker="o", label=f"{method}, held-out")
+        ax.plot(run["steps"], run["train_loss"], linestyle=":", label=f"{method}, train batch")
+    ax.axhline(payload["unigram_entropy_valid"], color="gray", linestyle="--", label="unigram")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per byte)")
+
+
+def plot_transformer(payload: dict, ax) -> None:
+    methods = list(dict.fromkeys(r["method"] for r in payload["rows"]))
+    for method in methods:
+        rows = [r for r in payload["rows"] if r["method"] == method]
+        ax.plot([r["depth"] for r in rows], [r["temp"] / 2**20 for r in rows], marker="o",
+                label=f"{method} (deepest {payload['deepest_depth'][method]})")  # fmt: skip
+    ax.set_xlabel("blocks L")
+    ax.set_ylabel("training-step temp memory (MiB)")
+
+
+def plot_moonwalk(payload: dict, ax) -> None:
+    rows = [r for r in payload["rows"] if r["network"] == "revnet"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = [(r["depth"], r["temp_mib"]) for r in rows if r["method"] == method]
+        ax.plot(*zip(*points, strict=True), marker="o", label=method)
+    ax.set_yscale("log")
+    ax.set_xlabel("couplings L (RevNet)")
+    ax.set_ylabel("gradient temp memory (MiB)")
+
+
+def plot_scan(payload: dict, ax) -> None:
+    for method in dict.fromkeys(r["method"] for r in payload["rows"]):
+        rows = [r for r in payload["rows"] if r["method"] == method]
+        ax.plot([r["temp_mib"] for r in rows], [r["ms"] for r in rows], marker="o", label=method)
+        for r in rows:
+            ax.annotate(f"L={r['depth']}", (r["temp_mib"], r["ms"]), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("gradient temp memory (MiB)")
+    ax.set_ylabel("step time (ms)")
+
+
+PLOTS: dict[str, Callable] = {
+    "train_lm_cpu.json": plot_train_lm,
+    "transformer_cpu_cpu.json": plot_transformer,
+    "transformer_gpu_gpu.json": plot_transformer,
+    "moonwalk_cpu_cpu.json": plot_moonwalk,
+    "scan_gpu_gpu.json": plot_scan,
+    "scan_gpu_gpu_bfloat16.json": plot_scan,
+}
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help="default: next to the results")
+    args = parser.parse_args(argv)
+    out_dir = args.out or args.results
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, plot in PLOTS.items():
+        path = args.results / name
+        if not path.exists():
+            continue
+        payload = json.loads(path.read_text())
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        plot(payload, ax)
+        ax.set_title(f"{path.stem} ({_where(payload['env'])})", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        target = out_dir / f"{path.stem}.png"
+        fig.savefig(target, dpi=110)
+        plt.close(fig)
+        written.append(target)
+        print(f"wrote {target}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
