@@ -14,9 +14,20 @@ same loss at the same parameters and inputs. One row per method:
 
 Methods: ``backprop``, ``checkpoint`` (``jax.checkpoint`` per layer), ``reversible``
 (``reversible_scan``), ``anchored`` (``reversible_scan`` storing the stream every ``k`` layers,
-``k`` the largest divisor of L not above sqrt(L)), and for ``mlp`` Moonwalk's ``moonwalk``
-(pure forward) and ``mixed_moonwalk``; for ``revnet``, ``across_stages`` (one reconstruction
-through the whole trunk).
+``k`` the largest divisor of L not above sqrt(L); ``mlp`` and ``transformer``), and
+
+* for ``mlp``, Moonwalk's ``moonwalk`` (pure forward) and ``mixed_moonwalk``, exact forward
+  mode ``forward`` (one JVP per parameter, so only run up to ``FORWARD_MAX_PARAMS``
+  parameters) and the ``projected_forward`` gradient (``PROJECTED_TANGENTS`` Gaussian
+  tangents; unbiased but noisy: its relative error is about ``sqrt(P / tangents)`` for P
+  parameters, shown to make that cost visible);
+* for ``revnet``, ``across_stages`` (one reconstruction through the whole trunk).
+
+A method that does not apply at the requested size gets a row with ``None`` numbers and a
+``note`` saying why (other rows have an empty note); asking for it by name raises.
+Moonwalk is not offered for ``revnet`` and ``transformer``: their heads (pooling and a
+linear classifier, or layer norm and an unembedding wider than the stream) are outside the
+invertible stack, and ``revjax.moonwalk`` differentiates only the layers it is given.
 """
 
 from __future__ import annotations
@@ -44,6 +55,9 @@ COLUMNS = [
     ("ms", "ms", ".2f"),
 ]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+FORWARD_MAX_PARAMS = 20_000
+PROJECTED_TANGENTS = 16
+Problem = tuple[dict[str, Callable], PyTree, dict[str, str]]
 
 
 def anchor_interval_for(depth: int) -> int:
@@ -57,8 +71,11 @@ def _cast(tree: PyTree, dtype: Any) -> PyTree:
     )
 
 
-def mlp_problem(depth: int, dtype: Any, width: int = 32, hidden: int = 128, batch: int = 64):
-    """Gradient functions ``name -> (params, x) -> grads`` for additive MLP couplings."""
+def mlp_problem(
+    depth: int, dtype: Any, width: int = 32, hidden: int = 128, batch: int = 64
+) -> Problem:
+    """Gradient functions ``name -> params -> grads`` for additive MLP couplings, the params,
+    and ``name -> reason`` for methods that do not apply at this size."""
     from revjax import moonwalk as mw
     from revjax.models.mlp import init_mlp_stack, mlp_coupling
     from revjax.scan import plain_scan, reversible_scan
@@ -83,10 +100,27 @@ def mlp_problem(depth: int, dtype: Any, width: int = 32, hidden: int = 128, batc
     for name in ("moonwalk", "mixed_moonwalk"):
         fn = mw.value_and_grad(net, per_example, method=name)
         methods[name] = lambda p, fn=fn: fn(p, x)[1]
-    return methods, params
+    unavailable = {}
+    size = sum(leaf.size for leaf in jax.tree.leaves(params))
+    if size <= FORWARD_MAX_PARAMS:
+        forward = mw.value_and_grad(net, per_example, method="forward")
+        methods["forward"] = lambda p: forward(p, x)[1]
+    else:
+        unavailable["forward"] = (
+            f"not run: {size} parameters would need {size} JVPs "
+            f"(limit {FORWARD_MAX_PARAMS}; try --depth 1)"
+        )
+    projected = mw.value_and_grad(
+        net, per_example, method="projected_forward", num_tangents=PROJECTED_TANGENTS
+    )
+    key = jax.random.key(2)
+    methods[f"projected_forward ({PROJECTED_TANGENTS} tangents)"] = lambda p: projected(
+        p, x, key=key
+    )[1]
+    return methods, params, unavailable
 
 
-def revnet_problem(depth: int, dtype: Any, batch: int = 32):
+def revnet_problem(depth: int, dtype: Any, batch: int = 32) -> Problem:
     """RevNet CNN on 8x8x1 inputs, 2 stages of ``depth`` couplings."""
     from revjax.models.revnet import init_revnet, revnet_logits
 
@@ -103,13 +137,14 @@ def revnet_problem(depth: int, dtype: Any, batch: int = 32):
 
     variants = {
         "backprop": {"reversible": False},
+        "checkpoint": {"reversible": False, "checkpoint": True},
         "reversible": {},
         "across_stages": {"across_stages": True},
     }
-    return {name: loss(options) for name, options in variants.items()}, params
+    return {name: loss(options) for name, options in variants.items()}, params, {}
 
 
-def transformer_problem(depth: int, dtype: Any, batch: int = 8, length: int = 64):
+def transformer_problem(depth: int, dtype: Any, batch: int = 8, length: int = 64) -> Problem:
     """Reversible byte-level transformer, width 64, 4 heads."""
     from flax import nnx
 
@@ -136,10 +171,10 @@ def transformer_problem(depth: int, dtype: Any, batch: int = 8, length: int = 64
 
         return jax.grad(fn)
 
-    return {name: grad_for(options) for name, options in variants.items()}, params
+    return {name: grad_for(options) for name, options in variants.items()}, params, {}
 
 
-PROBLEMS: dict[str, Callable[..., tuple[dict[str, Callable], PyTree]]] = {
+PROBLEMS: dict[str, Callable[..., Problem]] = {
     "mlp": mlp_problem,
     "revnet": revnet_problem,
     "transformer": transformer_problem,
@@ -155,10 +190,12 @@ def compare(
     methods: list[str] | None = None,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """One row per method: ``method``, ``grad_error``, ``temp_mib``, ``ms`` (see module doc).
+    """One row per method: ``method``, ``grad_error``, ``temp_mib``, ``ms``, ``note`` (see
+    the module doc; a method that does not apply has ``None`` numbers and a note).
 
     Raises:
-      ValueError: unknown model, dtype or method, or ``depth < 1``.
+      ValueError: unknown model, dtype or method, a method requested by name that does not
+        apply at this size, or ``depth < 1``.
     """
     if model not in PROBLEMS:
         raise ValueError(f"compare: unknown model {model!r}; choose from {sorted(PROBLEMS)}")
@@ -166,25 +203,30 @@ def compare(
         raise ValueError(f"compare: unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise ValueError(f"compare: depth must be a positive int, got {depth!r}")
-    grads, params = PROBLEMS[model](depth, DTYPES[dtype])
+    grads, params, unavailable = PROBLEMS[model](depth, DTYPES[dtype])
     names = list(grads)
+    skipped = list(unavailable)
     if methods is not None:
         if isinstance(methods, str) or not methods:
             raise ValueError(f"compare: methods must be a non-empty list of names, got {methods!r}")
         available = {name.split(" ")[0]: name for name in names} | {n: n for n in names}
+        for m in methods:
+            if m in unavailable:
+                raise ValueError(f"compare: {m} for {model} at L = {depth}: {unavailable[m]}")
         unknown = [m for m in methods if m not in available]
         if unknown:
             raise ValueError(
                 f"compare: unknown methods {unknown} for {model}; choose from "
-                f"{sorted(name.split(' ')[0] for name in names)}"
+                f"{sorted({name.split(' ')[0] for name in names} | set(unavailable))}"
             )
         names = list(dict.fromkeys(["backprop", *(available[m] for m in methods)]))
+        skipped = []
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"compare: repeats must be a positive int, got {repeats!r}")
     if dtype == "float32":
         reference_grad, reference_params = grads["backprop"], params
     else:
-        f32_grads, reference_params = PROBLEMS[model](depth, jnp.float32)
+        f32_grads, reference_params, _ = PROBLEMS[model](depth, jnp.float32)
         reference_grad = f32_grads["backprop"]
     reference = jax.jit(reference_grad)(reference_params)
     steps = names
@@ -205,26 +247,41 @@ def compare(
                 "grad_error": float(relative_error(_cast(g, jnp.float32), reference)),
                 "temp_mib": compiled_memory(fn, params).temp_mib,
                 "ms": median_ms(fn, params, repeats=repeats, warmup=1),
+                "note": "",
             }
         )
+    for name in skipped:
+        rows.append(
+            {"method": name, "grad_error": None, "temp_mib": None, "ms": None,
+             "note": unavailable[name]}
+        )  # fmt: skip
     return rows
 
 
+def _cell(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def render(rows: list[dict[str, Any]], title: str) -> str:
-    """The rows as a rich table when rich is installed (the bench extra), else Markdown."""
+    """The rows as a rich table when rich is installed (the bench extra), else Markdown;
+    methods that were not run are listed under the table with the reason."""
+    notes = "".join(f"\n{row['method']}: {row['note']}" for row in rows if row["note"])
+    cells = [[_cell(row[key], fmt) for key, _, fmt in COLUMNS] for row in rows]
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # pragma: no cover - rich is in the bench extra
-        return f"{title}\n\n{format_table(rows, COLUMNS)}"
+        text_rows = [dict(zip([key for key, _, _ in COLUMNS], c, strict=True)) for c in cells]
+        plain = [(key, header, "s") for key, header, _ in COLUMNS]
+        return f"{title}\n\n{format_table(text_rows, plain)}{notes}"
     table = Table(title=title)
     for _, header, _ in COLUMNS:
         table.add_column(header, justify="left" if header == "method" else "right")
-    for row in rows:
-        table.add_row(*(format(row[key], fmt) for key, _, fmt in COLUMNS))
+    for c in cells:
+        table.add_row(*c)
     console = Console(width=120, record=True, file=io.StringIO())
     console.print(table)
-    return console.export_text()
+    return console.export_text() + notes.lstrip("\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from revjax.__main__ import main as cli
-from revjax.compare import anchor_interval_for, compare
+from revjax.compare import PROJECTED_TANGENTS, anchor_interval_for, compare
 
 
 def by_method(rows):
@@ -19,19 +19,38 @@ def by_method(rows):
 def test_mlp_methods_agree_and_reversible_uses_least_memory():
     rows = by_method(compare("mlp", 16, repeats=1))
     assert set(rows) == {
-        "backprop", "checkpoint", "reversible", "anchored", "moonwalk", "mixed_moonwalk"
+        "backprop", "checkpoint", "reversible", "anchored", "moonwalk", "mixed_moonwalk",
+        "projected_forward", "forward",
     }  # fmt: skip
     assert rows["backprop"]["grad_error"] == 0.0
+    # Exact forward mode needs one JVP per parameter: listed, not run, with the reason.
+    assert rows["forward"]["grad_error"] is None and rows["forward"]["ms"] is None
+    assert "267264 JVPs" in rows["forward"]["note"]
+    # The projected forward gradient is unbiased with E||g_hat - g||^2 = (P + 1) ||g||^2 / k
+    # for k Gaussian tangents, so its relative error is about sqrt((P + 1) / k) = 129 here.
+    expected = ((267264 + 1) / PROJECTED_TANGENTS) ** 0.5
+    assert expected / 2 < rows["projected_forward"]["grad_error"] < 2 * expected
     # float32, 16 layers: reconstruction / vijp round-off; measured 1e-7 to 1e-6.
     for name in ("checkpoint", "reversible", "anchored", "moonwalk", "mixed_moonwalk"):
         assert rows[name]["grad_error"] <= 1e-5, (name, rows[name])
     assert rows["reversible"]["temp_mib"] < rows["checkpoint"]["temp_mib"]
     assert rows["checkpoint"]["temp_mib"] < rows["backprop"]["temp_mib"]
-    assert all(row["ms"] > 0 for row in rows.values())
+    assert all(row["ms"] > 0 for name, row in rows.items() if name != "forward")
+
+
+def test_exact_forward_mode_runs_when_small_and_is_refused_by_name_when_not():
+    rows = by_method(compare("mlp", 1, repeats=1, methods=["forward"]))
+    assert set(rows) == {"backprop", "forward"}
+    assert rows["forward"]["grad_error"] <= 1e-5  # measured 1.6e-7
+    with pytest.raises(ValueError, match=r"forward for mlp at L = 16: not run: 267264 param"):
+        compare("mlp", 16, methods=["forward"])
 
 
 def test_revnet_and_transformer_and_bf16():
     revnet = by_method(compare("revnet", 4, repeats=1))
+    assert set(revnet) == {"backprop", "checkpoint", "reversible", "across_stages"}
+    assert revnet["checkpoint"]["grad_error"] <= 1e-6
+    assert revnet["checkpoint"]["temp_mib"] < revnet["backprop"]["temp_mib"]
     assert revnet["reversible"]["grad_error"] <= 1e-5
     assert revnet["across_stages"]["grad_error"] <= 1e-5
     assert revnet["reversible"]["temp_mib"] < revnet["backprop"]["temp_mib"]
@@ -77,10 +96,16 @@ def test_anchor_interval():
 def test_cli_table_and_json(capsys):
     assert cli(["compare", "--model", "mlp", "--depth", "4", "--repeats", "1", "--json"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert record["model"] == "mlp" and len(record["rows"]) == 6
+    assert record["model"] == "mlp" and len(record["rows"]) == 8
+    assert record["rows"][-1]["method"] == "forward" and record["rows"][-1]["ms"] is None
     assert cli(["compare", "--depth", "4", "--repeats", "1", "--methods", "reversible"]) == 0
     out = capsys.readouterr().out
     assert "grad error vs f32 backprop" in out and "reversible" in out
+    assert cli(["compare", "--depth", "2", "--repeats", "1", "--methods", "projected_forward"]) == 0
+    assert "forward: not run" not in capsys.readouterr().out  # only the chosen methods
+    assert cli(["compare", "--depth", "2", "--repeats", "1", "--methods", "backprop"]) == 0
+    assert cli(["compare", "--depth", "2", "--repeats", "1"]) == 0
+    assert "forward: not run: 33408 parameters" in capsys.readouterr().out
     try:
         import rich  # noqa: F401
     except ImportError:

@@ -9,7 +9,7 @@ with another squeeze between stages. Everything up to the classifier head (globa
 and a linear layer) is invertible, so with ``reversible=True`` each stage runs through
 :func:`revjax.reversible_scan` and its activation memory does not grow with ``blocks``; with
 ``reversible=False`` the same network runs through :func:`revjax.scan.plain_scan` (the
-non-reversible twin, plain backprop).
+non-reversible twin, plain backprop; ``checkpoint=True`` adds per-coupling ``jax.checkpoint``).
 """
 
 from __future__ import annotations
@@ -162,6 +162,7 @@ def revnet_features(
     reversible: bool = True,
     downsample: str = "squeeze",
     across_stages: bool = False,
+    checkpoint: bool = False,
 ) -> jax.Array:
     """The invertible trunk: ``(N, H, W, C) -> (N, H / 2^S, W / 2^S, C 4^S)`` (squeeze), or
     ``(4^(S-1) N, H / 2^S, W / 2^S, 4 C)`` (batch pooling: example ``k N + n`` is a 2x2 phase
@@ -171,16 +172,26 @@ def revnet_features(
     ``custom_vjp`` that stores only its output and reconstructs through every stage and
     downsampling in the backward pass (:func:`revjax.scan.reverse_sweep`), the fully invertible
     variant; by default each stage's ``reversible_scan`` stores its own output.
+    ``checkpoint=True`` (with ``reversible=False``) wraps each coupling of the plain twin in
+    ``jax.checkpoint`` (per-layer rematerialisation, the usual memory baseline).
 
     Raises:
-      ValueError: H or W not divisible by ``2^stages``, or an unknown ``downsample``.
+      ValueError: H or W not divisible by ``2^stages``, an unknown ``downsample``, or
+        ``across_stages`` / ``checkpoint`` with the wrong ``reversible``.
     """
     _check_downsample(downsample)
+    if checkpoint and reversible:
+        raise ValueError(
+            "revnet_features: checkpoint=True applies to the plain twin; pass reversible=False"
+        )
     if across_stages:
         if not reversible:
             raise ValueError("revnet_features: across_stages=True needs reversible=True")
         return _reversible_trunk(downsample, params, x)
-    return _trunk_forward(downsample, params, x, reversible_scan if reversible else plain_scan)
+    if reversible:
+        return _trunk_forward(downsample, params, x, reversible_scan)
+    scan = functools.partial(plain_scan, remat=checkpoint)
+    return _trunk_forward(downsample, params, x, scan)
 
 
 def revnet_features_inverse(
@@ -202,11 +213,17 @@ def revnet_logits(
     reversible: bool = True,
     downsample: str = "squeeze",
     across_stages: bool = False,
+    checkpoint: bool = False,
 ) -> jax.Array:
     """Class logits: global average pool of :func:`revnet_features` (over space and, with
     batch pooling, over each example's phases), then a linear head."""
     features = revnet_features(
-        params, x, reversible=reversible, downsample=downsample, across_stages=across_stages
+        params,
+        x,
+        reversible=reversible,
+        downsample=downsample,
+        across_stages=across_stages,
+        checkpoint=checkpoint,
     )
     features = features.reshape(-1, x.shape[0], *features.shape[1:])  # (phases, N, h, w, C)
     pooled = jnp.mean(features, axis=(0, 2, 3))
