@@ -70,25 +70,31 @@ def loss_of(scan, block, **options):
     return jax.jit(jax.grad(loss))
 
 
-def finest_exact_policy(block, params, x) -> Policy | None:
-    """Exact mode with the most fraction bits whose range 2^(24 - F) exceeds twice the largest
-    stream value of the float32-stream network (None if no F >= 0 does)."""
+def stream_peak(block, params, x) -> float:
+    """Largest |value| of the float32-stream network's output stream (max over both halves)."""
     y = jax.jit(lambda p: plain_scan(block, p, x, policy=F32_STREAM))(params)
-    peak = float(max(jnp.max(jnp.abs(v)) for v in y))
+    return float(max(jnp.max(jnp.abs(v)) for v in y))
+
+
+def finest_exact_policy(peak: float) -> Policy | None:
+    """Exact mode with the most fraction bits whose range 2^(24 - F) exceeds twice ``peak``, the
+    largest stream value of the float32-stream network (None if no F >= 0 does)."""
     bits = 24 - math.ceil(math.log2(2 * peak))
     return exact_policy(min(bits, 23), compute_dtype=jnp.bfloat16) if bits >= 0 else None
 
 
 def measure(depth: int, size: dict, timed: bool) -> list[dict]:
+    """One row per method at ``depth``; every row records the float32 stream's peak |x|."""
     block, params, x = network(depth, size["batch"], size["width"], size["hidden"])
     rows, references = [], {}
+    peak = stream_peak(block, params, x)
     baseline = loss_of(plain_scan, block, policy=BF16_STREAM)
     base_ms = median_ms(baseline, params, x) if timed else None
     for name, options in METHODS.items():
         if options is None:
-            policy = finest_exact_policy(block, params, x)
+            policy = finest_exact_policy(peak)
             if policy is None:
-                rows.append({"depth": depth, "method": name, "overflow": True})
+                rows.append({"depth": depth, "method": name, "overflow": True, "stream_peak": peak})
                 continue
             options = {"policy": policy}
         every = options.get("checkpoint_every")
@@ -103,7 +109,7 @@ def measure(depth: int, size: dict, timed: bool) -> list[dict]:
         except Exception as err:  # exact mode's range check (an OverflowError inside jit)
             if "OverflowError" not in f"{type(err).__name__}: {err}":
                 raise
-            rows.append({"depth": depth, "method": name, "overflow": True})
+            rows.append({"depth": depth, "method": name, "overflow": True, "stream_peak": peak})
             continue
         ms = median_ms(step, params, x) if timed else None
         rows.append(
@@ -121,6 +127,7 @@ def measure(depth: int, size: dict, timed: bool) -> list[dict]:
                 "step_ms": ms,
                 "time_vs_bf16_backprop": None if ms is None else ms / base_ms,
                 "overflow": False,
+                "stream_peak": peak,
             }
         )
         print(rows[-1], flush=True)

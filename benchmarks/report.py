@@ -27,6 +27,36 @@ def _where(env: dict) -> str:
     return f"{env['device']} ({env['backend']}), jax {env['jax']}, {env['date']}"
 
 
+def _source(env: dict, script: str, *filenames: str) -> str:
+    """``measured on <device> by `benchmarks/<script>` (`benchmarks/results/<file>`, ...)``."""
+    files = ", ".join(f"`benchmarks/results/{f}`" for f in filenames)
+    return f"measured on {_where(env)} by `benchmarks/{script}` ({files})"
+
+
+def _num(x: float, sig: int = 2) -> str:
+    """``x`` to ``sig`` significant digits: plain between 0.1 and 10^4 (``0.22``, ``2.1``,
+    ``210``), else scientific without exponent padding (``2.9e-6``, ``1.1e-2``, ``3.1e7``)."""
+    if x == 0:
+        return "0"
+    mantissa, power = f"{x:.{sig - 1}e}".split("e")
+    exponent = int(power)
+    if -1 <= exponent < 4:
+        decimals = sig - 1 - exponent
+        return f"{round(x, decimals):.{max(decimals, 0)}f}"
+    return f"{mantissa}e{exponent}"
+
+
+def _span(values: list[float], fmt=_num) -> str:
+    """``lo to hi`` of formatted values (one value when they format the same)."""
+    lo, hi = fmt(min(values)), fmt(max(values))
+    return lo if lo == hi else f"{lo} to {hi}"
+
+
+def _series(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def render_scan(payload: dict, filename: str) -> str:
     cfg, env = payload["config"], payload["env"]
     dtype = cfg.get("dtype", "float32")
@@ -232,6 +262,275 @@ def render_bench_suite(payload: dict, filename: str) -> str:
     )
 
 
+def render_numerics_drift(payload: dict, filename: str) -> str:
+    """Gradient drift of ``reversible_scan`` in float32 with and without anchors."""
+    drift, width = payload["gradient_drift"], payload["config"]["width"]
+    small = [r for r in drift if r["scale"] < 1 and r["checkpoint_every"] is None]
+    unit = [r for r in drift if r["scale"] == 1 and r["checkpoint_every"] is None]
+    anchored = [r for r in drift if r["checkpoint_every"]]
+    at = lambda rows, fmt: ", ".join(f"{fmt(r)} at L = {r['depth']}" for r in rows)
+    anchors = "; ".join(
+        f"anchors every {r['checkpoint_every']} layers ({r['depth'] // r['checkpoint_every']} "
+        f"extra streams of memory) bring it back to {_num(r['grad_rel_err'])} at "
+        f"L = {r['depth']}"
+        for r in anchored
+    )
+    return (
+        f"In float32 with branch weights of scale {small[0]['scale']}/sqrt(fan_in) the gradient "
+        f"error against plain backprop is {at(small, lambda r: _num(r['grad_rel_err']))} (the "
+        f"tests bound it at 1e-5). Unit-gain branches let the stream grow (max |y| "
+        f"{at(unit, lambda r: format(r['max_abs_output'], '.0f'))}, halves {width} wide) and the "
+        f"error with it: {at(unit, lambda r: _num(r['grad_rel_err']))}; {anchors} (the tests "
+        f"assert > 1e-2 without anchors and <= 1e-4 with them). All "
+        f"{_source(payload['env'], 'numerics_cpu.py', filename)}."
+    )
+
+
+def render_reconstruction_snr(payload: dict, filename: str) -> str:
+    """Per-layer reconstruction SNR of the float32 and bfloat16 stacks (Diagnostics)."""
+    by_dtype = {r["dtype"]: r for r in payload["reconstruction_snr"]}
+    bf16, f32 = by_dtype["bfloat16"], by_dtype["float32"]
+    return (
+        f"A {bf16['depth']}-layer bfloat16 stack (halves {payload['config']['width']} wide) falls "
+        f"from {bf16['snr_db_after_1_step']:.0f} dB after one step to "
+        f"{bf16['snr_db_after_all_steps']:.0f} dB after {bf16['depth']}, while float32 stays at "
+        f"or below {_num(f32['max_relative_error'])} relative error "
+        f"({_source(payload['env'], 'numerics_cpu.py', filename)})."
+    )
+
+
+def render_layerwise_snr(payload: dict, filename: str) -> str:
+    """Layer-wise inverses vs couplings: SNR after one and after all inverse steps."""
+    snr = payload["layerwise_vs_coupling_snr"]
+    chain, coupling = snr["chain"], snr["coupling"]
+    return (
+        f"In {snr['dtype']} at L = {snr['depth']}, {snr['channels']} channels wide, a chain "
+        f"(actnorm, leaky ReLU 0.5, conv1x1) falls from {chain['snr_db_after_1_step']:.0f} dB "
+        f"after one inverse step to {chain['snr_db_after_all_steps']:.0f} dB after "
+        f"{snr['depth']}, additive MLP couplings of the same width from "
+        f"{coupling['snr_db_after_1_step']:.0f} dB to {coupling['snr_db_after_all_steps']:.0f} dB "
+        f"({_source(payload['env'], 'numerics_cpu.py', filename)}; `tests/test_layers.py` "
+        f"asserts couplings above 35 dB, the chain below 0 dB and a drop over 3x the couplings')."
+    )
+
+
+#: The depth of the numerics reference network of ``tests/test_precision.py``.
+REFERENCE_DEPTH = 64
+
+
+def render_precision_reference(payload: dict, filename: str) -> str:
+    """The reference network's gradient errors at L = 64, from the error-vs-depth benchmark."""
+    depths = sorted({r["depth"] for r in payload["rows"]})
+    depth = REFERENCE_DEPTH if REFERENCE_DEPTH in depths else depths[-1]
+    rows = {r["method"]: r for r in payload["rows"] if r["depth"] == depth}
+    names = {
+        "bf16 stream": "bf16 stream",
+        "f32 stream": "float32 stream",
+        "f32 stream, k=16": "float32 stream with anchors every 16 layers",
+        "f32 stream, k=8": "every 8 layers",
+        "exact": "exact mode",
+    }
+
+    def value(r: dict) -> str:
+        if r["overflow"]:
+            return "overflow"
+        return "0 (bitwise)" if r["bitwise_equal"] else _num(r["grad_rel_err"])
+
+    errors = [f"{names[m]} {value(r)}" for m, r in rows.items()]
+    return (
+        f"The same network at batch {payload['size']['batch']}, "
+        f"{_source(payload['env'], 'numerics_depth.py', filename)}, gives at L = {depth}: "
+        f"{_series(errors)}; the error-vs-depth table is under Results."
+    )
+
+
+def render_numerics_depth_summary(payload: dict, filename: str) -> str:
+    """The prose under the error-vs-depth table: stream growth, ratios, anchors, exact mode."""
+    rows, depths = payload["rows"], sorted({r["depth"] for r in payload["rows"]})
+    err = {(r["method"], r["depth"]): r for r in rows if not r["overflow"]}
+    peak = {r["depth"]: r["stream_peak"] for r in rows}
+    shown = list(dict.fromkeys([depths[0], REFERENCE_DEPTH, depths[-1]]) & peak.keys())
+    growth = _series([f"~{_num(peak[d])} at L = {d}" for d in sorted(shown)])
+    f32 = lambda d: err[("f32 stream", d)]["grad_rel_err"]
+    bf16 = lambda d: err[("bf16 stream", d)]["grad_rel_err"]
+    sane = [d for d in depths if f32(d) < 1]
+    lost = next(d for d in depths if f32(d) >= 1 and bf16(d) >= 1)
+    ratios = [bf16(d) / f32(d) for d in sane]
+    anchored = [r for r in err.values() if ", k=" in r["method"]]
+    ks = sorted({int(r["method"].split("k=")[1]) for r in anchored})
+    exact = [d for d in depths if ("exact", d) in err and err[("exact", d)]["bitwise_equal"]]
+    overflow = [r["depth"] for r in rows if r["method"] == "exact" and r["overflow"]]
+    return (
+        f"Without anchors the reconstruction error compounds with depth on this expansive stack "
+        f"(the max |x| of its float32 stream is {growth}): a float32 stream is "
+        f"{_span(ratios, lambda x: f'{x:.0f}')} times better than a bf16 one up to "
+        f"L = {sane[-1]}, but both are meaningless (relative error above 1) by L = {lost}. "
+        f"Anchors every {_series([str(k) for k in ks]).replace(' and ', ' or ')} layers keep the "
+        f"float32-stream error between {_num(min(r['grad_rel_err'] for r in anchored))} and "
+        f"{_num(max(r['grad_rel_err'] for r in anchored))} at every depth up to "
+        f"{max(r['depth'] for r in anchored)}, for `L / k` streams of memory. Exact mode is "
+        f"bitwise exact whenever its range can hold the stream (up to L = {exact[-1]} here, with "
+        f'fewer fraction bits as the stream grows) and says "overflow" when not'
+        + (f" (L = {_series([str(d) for d in overflow])})" if overflow else "")
+        + f". All {_source(payload['env'], 'numerics_depth.py', filename)}."
+    )
+
+
+def render_revnet_memory(payload: dict, filename: str) -> str:
+    """Activation memory per input pixel of the RevNet, its twin and the fully invertible trunk."""
+    rows = payload["rows"]
+    blocks = list(dict.fromkeys(r["blocks_per_stage"] for r in rows))
+    per = lambda prefix: [
+        r["bytes_per_input_pixel"] for r in rows if r["variant"].startswith(prefix)
+    ]
+    revnet, twin, full = per("RevNet"), per("ResNet-like"), per("fully invertible")
+    blocks_text = _series([str(b) for b in blocks])
+
+    def amounts(values: list[float]) -> str:
+        same = len({f"{v:.0f}" for v in values}) == 1
+        return f"{values[0]:.0f}" if same else _series([f"{v:.0f}" for v in values])
+
+    if [f"{v:.0f}" for v in full] == [f"{v:.0f}" for v in revnet]:
+        full_text = (
+            f"The fully invertible variant also needs {amounts(full)} bytes here: the stage "
+            "outputs the per-stage variant keeps (each the size of the float32 input batch) fit "
+            "inside one block's backward working set, so XLA's peak does not change; the "
+            "difference grows with the number of stages and the image size."
+        )
+    else:
+        full_text = f"The fully invertible variant needs {amounts(full)} bytes."
+    return (
+        f"Activation memory per input pixel (Hascoet et al.'s metric; gradient temp memory over "
+        f"`N H W C`, batch {payload['batch']}; "
+        f"{_source(payload['env'], 'bench_revnet.py', filename)}): {amounts(revnet)} bytes for "
+        f"the RevNet at {blocks_text} blocks per stage, against {amounts(twin)} bytes for the "
+        f"ResNet-like twin. {full_text}"
+    )
+
+
+def render_activation_recovery(payload: dict, filename: str) -> str:
+    """Worst derivative-recovery error of the inverted activations, per dtype."""
+    rows = payload["derivative_recovery"]
+    worst = lambda dtype, key: max(r[key] for r in rows if r["dtype"] == dtype)
+    functions = _series(list(dict.fromkeys(r["function"] for r in rows)))
+    return (
+        f"Recovered derivative vs the true one on the tests' dense grid over [-20, 20], worst "
+        f"case over {functions} ({_source(payload['env'], 'bench_activations.py', filename)}; "
+        f"the issue's bounds 1e-5 / 1e-3 / 1e-2 are asserted in `tests/test_activations.py`): "
+        f"float32 at most {_num(worst('float32', 'max_error_far_from_minimum'))} away from the "
+        f"minimum (`|x - x_min| > 0.1`) and {_num(worst('float32', 'max_error'))} at it; "
+        f"bfloat16 at most {_num(worst('bfloat16', 'max_error_far_from_minimum'))} away from "
+        f"the minimum."
+    )
+
+
+def render_activation_memory(payload: dict, filename: str) -> str:
+    """Compiled gradient memory of the residual MLP stack per activation variant."""
+    cfg = payload["config"]
+    mib = {r["variant"]: r["temp_mib"] for r in payload["rows"]}
+    gelu, inverted = mib["jax.nn.gelu"], mib["revjax.activations.gelu"]
+    return (
+        f"Compiled temp memory of the gradient of {cfg['depth']} residual MLP blocks (width "
+        f"{cfg['width']}, hidden {cfg['hidden']}, batch {cfg['batch']}, float32; "
+        f"{_source(payload['env'], 'bench_activations.py', filename)}): {gelu:.3g} MiB with "
+        f"`jax.nn.gelu`, {inverted:.3g} MiB with `activations.gelu` ({inverted / gelu:.2f}x), and "
+        f"{mib['jax.nn.gelu + dots_saveable']:.3g} MiB with "
+        f"`jax.checkpoint(policy=dots_saveable)`, which gets there by recomputing GELU from the "
+        f"saved matmul output; SiLU: {mib['jax.nn.silu']:.3g} MiB vs "
+        f"{mib['revjax.activations.silu']:.3g} MiB."
+    )
+
+
+def _percent_change(ratios: list[float], more: str, less: str) -> str:
+    """``2 to 6% slower`` from ratios to a baseline (``more`` above 1, ``less`` below)."""
+    pct = [100 * (r - 1) for r in ratios]
+    if min(pct) >= 0:
+        return f"{_span(pct, lambda x: f'{x:.0f}')}% {more}"
+    if max(pct) <= 0:
+        return f"{_span([-p for p in pct], lambda x: f'{x:.0f}')}% {less}"
+    return f"between {-min(pct):.0f}% {less} and {max(pct):.0f}% {more}"
+
+
+def render_scan_summary(payloads: dict, filenames: tuple) -> str:
+    """The prose under the GPU scan tables: memory ratios, anchors, time, matmuls, errors."""
+    f32_name, bf16_name, gemm_name = filenames
+    f32, bf16, gemms = (payloads[f] for f in filenames)
+    row = lambda p, m, d: next(r for r in p["rows"] if r["method"] == m and r["depth"] == d)
+    depths = f32["config"]["depths"]
+    deep = max(depths)
+    anchored = next(r["method"] for r in f32["rows"] if r["method"].startswith("reversible_k"))
+    every = int(anchored.removeprefix("reversible_k"))
+    cfg, env = f32["config"], f32["env"]
+    stream_mib = 2 * cfg["rows"] * cfg["width"] * 4 / 2**20  # two float32 halves
+    extra = row(f32, anchored, deep)["temp_mib"] - row(f32, "reversible", deep)["temp_mib"]
+    streams = extra / stream_mib
+    exactly = "exactly " if abs(streams - round(streams)) < 0.01 else ""
+    flat = [row(f32, "reversible", d)["temp_mib"] for d in depths]
+    same = (
+        f"the same at {_series([f'L = {d}' for d in depths])}"
+        if max(flat) <= 1.01 * min(flat)
+        else _series([f"{t:.0f} MiB at L = {d}" for t, d in zip(flat, depths, strict=True)])
+    )
+    slow = row(f32, anchored, deep)["ms"] / row(f32, "reversible", deep)["ms"]
+    bf16_err = lambda m: _num(row(bf16, m, deep)["grad_rel_err_default"])
+    rev = [r for p in (f32, bf16) for r in p["rows"] if r["method"] == "reversible"]
+    timing = _percent_change([r["time_ratio_to_checkpoint"] for r in rev], "slower", "faster")
+    both_faster = all(
+        r["time_ratio_to_backprop"] < 1
+        for p in (f32, bf16)
+        for r in p["rows"]
+        if r["method"] in ("checkpoint", "reversible")
+    )
+    counts = gemms["matmuls_per_layer"]
+    errors = lambda p, key: _span([r[key] for r in p["rows"] if r["method"] == "reversible"])
+    source = _source(env, "bench_scan.py", f32_name, bf16_name)
+    return (
+        f"On the {env['device']} at L = {deep}, `reversible_scan` needs "
+        f"1/{1 / row(f32, 'reversible', deep)['temp_ratio_to_backprop']:.0f} of plain "
+        f"backprop's gradient temp memory in float32 and "
+        f"1/{1 / row(bf16, 'reversible', deep)['temp_ratio_to_backprop']:.0f} in bfloat16, and "
+        f"its temp memory is {same} (one layer's working set plus cuBLAS workspace; the "
+        f"workspace XLA's autotuner picks varies between runs). Anchors every {every} layers add "
+        f"{exactly}{streams:.0f} streams ({extra:.0f} MiB in float32) at L = {deep} and about "
+        f"{100 * (slow - 1):.0f}% time, and lower the bfloat16 gradient error from "
+        f"{bf16_err('reversible')} to {bf16_err(anchored)} ({source}).\n\n"
+        f"On the same GPU `reversible_scan` is {timing} than per-layer `jax.checkpoint` "
+        f"(float32 and bfloat16, {_series([f'L = {d}' for d in depths])}), and this is inherent "
+        f"to the method, not to the implementation: a reconstructing backward needs every "
+        f"branch's *output* (to subtract it), while a checkpointed recompute can skip the last "
+        f"matmul of `g`, whose result the vjp does not use. The optimised HLO of the gradient "
+        f"step has {counts['reversible']} matmuls per layer (forward and backward) for "
+        f"`reversible_scan` against {counts['checkpoint']} for checkpointing, "
+        f"{100 * (counts['reversible'] / counts['checkpoint'] - 1):.1f}% more matmul work "
+        f"(counted on {gemms['env']['backend']} by `benchmarks/count_gemms.py`, "
+        f"`benchmarks/results/{gemm_name}`); the activation traffic that reversibility saves "
+        f"recovers part of it."
+        + (
+            " Both are faster than plain backprop, which moves every activation through HBM."
+            if both_faster
+            else ""
+        )
+        + "\n\nThe gradient error of `reversible_scan` on that GPU at JAX's default float32 "
+        f"matmul precision (TF32-like rounding of matmul inputs) is "
+        f'{errors(f32, "grad_rel_err_default")}; with `jax.default_matmul_precision("highest")` '
+        f"it is {errors(f32, 'grad_rel_err_highest')}. In bfloat16 (stream included) it is "
+        f"{errors(bf16, 'grad_rel_err_default')} (same files); a float32 stream is the remedy "
+        f"(precision policies above)."
+    )
+
+
+def render_notebooks(payload: dict, filename: str) -> str:
+    times = ", ".join(f"`{r['notebook']}` {r['seconds']:.0f} s" for r in payload["rows"])
+    met = all(r["within_budget"] for r in payload["rows"])
+    verdict = "all within" if met else "NOT all within"
+    return (
+        f"Run times top to bottom at the default sizes, including kernel start and compilation "
+        f"(`benchmarks/run_notebooks.py` on {_where(payload['env'])} with "
+        f"{payload['cpu_count']} CPU cores, `benchmarks/results/{filename}`): {times}; "
+        f"{verdict} the {payload['budget_seconds'] / 60:.0f}-minute budget."
+    )
+
+
 RENDERERS = {
     "scan": ("scan_gpu_gpu.json", render_scan),
     "scan_bf16": ("scan_gpu_gpu_bfloat16.json", render_scan),
@@ -240,18 +539,43 @@ RENDERERS = {
     "moonwalk_cpu": ("moonwalk_cpu_cpu.json", render_moonwalk),
     "memory_depth": ("memory_depth_cpu.json", render_memory_depth),
     "bench_suite": ("bench_suite_cpu_cpu.json", render_bench_suite),
+    "notebooks": ("notebooks_cpu.json", render_notebooks),
     "train_lm": ("train_lm_cpu.json", render_train_lm),
     "transformer_cpu": ("transformer_cpu_cpu.json", render_transformer),
     "transformer_gpu": ("transformer_gpu_gpu.json", render_transformer),
+    "numerics_drift": ("numerics_cpu.json", render_numerics_drift),
+    "reconstruction_snr": ("numerics_cpu.json", render_reconstruction_snr),
+    "layerwise_snr": ("numerics_cpu.json", render_layerwise_snr),
+    "precision_reference": ("numerics_depth_cpu_cpu.json", render_precision_reference),
+    "numerics_depth_summary": ("numerics_depth_cpu_cpu.json", render_numerics_depth_summary),
+    "revnet_memory": ("revnet_cpu.json", render_revnet_memory),
+    "activation_recovery": ("activations_cpu.json", render_activation_recovery),
+    "activation_memory": ("activations_cpu.json", render_activation_memory),
+    "scan_summary": (
+        ("scan_gpu_gpu.json", "scan_gpu_gpu_bfloat16.json", "gemm_count_cpu.json"),
+        render_scan_summary,
+    ),
 }
+"""Marker name -> (result file, renderer). A renderer gets the parsed JSON and the file's name;
+with a tuple of files it gets ``{name: parsed JSON}`` and the tuple, and runs only when all
+exist."""
+
+
+def _load(filename: str | tuple[str, ...]) -> dict | None:
+    """The parsed result file(s) for a renderer, or None when one is missing."""
+    names = (filename,) if isinstance(filename, str) else filename
+    if not all((RESULTS / n).exists() for n in names):
+        return None
+    payloads = {n: json.loads((RESULTS / n).read_text()) for n in names}
+    return payloads[filename] if isinstance(filename, str) else payloads
 
 
 def render_readme(text: str) -> str:
     for name, (filename, render) in RENDERERS.items():
-        path = RESULTS / filename
-        if not path.exists():
+        payload = _load(filename)
+        if payload is None:
             continue
-        block = render(json.loads(path.read_text()), filename)
+        block = render(payload, filename)
         pattern = re.compile(
             rf"(<!-- results:{name} -->\n)(?:.*?\n)?(<!-- /results:{name} -->)", re.S
         )

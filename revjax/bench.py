@@ -32,6 +32,7 @@ SUITES: dict[str, list[list[str]]] = {
         ["memory_depth.py"],
         ["train_lm.py"],
         ["bench_transformer.py", "--size", "cpu"],
+        ["run_notebooks.py"],
     ],
     "gpu": [
         ["bench_scan.py", "--size", "gpu", "--dtype", "float32"],

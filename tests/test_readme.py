@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,3 +27,114 @@ def test_readme_results_are_generated_from_json():
         text=True,
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+# --- no hand-typed measurements -----------------------------------------------------------------
+# Every measured number in the README comes from benchmarks/results/ through a renderer of
+# benchmarks/report.py (between <!-- results:NAME --> markers) or is stated as the bound a test
+# asserts. Outside the generated blocks, fenced code, tables and inline code, prose must not
+# contain measured-looking numbers.
+
+_GENERATED = re.compile(r"<!-- results:(\w+) -->\n.*?<!-- /results:\1 -->", re.S)
+_FENCED = re.compile(r"```.*?```", re.S)
+_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_CODE_SPAN = re.compile(r"`[^`]+`")
+_MEASURED = re.compile(
+    r"""
+      (?<![\w.])(?!1e[-+]?\d)\d+(?:\.\d+)?e[-+]?\d+\b  # scientific notation, except 1e-N
+    | (?<![\w.])\d+\.\d+                              # decimals: 0.22, 98.1
+    | \d+(?:\.\d+)?\s?%                                # percentages: 2%, 98.1%
+    | \d+(?:\.\d+)?\s?(?:[KMGT]i?B|bytes|dB|ms|s)\b    # quantities: 6.5 MiB, 57 dB, 16 s
+    | \d+(?:\.\d+)?x\b                                 # factors: 0.25x, 72x faster
+    | \d+\s+times\b                                    # 13 to 50 times better
+    | (?<![\w./])1/\d+\b                               # ratios: 1/53
+    | ~\s?\d                                           # approximations: ~200
+    """,
+    re.X,
+)
+# Powers of ten (1e-5) are tolerances the tests assert, never printed measurements. Phrases
+# below contain numbers that are configuration or asserted bounds, not measurements.
+_ALLOWED = {
+    "Python >= 3.11": "the supported Python versions",
+    "arXiv 2402.14212": "a paper identifier",
+    "arXiv 2407.15545": "a paper identifier",
+    "0.5/sqrt(": "the weight scale of the test networks (configuration)",
+    "at least 95%": "the accuracy bar tests/test_revnet.py asserts",
+    "within 1%": "tests/test_revnet.py and tests/test_lm_training.py assert it",
+    "at least 20%": "tests/test_lm_training.py asserts it",
+    "within 5%": "tests/test_transformer.py asserts it",
+    "more than 4x": "tests/test_transformer.py asserts it",
+    "within 3x": "tests/test_moonwalk.py asserts it (projected forward gradient)",
+    "at most 1/4": "tests/test_moonwalk.py and tests/test_sharding.py assert it (memory)",
+    "4 times wider": "hidden / width of the memory_depth.py network (configuration)",
+}
+
+
+def prose(markdown: str) -> str:
+    """The README without generated result blocks, fenced code, comments, tables, inline code
+    and the allowed phrases."""
+    text = _COMMENT.sub("", _FENCED.sub("", _GENERATED.sub("", markdown)))
+    text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("|"))
+    text = _CODE_SPAN.sub("", text)
+    for phrase in _ALLOWED:
+        text = text.replace(phrase, "")
+    return text
+
+
+def measured_numbers(markdown: str) -> list[str]:
+    """Each measured-looking number in the prose, with some context."""
+    text = prose(markdown)
+    return [
+        " ".join(text[max(m.start() - 30, 0) : m.end() + 30].split())
+        for m in _MEASURED.finditer(text)
+    ]
+
+
+def test_readme_prose_has_no_hand_typed_measurements():
+    found = measured_numbers((ROOT / "README.md").read_text())
+    assert not found, (
+        "measured numbers typed by hand in README.md (render them from benchmarks/results/ "
+        "in benchmarks/report.py, or state the bound a test asserts):\n" + "\n".join(found)
+    )
+
+
+def test_every_allowed_phrase_is_still_in_the_readme():
+    """A stale allow-list entry would silently allow a measurement later."""
+    text = (ROOT / "README.md").read_text()
+    assert [phrase for phrase in _ALLOWED if phrase not in text] == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "the gradient error is 0.22 without anchors and 2.9e-6 with k = 4",
+        "the error with it: 6.6e-5 at L = 16",
+        "needs 1/53 of plain backprop's gradient temp memory",
+        "falls from 57 dB after one step to -28 dB",
+        "mixed Moonwalk needs 6.5 MiB against backprop's 56.3 MiB",
+        "it trains to 98.1% test accuracy, about 16 s for both",
+        "2 to 6% slower than per-layer checkpointing",
+        "a float32 stream is 13 to 50 times better",
+        "max |x| ~ 200 at L = 64 and ~3e7 at L = 256",
+        "52.5 MiB with activations.gelu (0.25x)",
+        "with highest precision it is 2e-7 to 3e-7",
+    ],
+)
+def test_measured_numbers_are_detected(text):
+    assert measured_numbers(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "the tests bound it at 1e-5; gradients equal backprop to `<= 1e-6`",
+        "halves 64 wide, 4 blocks, batch 512, L = 16, depth 4 and 32",
+        "<!-- results:x -->\nthe error is 2.9e-6 (measured)\n<!-- /results:x -->",
+        "```python\nscale = 0.5  # 2.9e-6\n```",
+        "| 8 | 26.25 | 2.94 |",
+        "on the 8x8 digits, with the layer's `slope 0.1`",
+        "(Python >= 3.11; it needs at most 1/4 of the memory)",
+    ],
+)
+def test_configuration_and_bounds_are_not_flagged(text):
+    assert not measured_numbers(text)
