@@ -5,11 +5,12 @@
   invertible layer by layer, but not couplings: RevBackprop does not apply).
 
 For every depth and method: compiled temp memory of the gradient (XLA's memory analysis, any
-backend) and, on GPU/TPU only (DESIGN.md section 4), the median time of 10 jitted calls, with
-GPU peak bytes. Exact forward mode costs one JVP per parameter, so it is run only on the
-``--size cpu`` networks (a few thousand parameters per layer); there the script also reports
-pure-forward Moonwalk's speed-up over it at 6 and 60 layers (the paper reports 27x and 110x on a
-CIFAR RevNet).
+backend) and, on GPU/TPU only (DESIGN.md section 4), the median time of 10 jitted calls. (The
+allocator's peak is not recorded: it is a process-wide high-water mark that cannot be reset,
+so after the first large method every later row would report that method's peak.) Exact
+forward mode costs one JVP per parameter, so it is run only on the ``--size cpu`` networks (a
+few thousand parameters per layer); there the script also reports pure-forward Moonwalk's
+speed-up over it at 6 and 60 layers (the paper reports 27x and 110x on a CIFAR RevNet).
 
     python benchmarks/bench_moonwalk.py --size cpu
     python benchmarks/bench_moonwalk.py --size gpu
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, write_json
 from revjax import moonwalk as mw
-from revjax.memory import compiled_memory, device_peak_bytes
+from revjax.memory import compiled_memory
 from revjax.models.mlp import init_mlp_stack, mlp_coupling
 from revjax.timing import median_ms
 
@@ -79,7 +80,6 @@ def measure(network: str, depth: int, size: dict, timed: bool) -> list[dict]:
                 "params": sum(a.size for a in jax.tree.leaves(params)),
                 "temp_mib": temp / 2**20,
                 "ms": ms,
-                "peak_mib": None if device_peak_bytes() is None else device_peak_bytes() / 2**20,
             }
         )
         print(rows[-1], flush=True)

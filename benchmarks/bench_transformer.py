@@ -2,14 +2,24 @@
 
 For each method of :class:`revjax.nnx.Stack` (``reversible``; ``backprop``, the plain twin;
 ``checkpoint``, the twin with ``jax.checkpoint`` per block, i.e. ``nnx.remat``) and each depth:
-the compiled temp memory of one AdamW training step (XLA memory analysis, any backend) and, on a
-GPU, tokens per second (median of >= 10 steps after warm-up) and the device's peak bytes.
-The deepest trainable model is found by bisection on depth over *compiled* memory
-(arguments + outputs + temps, nothing executed) against a budget: the GPU's ``bytes_limit``,
-or ``--budget-gib`` on CPU.
+the compiled memory of one AdamW training step with the state donated (XLA memory analysis, any
+backend: ``temp`` and ``total`` = arguments + outputs + temps - donated) and, on a GPU, tokens
+per second (median of 10 steps after warm-up) and the device allocator's peak bytes.
 
-    python benchmarks/bench_transformer.py --size cpu    # memory only, ~2 minutes on 2 cores
+On a GPU every timed row runs in its own process: the allocator's peak (``peak_bytes_in_use``)
+is a process-wide high-water mark that cannot be reset, so only a fresh process measures one
+configuration's peak; a row that runs out of device memory is recorded as such instead of
+ending the run, and a row whose compiled footprint exceeds the budget is not run at all. The
+JSON is rewritten after every row.
+
+The deepest trainable model is the largest depth whose compiled step fits the budget (the GPU's
+``bytes_limit``, or ``--budget-gib`` on CPU), nothing executed. The footprint of a scanned stack
+is affine in depth, so the search starts from the line through the two measured depths and
+gallops/bisects from there: two compiles when the line is exact.
+
+    python benchmarks/bench_transformer.py --size cpu    # memory only
     python benchmarks/bench_transformer.py --size gpu    # width 1024, seq 2048, timings
+    python benchmarks/bench_transformer.py --size smoke  # tiny; the GPU size's code path
 
 Writes ``transformer_<size>_<backend>.json`` to ``--out`` (default ``benchmarks/results``).
 """
@@ -17,7 +27,10 @@ Writes ``transformer_<size>_<backend>.json`` to ``--out`` (default ``benchmarks/
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -28,7 +41,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, write_json
-from revjax.memory import compiled_memory, device_peak_bytes
+from revjax.memory import compiled_memory, device_peak_bytes, memory_of
 from revjax.models.lm_training import functional_train_step
 from revjax.models.transformer import ReversibleTransformer
 from revjax.timing import median_ms
@@ -37,7 +50,10 @@ METHODS = ("reversible", "backprop", "checkpoint")
 SIZES = {
     "cpu": dict(dim=64, heads=4, seq=256, batch=8, depths=(4, 16), max_depth=16384, time=False),
     "gpu": dict(dim=1024, heads=16, seq=2048, batch=8, depths=(4, 12), max_depth=1024, time=True),
+    # Tiny, with the GPU size's code path (child processes), for checking it on any machine.
+    "smoke": dict(dim=16, heads=2, seq=16, batch=2, depths=(1, 2), max_depth=64, time=True),
 }
+CHILD_TIMEOUT_S = 300
 
 
 def build(size: dict, depth: int, method: str):
@@ -46,6 +62,13 @@ def build(size: dict, depth: int, method: str):
         256, size["dim"], depth, size["heads"], size["seq"], method=method, rngs=nnx.Rngs(0)
     )
     return functional_train_step(model, nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param))
+
+
+def _footprint(mem) -> dict[str, int]:
+    return {
+        "temp": mem.temp_bytes,
+        "total": mem.temp_bytes + mem.argument_bytes + mem.output_bytes - mem.alias_bytes,
+    }
 
 
 def compiled_bytes(size: dict, depth: int, method: str) -> dict[str, int]:
@@ -60,74 +83,170 @@ def compiled_bytes(size: dict, depth: int, method: str) -> dict[str, int]:
     state = jax.eval_shape(init)
     tokens = jax.ShapeDtypeStruct((size["batch"], size["seq"] + 1), jnp.int32)
     # Donated state, as in training: the updated parameters and moments reuse its buffers.
-    mem = compiled_memory(jax.jit(holder["step"], donate_argnums=0), state, tokens)
-    return {
-        "temp": mem.temp_bytes,
-        "total": mem.temp_bytes + mem.argument_bytes + mem.output_bytes - mem.alias_bytes,
-    }
+    return _footprint(compiled_memory(jax.jit(holder["step"], donate_argnums=0), state, tokens))
 
 
-def deepest(size: dict, method: str, budget: int) -> int:
-    """Largest depth whose compiled training step fits in ``budget`` bytes (bisection)."""
-    lo, hi = 0, size["max_depth"]
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if compiled_bytes(size, mid, method)["total"] <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
+def deepest_fitting(total_at: Callable[[int], int], budget: int, max_depth: int, guess: int) -> int:
+    """Largest ``d`` in ``[0, max_depth]`` with ``total_at(d) <= budget`` (``total_at``
+    non-decreasing in ``d``; depth 0 always fits). Gallops from ``guess`` to bracket the answer,
+    then bisects: two evaluations when ``guess`` is the answer."""
+    fits = lambda d: d == 0 or total_at(d) <= budget
+    guess = min(max(guess, 0), max_depth)
+    if fits(guess):
+        lo, step = guess, 1  # lo fits; find a depth that does not
+        while lo + step <= max_depth and fits(lo + step):
+            lo, step = lo + step, 2 * step
+        hi = min(lo + step, max_depth + 1)  # does not fit, or past the cap
+    else:
+        hi, step = guess, 1  # hi does not fit; find one that does
+        while hi - step > 0 and not fits(hi - step):
+            hi, step = hi - step, 2 * step
+        lo = max(hi - step, 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
 
-def timed(size: dict, depth: int, method: str) -> dict[str, float | None]:
+def deepest(size: dict, method: str, budget: int, known: dict[int, int]) -> int:
+    """Deepest depth whose compiled step fits ``budget``; ``known`` maps depths to totals
+    already compiled (at least two), which fix the affine first guess."""
+    cache = dict(known)
+
+    def total_at(depth: int) -> int:
+        if depth not in cache:
+            cache[depth] = compiled_bytes(size, depth, method)["total"]
+        return cache[depth]
+
+    for depth in size["depths"]:  # two measured points fix the first guess
+        if len(cache) < 2:
+            total_at(depth)
+    (d0, t0), (d1, t1) = sorted(cache.items())[:2]
+    slope = max((t1 - t0) / (d1 - d0), 1.0)
+    guess = int(d0 + (budget - t0) // slope)
+    return deepest_fitting(total_at, budget, size["max_depth"], guess)
+
+
+def run_row(size: dict, depth: int, method: str, budget: int) -> dict:
+    """Compile one training step on real arrays (one compile serves memory and timing) and, on a
+    GPU and if its footprint fits ``budget``, time it and read the allocator's peak."""
     step, state = build(size, depth, method)
     tokens = jax.random.randint(jax.random.key(0), (size["batch"], size["seq"] + 1), 0, 256)
-    jitted = jax.jit(step, donate_argnums=0)
+    compiled = jax.jit(step, donate_argnums=0).lower(state, tokens).compile()
+    row = {"method": method, "depth": depth, **_footprint(memory_of(compiled))}
+    if not (size["time"] and jax.default_backend() == "gpu"):
+        return row
+    if row["total"] > budget:
+        return row | {"not_run": "compiled footprint exceeds the memory budget"}
     holder = {"state": state}
 
-    def run(tokens):
-        loss, holder["state"] = jitted(holder["state"], tokens)
+    def train(tokens):
+        loss, holder["state"] = compiled(holder["state"], tokens)
         return loss
 
-    ms = median_ms(run, tokens, repeats=10, warmup=2)
-    return {
+    ms = median_ms(train, tokens, repeats=10, warmup=2)
+    return row | {
         "ms": ms,
         "tokens_per_s": size["batch"] * size["seq"] / (ms / 1e3),
         "peak_bytes": device_peak_bytes(),
     }
 
 
-def main(argv=None) -> dict:
+def in_child(size_name: str, task: list[str], timeout: int = CHILD_TIMEOUT_S) -> dict:
+    """Run ``task`` (``row METHOD DEPTH`` or ``deepest METHOD KNOWN_JSON``) in a fresh process
+    and return its JSON answer; an out-of-memory, crash or timeout comes back as
+    ``{"failed": reason}``, never raised."""
+    command = [sys.executable, __file__, "--size", size_name, "--task", *task]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"timeout after {timeout} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    text = done.stdout + done.stderr
+    oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+    return {"failed": "out of memory" if oom else f"exit {done.returncode}: {text.strip()[-300:]}"}
+
+
+def child_task(size: dict, task: list[str], budget: int) -> dict:
+    """The answer of one child process: a row or a deepest depth, with this process's
+    environment record and memory budget."""
+    kind, method = task[0], task[1]
+    if kind == "row":
+        answer = run_row(size, int(task[2]), method, budget)
+    elif kind == "deepest":
+        known = {int(d): t for d, t in json.loads(task[2]).items()}
+        answer = {"deepest": deepest(size, method, budget, known)}
+    else:
+        raise ValueError(f"bench_transformer: unknown task {kind!r}")
+    return answer | {"env": environment(), "budget_bytes": budget}
+
+
+def budget_bytes(budget_gib: float) -> int:
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats.get("bytes_limit") or budget_gib * 2**30)
+
+
+def main(argv=None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--budget-gib", type=float, default=4.0, help="memory budget on CPU")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--task", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     size = SIZES[args.size]
-    stats = jax.devices()[0].memory_stats() or {}
-    budget = int(stats.get("bytes_limit") or args.budget_gib * 2**30)
-
-    rows = []
-    for method in METHODS:
-        for depth in size["depths"]:
-            row = {"method": method, "depth": depth, **compiled_bytes(size, depth, method)}
-            if size["time"] and jax.default_backend() == "gpu":
-                row |= timed(size, depth, method)
-            rows.append(row)
-            print(row, flush=True)
-    deepest_rows = {method: deepest(size, method, budget) for method in METHODS}
-    print("deepest trainable depth:", deepest_rows, flush=True)
-    env = environment()
+    if args.task:  # a child process of in_child
+        print(json.dumps(child_task(size, args.task, budget_bytes(args.budget_gib))), flush=True)
+        return None
+    # GPU size: every compile and run happens in a child process, so this one never holds
+    # device memory (JAX would preallocate most of it) and each timed row has its own peak.
+    isolated = size["time"]
+    if isolated:
+        jax.config.update("jax_platforms", "cpu")
+    env, budget = environment(), budget_bytes(args.budget_gib)
+    name = f"transformer_{args.size}_{{backend}}.json"
     payload = {
         "benchmark": "transformer",
         "size": args.size,
         "config": {k: v for k, v in size.items() if k != "time"},
         "budget_bytes": budget,
-        "rows": rows,
-        "deepest_depth": deepest_rows,
+        "rows": [],
+        "deepest_depth": {},
         "env": env,
+        "complete": False,
     }
-    path = write_json(f"transformer_{args.size}_{env['backend']}.json", payload, args.out)
+
+    def save() -> Path:
+        return write_json(name.format(backend=payload["env"]["backend"]), payload, args.out)
+
+    def adopt(answer: dict) -> dict:  # a child's environment and budget describe the run
+        if "env" in answer:
+            payload["env"], payload["budget_bytes"] = answer.pop("env"), answer.pop("budget_bytes")
+        return answer
+
+    for method in METHODS:
+        for depth in size["depths"]:
+            if isolated:
+                row = {"method": method, "depth": depth}
+                row |= adopt(in_child(args.size, ["row", method, str(depth)]))
+            else:
+                row = {"method": method, "depth": depth, **compiled_bytes(size, depth, method)}
+            payload["rows"].append(row)
+            print(row, flush=True)
+            save()
+    for method in METHODS:
+        known = {r["depth"]: r["total"] for r in payload["rows"]
+                 if r["method"] == method and "total" in r}  # fmt: skip
+        if isolated:
+            answer = adopt(in_child(args.size, ["deepest", method, json.dumps(known)], 600))
+            payload["deepest_depth"][method] = answer.get("deepest", answer.get("failed"))
+        else:
+            payload["deepest_depth"][method] = deepest(size, method, budget, known)
+        print("deepest trainable depth:", method, payload["deepest_depth"][method], flush=True)
+        save()
+    payload["complete"] = True
+    path = save()
     print(f"wrote {path}")
     return payload
 

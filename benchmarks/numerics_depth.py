@@ -25,6 +25,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,52 @@ def loss_of(scan, block, **options):
     return jax.jit(jax.grad(loss))
 
 
+def compile_grad(scan, block, params, x, **options) -> tuple[Any, int]:
+    """The gradient, compiled ahead of time (so measuring its footprint costs no second
+    compile), and its compiled footprint: arguments + outputs + temps - aliased bytes."""
+    compiled = loss_of(scan, block, **options).lower(params, x).compile()
+    m = compiled.memory_analysis()
+    footprint = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+    return compiled, int(footprint - m.alias_size_in_bytes)
+
+
+def memory_budget() -> int | None:
+    """90% of the device allocator's limit (``bytes_limit``); None where unknown (CPU)."""
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    return None if limit is None else int(0.9 * limit)
+
+
+def reference_step(block, params, x, policy: Policy, budget: int | None) -> tuple[Any, str]:
+    """Plain backprop of the network under ``policy``; where its compiled footprint exceeds
+    ``budget``, the same network with ``jax.checkpoint`` per layer, which recomputes the same
+    operations. Returns the compiled gradient and ``"backprop"`` or ``"checkpoint"``."""
+    step, footprint = compile_grad(plain_scan, block, params, x, policy=policy)
+    if budget is None or footprint <= budget:
+        return step, "backprop"
+    del step
+    step, _ = compile_grad(plain_scan, block, params, x, policy=policy, remat=True)
+    return step, "checkpoint"
+
+
+@jax.jit
+def agreement(grads, reference) -> tuple[jax.Array, jax.Array]:
+    """Relative error of ``grads`` against ``reference``, and whether they are bitwise equal."""
+    leaves = zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True)
+    same = jnp.stack([jnp.array_equal(a, b) for a, b in leaves])
+    return relative_error(grads, reference), jnp.all(same)
+
+
+def failure(err: Exception) -> str | None:
+    """``"overflow"`` (exact mode's range check, an OverflowError inside jit), ``"oom"`` (the
+    device ran out of memory), or None for anything else (re-raised by the caller)."""
+    text = f"{type(err).__name__}: {err}"
+    if "OverflowError" in text:
+        return "overflow"
+    if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
+        return "oom"
+    return None
+
+
 def stream_peak(block, params, x) -> float:
     """Largest |value| of the float32-stream network's output stream (max over both halves)."""
     y = jax.jit(lambda p: plain_scan(block, p, x, policy=F32_STREAM))(params)
@@ -79,55 +126,61 @@ def stream_peak(block, params, x) -> float:
 def finest_exact_policy(peak: float) -> Policy | None:
     """Exact mode with the most fraction bits whose range 2^(24 - F) exceeds twice ``peak``, the
     largest stream value of the float32-stream network (None if no F >= 0 does)."""
-    bits = 24 - math.ceil(math.log2(2 * peak))
+    if not math.isfinite(peak):
+        return None
+    bits = 24 - math.ceil(math.log2(2 * max(peak, 2.0**-24)))
     return exact_policy(min(bits, 23), compute_dtype=jnp.bfloat16) if bits >= 0 else None
 
 
-def measure(depth: int, size: dict, timed: bool) -> list[dict]:
-    """One row per method at ``depth``; every row records the float32 stream's peak |x|."""
+def measure(depth: int, size: dict, timed: bool, budget: int | None = None) -> list[dict]:
+    """One row per method at ``depth``; every row records the float32 stream's peak |x| and
+    which reference it was compared with. Methods run grouped by policy and only one policy's
+    reference gradients are alive at a time, so the GPU size fits in device memory."""
     block, params, x = network(depth, size["batch"], size["width"], size["hidden"])
-    rows, references = [], {}
+    rows, reference, base_ms = [], None, None
     peak = stream_peak(block, params, x)
-    baseline = loss_of(plain_scan, block, policy=BF16_STREAM)
-    base_ms = median_ms(baseline, params, x) if timed else None
     for name, options in METHODS.items():
+        base = {"depth": depth, "method": name, "stream_peak": peak}
         if options is None:
             policy = finest_exact_policy(peak)
             if policy is None:
-                rows.append({"depth": depth, "method": name, "overflow": True, "stream_peak": peak})
+                rows.append({**base, "overflow": True})
                 continue
             options = {"policy": policy}
         every = options.get("checkpoint_every")
         if every is not None and every >= depth:
             continue  # k >= L stores no anchor: the same as the plain f32 stream
         policy = options["policy"]
-        step = loss_of(reversible_scan, block, **options)
         try:
-            if policy not in references:
-                references[policy] = loss_of(plain_scan, block, policy=policy)(params, x)
+            if reference is None or reference[0] != policy:
+                reference = None  # free the previous policy's gradients first
+                ref_step, kind = reference_step(block, params, x, policy, budget)
+                reference = (policy, jax.block_until_ready(ref_step(params, x)), kind)
+                if timed and policy == BF16_STREAM and kind == "backprop":
+                    base_ms = median_ms(ref_step, params, x)  # plain bf16 backprop
+            step, _ = compile_grad(reversible_scan, block, params, x, **options)
             grads = jax.block_until_ready(step(params, x))
-        except Exception as err:  # exact mode's range check (an OverflowError inside jit)
-            if "OverflowError" not in f"{type(err).__name__}: {err}":
+        except Exception as err:
+            kind_of_failure = failure(err)
+            if kind_of_failure is None:
                 raise
-            rows.append({"depth": depth, "method": name, "overflow": True, "stream_peak": peak})
+            oom = kind_of_failure == "oom"
+            rows.append({**base, "overflow": not oom, **({"oom": True} if oom else {})})
+            print(rows[-1], flush=True)
             continue
+        error, bitwise = agreement(grads, reference[1])
+        del grads
         ms = median_ms(step, params, x) if timed else None
         rows.append(
             {
-                "depth": depth,
-                "method": name,
+                **base,
                 "fraction_bits": policy.fraction_bits,
-                "grad_rel_err": float(relative_error(grads, references[policy])),
-                "bitwise_equal": all(
-                    bool(jnp.array_equal(a, b))
-                    for a, b in zip(
-                        jax.tree.leaves(grads), jax.tree.leaves(references[policy]), strict=True
-                    )
-                ),
+                "reference": reference[2],
+                "grad_rel_err": float(error),
+                "bitwise_equal": bool(bitwise),
                 "step_ms": ms,
-                "time_vs_bf16_backprop": None if ms is None else ms / base_ms,
+                "time_vs_bf16_backprop": None if ms is None or base_ms is None else ms / base_ms,
                 "overflow": False,
-                "stream_peak": peak,
             }
         )
         print(rows[-1], flush=True)
@@ -145,7 +198,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         pts = [
             (r["depth"], max(r["grad_rel_err"], 1e-9))
             for r in rows
-            if r["method"] == name and not r["overflow"] and math.isfinite(r["grad_rel_err"])
+            if r["method"] == name and "grad_rel_err" in r and math.isfinite(r["grad_rel_err"])
         ]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=name)
@@ -176,18 +229,25 @@ def main(argv=None) -> None:
     if args.depths:
         size["depths"] = args.depths
     timed = jax.default_backend() != "cpu"
-    rows = [row for depth in size["depths"] for row in measure(depth, size, timed)]
+    budget = memory_budget()
     env = environment()
     name = f"numerics_depth_{args.size}_{env['backend']}"
     payload = {
         "benchmark": "numerics_depth",
         "env": env,
         "size": size,
+        "memory_budget_bytes": budget,
         "network": "additive GELU-MLP couplings, bf16 params and compute, "
         "weights ~ N(0, (0.5/sqrt(width))^2)",
-        "rows": rows,
+        "rows": [],
+        "complete": False,
     }
+    for depth in size["depths"]:  # written after every depth: a crash keeps what was measured
+        payload["rows"] += measure(depth, size, timed, budget)
+        write_json(f"{name}.json", payload, args.out)
+    payload["complete"] = True
     path = write_json(f"{name}.json", payload, args.out)
+    rows = payload["rows"]
     plot(
         rows,
         path.with_suffix(".png"),
@@ -197,11 +257,17 @@ def main(argv=None) -> None:
     print(f"wrote {path} and {path.with_suffix('.png')}")
 
 
+def _outcome(row: dict) -> str:
+    """The error as text, or why there is none (exact mode's range, device memory)."""
+    if row["overflow"]:
+        return "overflow"
+    if row.get("oom"):
+        return "out of memory"
+    return f"{row['grad_rel_err']:.1e}"
+
+
 def table(rows: list[dict]) -> str:
-    shown = [
-        {**r, "grad_rel_err": "overflow" if r["overflow"] else f"{r['grad_rel_err']:.1e}"}
-        for r in rows
-    ]
+    shown = [{**r, "grad_rel_err": _outcome(r)} for r in rows]
     return format_table(
         shown,
         [

@@ -92,11 +92,16 @@ def render_numerics_depth(payload: dict, filename: str) -> str:
     def cell(r):
         if r["overflow"]:
             return "overflow"
+        if r.get("oom"):
+            return "out of memory"
         text = "0 (bitwise)" if r["bitwise_equal"] else f"{r['grad_rel_err']:.1e}"
         if r["method"] == "exact":
             text += f", F={r['fraction_bits']}"
+        if r.get("reference") == "checkpoint":
+            text += " (ref. checkpointed)"
         if timed:
-            text += f"; {r['time_vs_bf16_backprop']:.2f}x"
+            ratio = r.get("time_vs_bf16_backprop")
+            text += "; -" if ratio is None else f"; {ratio:.2f}x"
         return text
 
     table = format_table(
@@ -108,7 +113,12 @@ def render_numerics_depth(payload: dict, filename: str) -> str:
     )
     what = "relative error of the parameter gradient vs plain backprop of the same network"
     if timed:
-        what += "; step time as a ratio to plain bf16 backprop"
+        what += "; step time as a ratio to plain bf16 backprop (- where that does not fit)"
+    if any(r.get("reference") == "checkpoint" for r in rows):
+        what += (
+            "; where plain backprop does not fit in device memory the reference is the same "
+            "network with `jax.checkpoint` per layer (ref. checkpointed)"
+        )
     return (
         f"Reference network (additive GELU-MLP couplings, bf16 params and compute, weights "
         f"N(0, (0.5/sqrt(width))^2)), batch {size['batch']}, halves {size['width']} wide, hidden "
@@ -123,20 +133,25 @@ def render_moonwalk(payload: dict, filename: str) -> str:
     size, env, rows = payload["size"], payload["env"], payload["rows"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     tables = []
+    timed = any(r.get("ms") is not None for r in rows)
+    quantities = [("temp_mib", "grad temp MiB", ".3f")]
+    if timed:
+        quantities.append(("ms", "ms per gradient, median of 10", ".2f"))
     for network in dict.fromkeys(r["network"] for r in rows):
-        pivot = [
-            {
-                "depth": d,
-                **{
-                    r["method"]: r["temp_mib"]
-                    for r in rows
-                    if r["network"] == network and r["depth"] == d
-                },
-            }
-            for d in dict.fromkeys(r["depth"] for r in rows if r["network"] == network)
-        ]
-        columns = [("depth", "L", "d"), *((m, m, ".3f") for m in methods)]
-        tables.append(f"**{network}** (grad temp MiB)\n\n" + format_table(pivot, columns))
+        for key, label, fmt in quantities:
+            pivot = [
+                {
+                    "depth": d,
+                    **{
+                        r["method"]: r[key]
+                        for r in rows
+                        if r["network"] == network and r["depth"] == d
+                    },
+                }
+                for d in dict.fromkeys(r["depth"] for r in rows if r["network"] == network)
+            ]
+            columns = [("depth", "L", "d"), *((m, m, fmt) for m in methods)]
+            tables.append(f"**{network}** ({label})\n\n" + format_table(pivot, columns))
     text = (
         f"Compiled temp memory of each gradient method vs depth, batch {size['batch']}, RevNet "
         f"halves {size['width']} wide (hidden {size['hidden']}), submersive MLP width "
@@ -347,7 +362,7 @@ def render_precision_reference(payload: dict, filename: str) -> str:
 def render_numerics_depth_summary(payload: dict, filename: str) -> str:
     """The prose under the error-vs-depth table: stream growth, ratios, anchors, exact mode."""
     rows, depths = payload["rows"], sorted({r["depth"] for r in payload["rows"]})
-    err = {(r["method"], r["depth"]): r for r in rows if not r["overflow"]}
+    err = {(r["method"], r["depth"]): r for r in rows if "grad_rel_err" in r}
     peak = {r["depth"]: r["stream_peak"] for r in rows}
     shown = list(dict.fromkeys([depths[0], REFERENCE_DEPTH, depths[-1]]) & peak.keys())
     growth = _series([f"~{_num(peak[d])} at L = {d}" for d in sorted(shown)])
@@ -438,6 +453,22 @@ def render_activation_memory(payload: dict, filename: str) -> str:
         f"`jax.checkpoint(policy=dots_saveable)`, which gets there by recomputing GELU from the "
         f"saved matmul output; SiLU: {mib['jax.nn.silu']:.3g} MiB vs "
         f"{mib['revjax.activations.silu']:.3g} MiB."
+    )
+
+
+def render_activation_times(payload: dict, filename: str) -> str:
+    """Memory and step time of every activation variant (a GPU run of bench_activations)."""
+    cfg = payload["config"]
+    table = format_table(
+        payload["rows"],
+        [("variant", "variant", "s"), ("temp_mib", "grad temp MiB", ".1f"),
+         ("ms", "gradient step ms", ".2f")],
+    )  # fmt: skip
+    return (
+        f"Gradient of {cfg['depth']} residual MLP blocks (width {cfg['width']}, hidden "
+        f"{cfg['hidden']}, batch {cfg['batch']}, float32), "
+        f"{_source(payload['env'], 'bench_activations.py', filename)}; time is the median of "
+        f"jitted gradient steps.\n\n{table}"
     )
 
 
@@ -537,6 +568,8 @@ RENDERERS = {
     "numerics_depth_cpu": ("numerics_depth_cpu_cpu.json", render_numerics_depth),
     "numerics_depth_gpu": ("numerics_depth_gpu_gpu.json", render_numerics_depth),
     "moonwalk_cpu": ("moonwalk_cpu_cpu.json", render_moonwalk),
+    "moonwalk_gpu": ("moonwalk_gpu_gpu.json", render_moonwalk),
+    "activations_gpu": ("activations_gpu.json", render_activation_times),
     "memory_depth": ("memory_depth_cpu.json", render_memory_depth),
     "bench_suite": ("bench_suite_cpu_cpu.json", render_bench_suite),
     "notebooks": ("notebooks_cpu.json", render_notebooks),

@@ -5,7 +5,10 @@ package, so this command works from a clone (``make bench`` calls it). After the
 draws the PNG plots (``benchmarks/plots.py``) and refreshes the README (``report.py``).
 ``--size cpu`` (default) runs everything at CPU sizes; ``--size gpu`` runs the GPU-size
 benchmarks (timings, peak memory), which need an accelerator. ``--list`` prints the commands
-without running them.
+without running them; ``--only SCRIPT ...`` runs part of the suite; ``--out DIR`` writes the
+JSON to ``DIR`` and leaves the README alone (for a device whose results are copied back);
+``--timeout S`` bounds each script. A failing script does not stop the others; the command
+then exits with 1 and names it.
 """
 
 from __future__ import annotations
@@ -54,7 +57,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--force", action="store_true", help="run the GPU sizes even without an accelerator"
     )
+    parser.add_argument(
+        "--only", nargs="+", metavar="SCRIPT", help="run only these scripts of the suite"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="write every script's JSON here instead of benchmarks/results (no README refresh)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="seconds each script may run (default: none)"
+    )
     args = parser.parse_args(argv)
+    suite = SUITES[args.size]
+    if args.only:
+        known = {name for name, *_ in suite}
+        unknown = sorted(set(args.only) - known)
+        if unknown:
+            print(f"error: {unknown} not in the {args.size} suite; choose from {sorted(known)}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        suite = [entry for entry in suite if entry[0] in args.only]
     if args.size == "gpu" and not (args.list or args.force):
         import jax
 
@@ -66,39 +88,50 @@ def main(argv: list[str] | None = None) -> int:
     if not (scripts / "report.py").exists():
         print(f"error: {scripts} not found; run from a source checkout of revjax", file=sys.stderr)
         return 2
-    commands = [[sys.executable, str(scripts / name), *rest] for name, *rest in SUITES[args.size]]
+    out = [] if args.out is None else ["--out", str(args.out)]
+    commands = [[sys.executable, str(scripts / name), *rest, *out] for name, *rest in suite]
     plots = [sys.executable, str(scripts / "plots.py")]
     report = [sys.executable, str(scripts / "report.py")]
+    refresh = [] if args.out is not None else [plots, report]
     if args.list:
-        for command in [*commands, plots, report]:
+        for command in [*commands, *refresh]:
             print(_shown(command))
         return 0
-    timings = []
+    timings, failures = [], []
     for command in commands:
         start = time.perf_counter()
         print(f"[revjax bench] {_shown(command)}", flush=True)
-        result = subprocess.run(command, check=False)
-        if result.returncode:
-            print(f"error: {_shown(command)} exited with {result.returncode}", file=sys.stderr)
-            return result.returncode
-        timings.append({"command": _shown(command), "seconds": time.perf_counter() - start})
-        print(f"[revjax bench] {_shown(command)}: {timings[-1]['seconds']:.0f} s", flush=True)
-    _record(scripts, args.size, timings)
-    failed = subprocess.run(plots, check=False).returncode
-    return failed or subprocess.run(report, check=False).returncode
+        try:
+            code = subprocess.run(command, check=False, timeout=args.timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = f"timeout after {args.timeout:.0f} s"
+        seconds = time.perf_counter() - start
+        if code:  # go on: the other benchmarks are still worth having
+            failures.append(f"{_shown(command)}: exit {code}")
+            print(f"error: {failures[-1]}", file=sys.stderr, flush=True)
+            continue
+        timings.append({"command": _shown(command), "seconds": seconds})
+        print(f"[revjax bench] {_shown(command)}: {seconds:.0f} s", flush=True)
+    if not args.only and not failures:  # the suite's total is only meaningful for a full run
+        _record(args.size, timings, args.out)
+    codes = [subprocess.run(command, check=False).returncode for command in refresh]
+    if failures:
+        print("failed:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    return max(codes, default=0)
 
 
 def _shown(command: list[str]) -> str:
     return " ".join(Path(part).name if part.endswith(".py") else part for part in command[1:])
 
 
-def _record(scripts: Path, size: str, timings: list[dict]) -> None:
+def _record(size: str, timings: list[dict], out: Path | None) -> None:
     """Writes ``bench_suite_<size>_<backend>.json``: how long each benchmark took."""
-    sys.path.insert(0, str(scripts.parent))
+    sys.path.insert(0, str(ROOT))
     from benchmarks.common import environment, write_json
 
     env = environment()
     total = sum(t["seconds"] for t in timings)
     payload = {"benchmark": "bench_suite", "size": size, "scripts": timings,
                "total_seconds": total, "cpu_count": os.cpu_count(), "env": env}  # fmt: skip
-    write_json(f"bench_suite_{size}_{env['backend']}.json", payload)
+    write_json(f"bench_suite_{size}_{env['backend']}.json", payload, out)

@@ -37,7 +37,13 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Compil
     ``fn`` may already be jitted; keyword arguments are traced, not static.
     """
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-    analysis = jitted.lower(*args, **kwargs).compile().memory_analysis()
+    return memory_of(jitted.lower(*args, **kwargs).compile())
+
+
+def memory_of(compiled: jax.stages.Compiled) -> CompiledMemory:
+    """The memory analysis of an already compiled executable (``jax.jit(f).lower(...).compile()``),
+    for callers that also run it and should not compile twice."""
+    analysis = compiled.memory_analysis()
     if analysis is None:  # some backends do not implement it
         raise RuntimeError(f"XLA on {jax.default_backend()} returned no memory analysis")
     return CompiledMemory(

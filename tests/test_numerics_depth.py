@@ -1,0 +1,51 @@
+"""benchmarks/numerics_depth.py: references that fit the memory budget, failure handling."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import numerics_depth as bench
+
+TINY = {"batch": 4, "width": 8, "hidden": 16}
+
+
+def test_failures_are_classified_and_other_errors_are_not():
+    assert bench.failure(RuntimeError("INTERNAL: OverflowError: layer 3 left the range")) == (
+        "overflow"
+    )
+    assert bench.failure(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating")) == "oom"
+    assert bench.failure(ValueError("shapes do not match")) is None
+
+
+def test_finest_exact_policy_guards_non_finite_peaks():
+    assert bench.finest_exact_policy(math.inf) is None
+    assert bench.finest_exact_policy(math.nan) is None
+    assert bench.finest_exact_policy(2.0**30) is None  # beyond float32's 2^24 integer range
+    assert bench.finest_exact_policy(100.0).fraction_bits == 24 - 8  # 2 * 100 < 2^8
+
+
+def test_reference_falls_back_to_checkpointing_when_backprop_does_not_fit():
+    block, params, x = bench.network(8, **TINY)
+    plain, kind = bench.reference_step(block, params, x, bench.F32_STREAM, budget=None)
+    assert kind == "backprop"
+    remat, kind = bench.reference_step(block, params, x, bench.F32_STREAM, budget=1)
+    assert kind == "checkpoint"
+    error, _ = bench.agreement(remat(params, x), plain(params, x))
+    assert float(error) <= 1e-6, float(error)  # the same operations, recomputed
+
+
+def test_measure_with_a_tiny_budget_compares_against_checkpointed_references():
+    """Every row says which reference it used; exact mode stays bitwise equal to it."""
+    rows = bench.measure(8, TINY, timed=False, budget=1)
+    assert {r["method"] for r in rows} == {"bf16 stream", "f32 stream", "exact"}
+    assert all(r["reference"] == "checkpoint" for r in rows), rows
+    exact = next(r for r in rows if r["method"] == "exact")
+    assert exact["bitwise_equal"] and exact["grad_rel_err"] == 0.0
+    assert all(r["stream_peak"] > 0 and not r["overflow"] for r in rows)
+    assert jax.default_backend() != "cpu" or all(r["step_ms"] is None for r in rows)
