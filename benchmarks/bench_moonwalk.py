@@ -4,10 +4,11 @@
 * ``submersive``: L blocks ``submersive_linear -> leaky_relu`` of constant width (square, so
   invertible layer by layer, but not couplings: RevBackprop does not apply).
 
-For every depth and method: compiled temp memory of the gradient (XLA's memory analysis, any
-backend) and, on GPU/TPU only (DESIGN.md section 4), the median time of 10 jitted calls. (The
-allocator's peak is not recorded: it is a process-wide high-water mark that cannot be reset,
-so after the first large method every later row would report that method's peak.) Exact
+For every depth and method: compiled temp memory of the gradient and its footprint (arguments
++ outputs + temps, the executable's planned peak; XLA's memory analysis, any backend) and, on
+GPU/TPU only (DESIGN.md section 4), the median time of 10 jitted calls. (The allocator's peak
+is not recorded: it is a process-wide high-water mark that cannot be reset, so after the first
+large method every later row would report that method's peak.) Exact
 forward mode costs one JVP per parameter, so it is run only on the ``--size cpu`` networks (a
 few thousand parameters per layer); there the script also reports pure-forward Moonwalk's
 speed-up over it at 6 and 60 layers (the paper reports 27x and 110x on a CIFAR RevNet).
@@ -70,7 +71,7 @@ def measure(network: str, depth: int, size: dict, timed: bool) -> list[dict]:
             continue
         fn = jax.jit(mw.value_and_grad(net, loss, method=method, num_tangents=16))
         key = jax.random.key(2)
-        temp = compiled_memory(fn, params, x, key=key).temp_bytes
+        mem = compiled_memory(fn, params, x, key=key)
         ms = median_ms(lambda p, x_, f=fn, k=key: f(p, x_, key=k), params, x) if timed else None
         rows.append(
             {
@@ -78,7 +79,12 @@ def measure(network: str, depth: int, size: dict, timed: bool) -> list[dict]:
                 "depth": depth,
                 "method": method,
                 "params": sum(a.size for a in jax.tree.leaves(params)),
-                "temp_mib": temp / 2**20,
+                "temp_mib": mem.temp_mib,
+                # The executable's planned peak: arguments + outputs + temps - aliased.
+                "footprint_mib": (
+                    mem.temp_bytes + mem.argument_bytes + mem.output_bytes - mem.alias_bytes
+                )
+                / 2**20,
                 "ms": ms,
             }
         )

@@ -32,6 +32,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, write_json
-from revjax.memory import compiled_memory, device_peak_bytes, memory_of
+from revjax.memory import CompiledMemory, compiled_memory, device_peak_bytes, memory_of
 from revjax.models.lm_training import functional_train_step
 from revjax.models.transformer import ReversibleTransformer
 from revjax.timing import median_ms
@@ -56,19 +57,17 @@ SIZES = {
 CHILD_TIMEOUT_S = 300
 
 
-def build(size: dict, depth: int, method: str):
-    """Model, optimiser, and the pure training step ``(state, tokens) -> (loss, state)``."""
+def build(size: dict, depth: int, method: str) -> tuple[Callable, Any]:
+    """The pure training step ``(state, tokens) -> (loss, state)`` of a fresh model and AdamW
+    optimiser, and its initial state."""
     model = ReversibleTransformer(
         256, size["dim"], depth, size["heads"], size["seq"], method=method, rngs=nnx.Rngs(0)
     )
     return functional_train_step(model, nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param))
 
 
-def _footprint(mem) -> dict[str, int]:
-    return {
-        "temp": mem.temp_bytes,
-        "total": mem.temp_bytes + mem.argument_bytes + mem.output_bytes - mem.alias_bytes,
-    }
+def _footprint(mem: CompiledMemory) -> dict[str, int]:
+    return {"temp": mem.temp_bytes, "total": mem.footprint_bytes}
 
 
 def compiled_bytes(size: dict, depth: int, method: str) -> dict[str, int]:
@@ -152,28 +151,35 @@ def run_row(size: dict, depth: int, method: str, budget: int) -> dict:
     }
 
 
-def in_child(size_name: str, task: list[str], timeout: int = CHILD_TIMEOUT_S) -> dict:
-    """Run ``task`` (``row METHOD DEPTH`` or ``deepest METHOD KNOWN_JSON``) in a fresh process
-    and return its JSON answer; an out-of-memory, crash or timeout comes back as
+def in_child(size_name: str, task: list[str], budget_gib: float, timeout: int) -> dict:
+    """Run ``task`` (``probe``, ``row METHOD DEPTH`` or ``deepest METHOD KNOWN_JSON``) in a
+    fresh process and return its JSON answer; an out-of-memory, crash or timeout comes back as
     ``{"failed": reason}``, never raised."""
-    command = [sys.executable, __file__, "--size", size_name, "--task", *task]
+    command = [sys.executable, __file__, "--size", size_name, "--budget-gib", str(budget_gib),
+               "--task", *task]  # fmt: skip
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"failed": f"timeout after {timeout} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    text = done.stdout + done.stderr
-    oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
-    return {"failed": "out of memory" if oom else f"exit {done.returncode}: {text.strip()[-300:]}"}
+    for line in reversed(done.stdout.splitlines()):  # the answer, even if teardown failed
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                break
+    text = (done.stdout + done.stderr).strip()
+    if "RESOURCE_EXHAUSTED" in text:
+        return {"failed": "out of memory"}
+    return {"failed": f"exit {done.returncode}: {text[-300:]}"}
 
 
 def child_task(size: dict, task: list[str], budget: int) -> dict:
     """The answer of one child process: a row or a deepest depth, with this process's
     environment record and memory budget."""
-    kind, method = task[0], task[1]
-    if kind == "row":
+    kind, method = task[0], (task[1:] or [None])[0]
+    if kind == "probe":
+        answer = {}
+    elif kind == "row":
         answer = run_row(size, int(task[2]), method, budget)
     elif kind == "deepest":
         known = {int(d): t for d, t in json.loads(task[2]).items()}
@@ -184,11 +190,12 @@ def child_task(size: dict, task: list[str], budget: int) -> dict:
 
 
 def budget_bytes(budget_gib: float) -> int:
+    """JAX's device memory limit (``bytes_limit``), or ``budget_gib`` where there is none."""
     stats = jax.devices()[0].memory_stats() or {}
     return int(stats.get("bytes_limit") or budget_gib * 2**30)
 
 
-def main(argv=None) -> dict | None:
+def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--budget-gib", type=float, default=4.0, help="memory budget on CPU")
@@ -199,13 +206,22 @@ def main(argv=None) -> dict | None:
     if args.task:  # a child process of in_child
         print(json.dumps(child_task(size, args.task, budget_bytes(args.budget_gib))), flush=True)
         return None
-    # GPU size: every compile and run happens in a child process, so this one never holds
-    # device memory (JAX would preallocate most of it) and each timed row has its own peak.
+    # GPU size: every compile and run happens in a child process, so this one never initialises
+    # a JAX backend (which would hold device memory) and each timed row has its own peak.
     isolated = size["time"]
+
+    def child(task: list[str], timeout: int = CHILD_TIMEOUT_S) -> dict:
+        return in_child(args.size, task, args.budget_gib, timeout)
+
     if isolated:
-        jax.config.update("jax_platforms", "cpu")
-    env, budget = environment(), budget_bytes(args.budget_gib)
-    name = f"transformer_{args.size}_{{backend}}.json"
+        probe = child(["probe"])
+        if "failed" in probe:
+            print(f"error: the probe process failed: {probe['failed']}", file=sys.stderr)
+            return None
+        env, budget = probe["env"], probe["budget_bytes"]
+    else:
+        env, budget = environment(), budget_bytes(args.budget_gib)
+    name = f"transformer_{args.size}_{env['backend']}.json"
     payload = {
         "benchmark": "transformer",
         "size": args.size,
@@ -216,37 +232,30 @@ def main(argv=None) -> dict | None:
         "env": env,
         "complete": False,
     }
-
-    def save() -> Path:
-        return write_json(name.format(backend=payload["env"]["backend"]), payload, args.out)
-
-    def adopt(answer: dict) -> dict:  # a child's environment and budget describe the run
-        if "env" in answer:
-            payload["env"], payload["budget_bytes"] = answer.pop("env"), answer.pop("budget_bytes")
-        return answer
-
     for method in METHODS:
         for depth in size["depths"]:
             if isolated:
+                answer = child(["row", method, str(depth)])
+                skip = {"env", "budget_bytes"}  # the probe's record describes the run
                 row = {"method": method, "depth": depth}
-                row |= adopt(in_child(args.size, ["row", method, str(depth)]))
+                row |= {k: v for k, v in answer.items() if k not in skip}
             else:
                 row = {"method": method, "depth": depth, **compiled_bytes(size, depth, method)}
             payload["rows"].append(row)
             print(row, flush=True)
-            save()
+            write_json(name, payload, args.out)
     for method in METHODS:
         known = {r["depth"]: r["total"] for r in payload["rows"]
                  if r["method"] == method and "total" in r}  # fmt: skip
         if isolated:
-            answer = adopt(in_child(args.size, ["deepest", method, json.dumps(known)], 600))
+            answer = child(["deepest", method, json.dumps(known)], timeout=600)
             payload["deepest_depth"][method] = answer.get("deepest", answer.get("failed"))
         else:
             payload["deepest_depth"][method] = deepest(size, method, budget, known)
         print("deepest trainable depth:", method, payload["deepest_depth"][method], flush=True)
-        save()
+        write_json(name, payload, args.out)
     payload["complete"] = True
-    path = save()
+    path = write_json(name, payload, args.out)
     print(f"wrote {path}")
     return payload
 

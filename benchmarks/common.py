@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,12 @@ def environment() -> dict[str, Any]:
 
 
 def write_json(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
+    """Write ``payload`` to ``out_dir / name`` atomically (a temporary file, then a rename), so
+    a run killed mid-write leaves the previous complete file, never a truncated one."""
     out_dir = Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    partial = path.with_name(f".{name}.partial")
+    partial.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(partial, path)
     return path

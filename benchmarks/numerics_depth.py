@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import environment, write_json
 from revjax import reversible_scan
 from revjax.diagnostics import format_table, relative_error
+from revjax.memory import memory_of
 from revjax.models.mlp import init_mlp_stack, mlp_coupling
 from revjax.precision import Policy, exact_policy
 from revjax.scan import plain_scan
@@ -75,13 +76,12 @@ def compile_grad(scan, block, params, x, **options) -> tuple[Any, int]:
     """The gradient, compiled ahead of time (so measuring its footprint costs no second
     compile), and its compiled footprint: arguments + outputs + temps - aliased bytes."""
     compiled = loss_of(scan, block, **options).lower(params, x).compile()
-    m = compiled.memory_analysis()
-    footprint = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-    return compiled, int(footprint - m.alias_size_in_bytes)
+    return compiled, memory_of(compiled).footprint_bytes
 
 
 def memory_budget() -> int | None:
-    """90% of the device allocator's limit (``bytes_limit``); None where unknown (CPU)."""
+    """90% of JAX's device memory limit (the allocator's ``bytes_limit``), leaving room for the
+    reference gradients held while the reversible step runs; None where unknown (CPU)."""
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     return None if limit is None else int(0.9 * limit)
 

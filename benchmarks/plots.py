@@ -38,9 +38,10 @@ def plot_train_lm(payload: dict, ax) -> None:
 def plot_transformer(payload: dict, ax) -> None:
     methods = list(dict.fromkeys(r["method"] for r in payload["rows"]))
     for method in methods:
-        rows = [r for r in payload["rows"] if r["method"] == method]
+        rows = [r for r in payload["rows"] if r["method"] == method and "temp" in r]
+        deepest = payload["deepest_depth"].get(method, "not searched")
         ax.plot([r["depth"] for r in rows], [r["temp"] / 2**20 for r in rows], marker="o",
-                label=f"{method} (deepest {payload['deepest_depth'][method]})")  # fmt: skip
+                label=f"{method} (deepest {deepest})")  # fmt: skip
     ax.set_xlabel("blocks L")
     ax.set_ylabel("training-step temp memory (MiB)")
 

@@ -120,7 +120,8 @@ def render_numerics_depth(payload: dict, filename: str) -> str:
             "network with `jax.checkpoint` per layer (ref. checkpointed)"
         )
     return (
-        f"Reference network (additive GELU-MLP couplings, bf16 params and compute, weights "
+        f"{_partial(payload)}Reference network (additive GELU-MLP couplings, bf16 params and "
+        f"compute, weights "
         f"N(0, (0.5/sqrt(width))^2)), batch {size['batch']}, halves {size['width']} wide, hidden "
         f"{size['hidden']}: {what}. Exact mode uses the most fraction bits F whose range "
         f"2^(24-F) holds twice the stream's peak. Measured on {_where(env)} by "
@@ -153,7 +154,8 @@ def render_moonwalk(payload: dict, filename: str) -> str:
             columns = [("depth", "L", "d"), *((m, m, fmt) for m in methods)]
             tables.append(f"**{network}** ({label})\n\n" + format_table(pivot, columns))
     text = (
-        f"Compiled temp memory of each gradient method vs depth, batch {size['batch']}, RevNet "
+        f"{_partial(payload)}Compiled temp memory of each gradient method vs depth, batch "
+        f"{size['batch']}, RevNet "
         f"halves {size['width']} wide (hidden {size['hidden']}), submersive MLP width "
         f"{2 * size['width']}; measured on {_where(env)} by `benchmarks/bench_moonwalk.py` "
         f"(`benchmarks/results/{filename}`).\n\n" + "\n\n".join(tables)
@@ -210,7 +212,16 @@ def render_train_lm(payload: dict, filename: str) -> str:
     )
 
 
+def _partial(payload: dict) -> str:
+    """A warning for a payload whose run stopped early (``complete`` false), else nothing."""
+    if payload.get("complete", True):
+        return ""
+    return "**Partial run** (it stopped early; below is what it measured). "
+
+
 def render_transformer(payload: dict, filename: str) -> str:
+    """Training-step memory (and GPU throughput) per method and depth, and the deepest depth
+    that fits; rows that failed or were not run say why."""
     cfg, env = payload["config"], payload["env"]
     columns = [
         ("method", "method", "s"),
@@ -220,34 +231,46 @@ def render_transformer(payload: dict, filename: str) -> str:
     ]
     if any("tokens_per_s" in r for r in payload["rows"]):
         columns += [("tokens_per_s", "tokens/s", ".0f"), ("peak_gib", "peak GiB", ".2f")]
+    if any("failed" in r or "not_run" in r for r in payload["rows"]):
+        columns.append(("note", "note", "s"))
     rows = [
         r
-        | {"temp_mib": r["temp"] / 2**20, "total_mib": r["total"] / 2**20}
+        | ({"temp_mib": r["temp"] / 2**20, "total_mib": r["total"] / 2**20} if "temp" in r else {})
         | ({"peak_gib": r["peak_bytes"] / 2**30} if r.get("peak_bytes") else {})
+        | {"note": r.get("failed") or r.get("not_run") or ""}
         for r in payload["rows"]
     ]
+    text = (
+        f"{_partial(payload)}One AdamW training step of the reversible transformer, width "
+        f"{cfg['dim']}, {cfg['heads']} heads, sequence {cfg['seq']}, batch {cfg['batch']}, "
+        f"float32. Measured on {_where(env)} by `benchmarks/bench_transformer.py --size "
+        f"{payload['size']}` (`benchmarks/results/{filename}`).\n\n{format_table(rows, columns)}"
+    )
     cap = cfg["max_depth"]
-    deepest_by = payload["deepest_depth"]
-    deepest = ", ".join(f"{m} {'>= ' if d >= cap else ''}{d}" for m, d in deepest_by.items())
-    temp = {(r["method"], r["depth"]): r["temp"] for r in payload["rows"]}
+    found = {m: d for m, d in payload["deepest_depth"].items() if isinstance(d, int)}
+    if payload["deepest_depth"]:
+        deepest = ", ".join(
+            f"{m} {'>= ' if d >= cap else ''}{d}" if m in found else f"{m}: {d}"
+            for m, d in payload["deepest_depth"].items()
+        )
+        text += (
+            f"\n\nDeepest model whose compiled training step (state donated) fits in "
+            f"{payload['budget_bytes'] / 2**30:.1f} GiB, searched up to {cap}: {deepest} blocks"
+        )
+        rev = found.get("reversible")
+        ratios = [f"{rev / d:.1f}x deeper than {m}" for m, d in found.items()
+                  if m != "reversible" and rev is not None and d > 0]  # fmt: skip
+        text += f" (reversible {', '.join(ratios)})." if ratios else "."
+    temp = {(r["method"], r["depth"]): r["temp"] for r in payload["rows"] if "temp" in r}
     shallow, deep = min(cfg["depths"]), max(cfg["depths"])
-    growth = ", ".join(
+    growth = [
         f"{m} {temp[(m, deep)] / temp[(m, shallow)]:.2f}x"
         for m in dict.fromkeys(k[0] for k in temp)
-    )
-    rev = deepest_by["reversible"]
-    ratios = ", ".join(
-        f"{rev / d:.1f}x deeper than {m}" for m, d in deepest_by.items() if m != "reversible"
-    )
-    return (
-        f"One AdamW training step of the reversible transformer, width {cfg['dim']}, "
-        f"{cfg['heads']} heads, sequence {cfg['seq']}, batch {cfg['batch']}, float32. Measured "
-        f"on {_where(env)} by `benchmarks/bench_transformer.py --size {payload['size']}` "
-        f"(`benchmarks/results/{filename}`).\n\n{format_table(rows, columns)}\n\n"
-        f"Deepest model whose compiled training step (state donated) fits in "
-        f"{payload['budget_bytes'] / 2**30:.1f} GiB, searched up to {cap}: {deepest} blocks "
-        f"(reversible {ratios}). Temp memory from L = {shallow} to L = {deep}: {growth}."
-    )
+        if (m, deep) in temp and (m, shallow) in temp
+    ]
+    if growth:
+        text += f" Temp memory from L = {shallow} to L = {deep}: {', '.join(growth)}."
+    return text
 
 
 def render_memory_depth(payload: dict, filename: str) -> str:
@@ -369,17 +392,23 @@ def render_numerics_depth_summary(payload: dict, filename: str) -> str:
     f32 = lambda d: err[("f32 stream", d)]["grad_rel_err"]
     bf16 = lambda d: err[("bf16 stream", d)]["grad_rel_err"]
     sane = [d for d in depths if f32(d) < 1]
-    lost = next(d for d in depths if f32(d) >= 1 and bf16(d) >= 1)
-    ratios = [bf16(d) / f32(d) for d in sane]
+    lost = next((d for d in depths if f32(d) >= 1 and bf16(d) >= 1), None)
+    ratios = [bf16(d) / f32(d) for d in sane if f32(d) > 0]  # 0: reconstruction was exact
     anchored = [r for r in err.values() if ", k=" in r["method"]]
     ks = sorted({int(r["method"].split("k=")[1]) for r in anchored})
     exact = [d for d in depths if ("exact", d) in err and err[("exact", d)]["bitwise_equal"]]
     overflow = [r["depth"] for r in rows if r["method"] == "exact" and r["overflow"]]
+    better = (
+        f"a float32 stream is {_span(ratios, lambda x: f'{x:.0f}')} times better than a bf16 "
+        f"one up to L = {sane[-1]}"
+        if ratios
+        else f"a float32 stream is exact up to L = {sane[-1]}"
+    )
+    lost_text = f", but both are meaningless (relative error above 1) by L = {lost}" if lost else ""
     return (
-        f"Without anchors the reconstruction error compounds with depth on this expansive stack "
-        f"(the max |x| of its float32 stream is {growth}): a float32 stream is "
-        f"{_span(ratios, lambda x: f'{x:.0f}')} times better than a bf16 one up to "
-        f"L = {sane[-1]}, but both are meaningless (relative error above 1) by L = {lost}. "
+        f"{_partial(payload)}Without anchors the reconstruction error compounds with depth on "
+        f"this expansive stack (the max |x| of its float32 stream is {growth}): {better}"
+        f"{lost_text}. "
         f"Anchors every {_series([str(k) for k in ks]).replace(' and ', ' or ')} layers keep the "
         f"float32-stream error between {_num(min(r['grad_rel_err'] for r in anchored))} and "
         f"{_num(max(r['grad_rel_err'] for r in anchored))} at every depth up to "

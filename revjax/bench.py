@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -78,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         suite = [entry for entry in suite if entry[0] in args.only]
     if args.size == "gpu" and not (args.list or args.force):
-        import jax
-
-        if jax.default_backend() == "cpu":
+        if _backend_in_a_child() == "cpu":
             print("error: --size gpu needs a GPU or TPU (jax sees only a CPU); use --force "
                   "to run anyway", file=sys.stderr)  # fmt: skip
             return 2
@@ -101,13 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     for command in commands:
         start = time.perf_counter()
         print(f"[revjax bench] {_shown(command)}", flush=True)
-        try:
-            code = subprocess.run(command, check=False, timeout=args.timeout).returncode
-        except subprocess.TimeoutExpired:
-            code = f"timeout after {args.timeout:.0f} s"
+        failure = _run(command, args.timeout)
         seconds = time.perf_counter() - start
-        if code:  # go on: the other benchmarks are still worth having
-            failures.append(f"{_shown(command)}: exit {code}")
+        if failure:  # go on: the other benchmarks are still worth having
+            failures.append(f"{_shown(command)}: {failure}")
             print(f"error: {failures[-1]}", file=sys.stderr, flush=True)
             continue
         timings.append({"command": _shown(command), "seconds": seconds})
@@ -119,6 +115,29 @@ def main(argv: list[str] | None = None) -> int:
         print("failed:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     return max(codes, default=0)
+
+
+def _backend_in_a_child() -> str:
+    """JAX's default backend, asked of a separate process: initialising a backend here would
+    hold device memory for the whole suite while the benchmarks run in child processes."""
+    probe = "import jax; print(jax.default_backend())"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 else "unknown"
+
+
+def _run(command: list[str], timeout: float | None) -> str | None:
+    """Run one benchmark; None on success, else why it failed. On a timeout the whole process
+    group is killed, so processes the script started do not keep the device."""
+    process = subprocess.Popen(command, start_new_session=True)  # its own group: see below
+    try:
+        code = process.wait(timeout=timeout)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt) as stop:
+        os.killpg(process.pid, signal.SIGKILL)  # Ctrl-C no longer reaches the group by itself
+        process.wait()
+        if isinstance(stop, KeyboardInterrupt):
+            raise
+        return f"timed out after {timeout:.0f} s"
+    return f"exit {code}" if code else None
 
 
 def _shown(command: list[str]) -> str:

@@ -23,10 +23,10 @@ Methods: ``backprop``, ``checkpoint`` (``jax.checkpoint`` per layer), ``reversib
   parameters, shown to make that cost visible);
 * for ``revnet``, ``across_stages`` (one reconstruction through the whole trunk).
 
-A method that does not apply at the requested size gets a row with ``None`` numbers and a
-``note`` saying why (other rows have an empty note); asking for it by name raises.
-Moonwalk is not offered for ``revnet`` and ``transformer``: their heads (pooling and a
-linear classifier, or layer norm and an unembedding wider than the stream) are outside the
+A method that does not apply gets a row with ``None`` numbers and a ``note`` saying why
+(other rows have an empty note); asking for it by name raises with that reason. Moonwalk and
+the forward-mode methods are not offered for ``revnet`` and ``transformer``: their heads
+(pooling and a linear classifier, or layer norm and an unembedding) are outside the
 invertible stack, and ``revjax.moonwalk`` differentiates only the layers it is given.
 """
 
@@ -58,6 +58,15 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FORWARD_MAX_PARAMS = 20_000
 PROJECTED_TANGENTS = 16
 Problem = tuple[dict[str, Callable], PyTree, dict[str, str]]
+FORWARD_METHODS = ("moonwalk", "mixed_moonwalk", "forward", "projected_forward")
+
+
+def _not_offered(model: str, head: str) -> dict[str, str]:
+    reason = (
+        f"not offered for {model}: its head ({head}) is outside the invertible stack, and "
+        "revjax.moonwalk differentiates only the layers it is given (see --model mlp)"
+    )
+    return dict.fromkeys(FORWARD_METHODS, reason)
 
 
 def anchor_interval_for(depth: int) -> int:
@@ -141,7 +150,8 @@ def revnet_problem(depth: int, dtype: Any, batch: int = 32) -> Problem:
         "reversible": {},
         "across_stages": {"across_stages": True},
     }
-    return {name: loss(options) for name, options in variants.items()}, params, {}
+    methods = {name: loss(options) for name, options in variants.items()}
+    return methods, params, _not_offered("revnet", "pooling and a linear classifier")
 
 
 def transformer_problem(depth: int, dtype: Any, batch: int = 8, length: int = 64) -> Problem:
@@ -171,7 +181,8 @@ def transformer_problem(depth: int, dtype: Any, batch: int = 8, length: int = 64
 
         return jax.grad(fn)
 
-    return {name: grad_for(options) for name, options in variants.items()}, params, {}
+    methods = {name: grad_for(options) for name, options in variants.items()}
+    return methods, params, _not_offered("transformer", "layer norm and the unembedding")
 
 
 PROBLEMS: dict[str, Callable[..., Problem]] = {
@@ -273,7 +284,7 @@ def render(rows: list[dict[str, Any]], title: str) -> str:
     except ImportError:  # pragma: no cover - rich is in the bench extra
         text_rows = [dict(zip([key for key, _, _ in COLUMNS], c, strict=True)) for c in cells]
         plain = [(key, header, "s") for key, header, _ in COLUMNS]
-        return f"{title}\n\n{format_table(text_rows, plain)}{notes}"
+        return f"{title}\n\n{format_table(text_rows, plain)}\n{notes}"
     table = Table(title=title)
     for _, header, _ in COLUMNS:
         table.add_column(header, justify="left" if header == "method" else "right")

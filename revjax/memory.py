@@ -29,6 +29,12 @@ class CompiledMemory:
     def temp_mib(self) -> float:
         return self.temp_bytes / 2**20
 
+    @property
+    def footprint_bytes(self) -> int:
+        """Arguments + outputs + temps - donated (aliased) bytes: the executable's planned peak,
+        what must fit in device memory to run it."""
+        return self.temp_bytes + self.argument_bytes + self.output_bytes - self.alias_bytes
+
 
 def compiled_memory(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> CompiledMemory:
     """Compiles ``jax.jit(fn)`` at ``args``/``kwargs`` (arrays or ``jax.ShapeDtypeStruct``s).

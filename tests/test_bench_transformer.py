@@ -47,9 +47,65 @@ def test_deepest_from_two_compiled_depths_matches_a_full_bisection():
 
 
 def test_rows_run_in_a_child_process_and_failures_come_back_as_rows():
-    row = in_child("smoke", ["row", "reversible", "2"])
+    row = in_child("smoke", ["row", "reversible", "2"], 4.0, 300)
     assert row["method"] == "reversible" and row["depth"] == 2, row
     assert row["total"] >= row["temp"] > 0
     assert row["env"]["backend"] and row["budget_bytes"] > 0
-    bad = in_child("smoke", ["nonsense", "reversible"])
+    bad = in_child("smoke", ["nonsense", "reversible"], 4.0, 300)
     assert "unknown task 'nonsense'" in bad["failed"]
+
+
+def test_gpu_orchestration_records_failures_as_rows_and_renders(tmp_path, monkeypatch):
+    """The isolated (GPU-size) path with fake child processes: one row out of memory, one not
+    run, one deepest search failed. The JSON keeps every row and renders without error."""
+    from benchmarks import bench_transformer as bench
+    from benchmarks import plots, report
+
+    env = {"backend": "gpu", "device": "fake", "jax": "0", "date": "today"}
+
+    def fake_child(size_name, task, budget_gib, timeout):
+        if task[0] == "probe":
+            return {"env": env, "budget_bytes": 2**30}
+        if task[0] == "deepest":
+            return {"failed": "timeout after 600 s"} if task[1] == "checkpoint" else {"deepest": 7}
+        method, depth = task[1], int(task[2])
+        if method == "backprop" and depth == 2:
+            return {"failed": "out of memory"}
+        row = {"temp": 1000 * depth, "total": 2000 * depth, "env": env, "budget_bytes": 1}
+        if method == "checkpoint" and depth == 2:
+            return row | {"not_run": "compiled footprint exceeds the memory budget"}
+        return row | {"ms": 1.0, "tokens_per_s": 32.0, "peak_bytes": 3000}
+
+    monkeypatch.setattr(bench, "in_child", fake_child)
+    payload = bench.main(["--size", "smoke", "--out", str(tmp_path)])
+    assert payload["complete"] and payload["budget_bytes"] == 2**30
+    assert [p.name for p in tmp_path.iterdir()] == ["transformer_smoke_gpu.json"]
+    rows = {(r["method"], r["depth"]): r for r in payload["rows"]}
+    assert rows[("backprop", 2)] == {"method": "backprop", "depth": 2, "failed": "out of memory"}
+    assert "env" not in rows[("reversible", 1)]
+    assert payload["deepest_depth"] == {
+        "reversible": 7, "backprop": 7, "checkpoint": "timeout after 600 s"
+    }  # fmt: skip
+    text = report.render_transformer(payload, "transformer_smoke_gpu.json")
+    assert "out of memory" in text and "checkpoint: timeout after 600 s" in text
+    assert "reversible 1.0x deeper than backprop" in text
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    plots.plot_transformer(payload, ax)  # rows without temp are skipped, not a KeyError
+    plt.close(fig)
+
+
+def test_gpu_rows_are_timed_only_when_their_footprint_fits(monkeypatch):
+    """``run_row``'s GPU branch, forced on CPU: timed within the budget, else marked not run."""
+    from benchmarks import bench_transformer as bench
+
+    monkeypatch.setattr(bench.jax, "default_backend", lambda: "gpu")
+    size = SIZES["smoke"]
+    timed = bench.run_row(size, 1, "reversible", budget=2**40)
+    assert timed["ms"] > 0 and timed["tokens_per_s"] > 0
+    skipped = bench.run_row(size, 1, "reversible", budget=1)
+    assert "ms" not in skipped and "exceeds the memory budget" in skipped["not_run"]

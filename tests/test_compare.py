@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import jax
 import pytest
 
 from revjax.__main__ import main as cli
-from revjax.compare import PROJECTED_TANGENTS, anchor_interval_for, compare
+from revjax.compare import PROJECTED_TANGENTS, anchor_interval_for, compare, render
 
 
 def by_method(rows):
@@ -48,7 +49,9 @@ def test_exact_forward_mode_runs_when_small_and_is_refused_by_name_when_not():
 
 def test_revnet_and_transformer_and_bf16():
     revnet = by_method(compare("revnet", 4, repeats=1))
-    assert set(revnet) == {"backprop", "checkpoint", "reversible", "across_stages"}
+    run = {name for name, row in revnet.items() if row["grad_error"] is not None}
+    assert run == {"backprop", "checkpoint", "reversible", "across_stages"}
+    assert "outside the invertible stack" in revnet["mixed_moonwalk"]["note"]
     assert revnet["checkpoint"]["grad_error"] <= 1e-6
     assert revnet["checkpoint"]["temp_mib"] < revnet["backprop"]["temp_mib"]
     assert revnet["reversible"]["grad_error"] <= 1e-5
@@ -129,3 +132,18 @@ def test_bench_lists_every_benchmark(capsys):
     if jax.default_backend() == "cpu":
         assert cli(["bench", "--size", "gpu"]) == 2
         assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_markdown_fallback_lists_methods_not_run_after_the_table(monkeypatch):
+    """Without rich: a Markdown table with "-" cells, and the notes after a blank line (so a
+    Markdown renderer does not read them as table rows)."""
+    monkeypatch.setitem(sys.modules, "rich.console", None)  # import now raises ImportError
+    rows = [
+        {"method": "backprop", "grad_error": 0.0, "temp_mib": 1.0, "ms": 2.0, "note": ""},
+        {"method": "forward", "grad_error": None, "temp_mib": None, "ms": None,
+         "note": "not run: too many parameters"},
+    ]  # fmt: skip
+    text = render(rows, "title")
+    table, notes = text.split("\n\n")[1:]
+    assert table.splitlines()[-1].startswith("| forward | - | - | -")
+    assert notes == "forward: not run: too many parameters"

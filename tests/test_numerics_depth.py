@@ -6,8 +6,6 @@ import math
 import sys
 from pathlib import Path
 
-import jax
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import numerics_depth as bench
@@ -48,4 +46,3 @@ def test_measure_with_a_tiny_budget_compares_against_checkpointed_references():
     exact = next(r for r in rows if r["method"] == "exact")
     assert exact["bitwise_equal"] and exact["grad_rel_err"] == 0.0
     assert all(r["stream_peak"] > 0 and not r["overflow"] for r in rows)
-    assert jax.default_backend() != "cpu" or all(r["step_ms"] is None for r in rows)
