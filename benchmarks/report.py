@@ -580,6 +580,7 @@ def render_scan_summary(payloads: dict, filenames: tuple) -> str:
 
 
 def render_notebooks(payload: dict, filename: str) -> str:
+    """Wall time of each notebook run top to bottom, against the per-notebook budget."""
     times = ", ".join(f"`{r['notebook']}` {r['seconds']:.0f} s" for r in payload["rows"])
     met = all(r["within_budget"] for r in payload["rows"])
     verdict = "all within" if met else "NOT all within"

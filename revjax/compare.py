@@ -270,6 +270,7 @@ def compare(
 
 
 def _cell(value: Any, fmt: str) -> str:
+    """``value`` formatted, or ``-`` for a method that was not run."""
     return "-" if value is None else format(value, fmt)
 
 
