@@ -216,8 +216,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if isolated:
         probe = child(["probe"])
         if "failed" in probe:
-            print(f"error: the probe process failed: {probe['failed']}", file=sys.stderr)
-            return None
+            sys.exit(f"error: the probe process failed: {probe['failed']}")  # exit status 1
         env, budget = probe["env"], probe["budget_bytes"]
     else:
         env, budget = environment(), budget_bytes(args.budget_gib)
