@@ -41,7 +41,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import affine_guess, budget_bytes, deepest_fitting, environment, write_json
 from revjax.memory import CompiledMemory, compiled_memory, device_peak_bytes, memory_of
 from revjax.models.lm_training import functional_train_step
 from revjax.models.transformer import ReversibleTransformer
@@ -85,28 +85,6 @@ def compiled_bytes(size: dict, depth: int, method: str) -> dict[str, int]:
     return _footprint(compiled_memory(jax.jit(holder["step"], donate_argnums=0), state, tokens))
 
 
-def deepest_fitting(total_at: Callable[[int], int], budget: int, max_depth: int, guess: int) -> int:
-    """Largest ``d`` in ``[0, max_depth]`` with ``total_at(d) <= budget`` (``total_at``
-    non-decreasing in ``d``; depth 0 always fits). Gallops from ``guess`` to bracket the answer,
-    then bisects: two evaluations when ``guess`` is the answer."""
-    fits = lambda d: d == 0 or total_at(d) <= budget
-    guess = min(max(guess, 0), max_depth)
-    if fits(guess):
-        lo, step = guess, 1  # lo fits; find a depth that does not
-        while lo + step <= max_depth and fits(lo + step):
-            lo, step = lo + step, 2 * step
-        hi = min(lo + step, max_depth + 1)  # does not fit, or past the cap
-    else:
-        hi, step = guess, 1  # hi does not fit; find one that does
-        while hi - step > 0 and not fits(hi - step):
-            hi, step = hi - step, 2 * step
-        lo = max(hi - step, 0)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
-
-
 def deepest(size: dict, method: str, budget: int, known: dict[int, int]) -> int:
     """Deepest depth whose compiled step fits ``budget``; ``known`` maps depths to totals
     already compiled (at least two), which fix the affine first guess."""
@@ -120,10 +98,7 @@ def deepest(size: dict, method: str, budget: int, known: dict[int, int]) -> int:
     for depth in size["depths"]:  # two measured points fix the first guess
         if len(cache) < 2:
             total_at(depth)
-    (d0, t0), (d1, t1) = sorted(cache.items())[:2]
-    slope = max((t1 - t0) / (d1 - d0), 1.0)
-    guess = int(d0 + (budget - t0) // slope)
-    return deepest_fitting(total_at, budget, size["max_depth"], guess)
+    return deepest_fitting(total_at, budget, size["max_depth"], affine_guess(cache, budget))
 
 
 def run_row(size: dict, depth: int, method: str, budget: int) -> dict:
@@ -187,12 +162,6 @@ def child_task(size: dict, task: list[str], budget: int) -> dict:
     else:
         raise ValueError(f"bench_transformer: unknown task {kind!r}")
     return answer | {"env": environment(), "budget_bytes": budget}
-
-
-def budget_bytes(budget_gib: float) -> int:
-    """JAX's device memory limit (``bytes_limit``), or ``budget_gib`` where there is none."""
-    stats = jax.devices()[0].memory_stats() or {}
-    return int(stats.get("bytes_limit") or budget_gib * 2**30)
 
 
 def main(argv: list[str] | None = None) -> dict | None:

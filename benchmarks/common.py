@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: environment record, timing, result files."""
+"""Shared benchmark plumbing: environment record, result files, memory budget and the
+deepest-depth search."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import datetime
 import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +43,39 @@ def write_json(name: str, payload: dict[str, Any], out_dir: Path | None = None) 
     partial.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(partial, path)
     return path
+
+
+def budget_bytes(budget_gib: float) -> int:
+    """JAX's device memory limit (``bytes_limit``), or ``budget_gib`` where there is none."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats.get("bytes_limit") or budget_gib * 2**30)
+
+
+def affine_guess(known: dict[int, int], budget: int) -> int:
+    """Depth at which the line through the two shallowest ``known`` (depth -> bytes) points
+    reaches ``budget``: exact when the footprint is affine in depth (a scanned stack's is)."""
+    (d0, t0), (d1, t1) = sorted(known.items())[:2]
+    slope = max((t1 - t0) / (d1 - d0), 1.0)
+    return int(d0 + (budget - t0) // slope)
+
+
+def deepest_fitting(total_at: Callable[[int], int], budget: int, max_depth: int, guess: int) -> int:
+    """Largest ``d`` in ``[0, max_depth]`` with ``total_at(d) <= budget`` (``total_at``
+    non-decreasing in ``d``; depth 0 always fits). Gallops from ``guess`` to bracket the answer,
+    then bisects: two evaluations when ``guess`` is the answer."""
+    fits = lambda d: d == 0 or total_at(d) <= budget
+    guess = min(max(guess, 0), max_depth)
+    if fits(guess):
+        lo, step = guess, 1  # lo fits; find a depth that does not
+        while lo + step <= max_depth and fits(lo + step):
+            lo, step = lo + step, 2 * step
+        hi = min(lo + step, max_depth + 1)  # does not fit, or past the cap
+    else:
+        hi, step = guess, 1  # hi does not fit; find one that does
+        while hi - step > 0 and not fits(hi - step):
+            hi, step = hi - step, 2 * step
+        lo = max(hi - step, 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo

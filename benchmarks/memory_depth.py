@@ -13,12 +13,22 @@ float32) for L = 8 .. 256:
 * reversible + anchors: ``reversible_scan(checkpoint_every=k)``, k ~ sqrt(L);
 * mixed Moonwalk: ``revjax.moonwalk`` (reverse pass of residuals, then the vijp forward sweep).
 
+Then, per method, the deepest stack whose gradient fits a memory budget (JAX's device memory
+limit on a GPU, ``--budget-gib`` on CPU): the largest L whose compiled footprint (parameters +
+gradients + temps; an optimiser would add its state) is within the budget, found by
+:func:`benchmarks.common.deepest_fitting` from the line through the L = 128 and 256
+footprints. The two methods with groups of k ~ sqrt(L) layers are searched over perfect
+squares L = k^2 (k the largest divisor of L not above sqrt(L) makes their footprint jump
+between neighbouring L, e.g. k = 1 for a prime L).
+
     python benchmarks/memory_depth.py     # writes memory_depth_<backend>.json and .png
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import sys
 from pathlib import Path
 
@@ -28,10 +38,17 @@ from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, environment, write_json
+from benchmarks.common import (
+    RESULTS,
+    affine_guess,
+    budget_bytes,
+    deepest_fitting,
+    environment,
+    write_json,
+)
 from revjax import moonwalk as mw
 from revjax.compare import anchor_interval_for
-from revjax.memory import compiled_memory
+from revjax.memory import CompiledMemory, compiled_memory
 from revjax.models.mlp import init_mlp_stack, mlp_coupling
 from revjax.scan import plain_scan, reversible_scan
 
@@ -83,10 +100,40 @@ METHODS = (
 )
 
 
-def temp_mib(method: str, depth: int) -> float:
+SQUARE_DEPTHS = ("sqrt(L) nested checkpointing", "reversible + anchors")
+MAX_DEPTH = 1 << 20
+
+
+@functools.cache
+def memory(method: str, depth: int) -> CompiledMemory:
+    """Compiled memory of the gradient at ``depth`` (abstract arguments: nothing allocated)."""
     params = jax.eval_shape(lambda: init_mlp_stack(jax.random.key(0), depth, WIDTH, HIDDEN))
     x = (jax.ShapeDtypeStruct((BATCH, WIDTH), jnp.float32),) * 2
-    return compiled_memory(gradient(method, depth), params, x).temp_mib
+    return compiled_memory(gradient(method, depth), params, x)
+
+
+def deepest(method: str, budget: int, max_depth: int = MAX_DEPTH) -> int:
+    """Largest L <= ``max_depth`` whose gradient footprint fits ``budget`` bytes (a perfect
+    square for the k ~ sqrt(L) methods, searched over k)."""
+    if method in SQUARE_DEPTHS:
+        depth_of = lambda k: k * k
+        guess = math.isqrt(max(affine_guess(_footprints(method, (64, 256)), budget), 0))
+        index_max = math.isqrt(max_depth)
+    else:
+        depth_of = lambda d: d
+        guess = affine_guess(_footprints(method, (128, 256)), budget)
+        index_max = max_depth
+    fits_at = lambda n: memory(method, depth_of(n)).footprint_bytes
+    return depth_of(deepest_fitting(fits_at, budget, index_max, guess))
+
+
+def param_bytes_per_layer() -> int:
+    params = jax.eval_shape(lambda: init_mlp_stack(jax.random.key(0), 1, WIDTH, HIDDEN))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params))
+
+
+def _footprints(method: str, depths: tuple[int, ...]) -> dict[int, int]:
+    return {d: memory(method, d).footprint_bytes for d in depths}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -113,17 +160,41 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--budget-gib", type=float, default=1.0, help="memory budget where JAX reports no limit"
+    )
     args = parser.parse_args(argv)
     rows = []
     for depth in DEPTHS:
         for method in METHODS:
-            rows.append({"method": method, "depth": depth, "temp_mib": temp_mib(method, depth)})
+            mem = memory(method, depth)
+            rows.append(
+                {
+                    "method": method,
+                    "depth": depth,
+                    "temp_mib": mem.temp_mib,
+                    "footprint_mib": mem.footprint_bytes / 2**20,
+                }
+            )
             print(rows[-1], flush=True)
+    budget = budget_bytes(args.budget_gib)
+    deepest_depth = {}
+    for method in METHODS:
+        deepest_depth[method] = deepest(method, budget)
+        print("deepest within budget:", method, deepest_depth[method], flush=True)
     env = environment()
     payload = {
         "benchmark": "memory_depth",
-        "config": {"width": WIDTH, "hidden": HIDDEN, "batch": BATCH, "dtype": "float32"},
+        "config": {
+            "width": WIDTH,
+            "hidden": HIDDEN,
+            "batch": BATCH,
+            "dtype": "float32",
+            "param_bytes_per_layer": param_bytes_per_layer(),
+        },
         "rows": rows,
+        "budget_bytes": budget,
+        "deepest_depth": deepest_depth,
         "env": env,
     }
     path = write_json(f"memory_depth_{env['backend']}.json", payload, args.out)

@@ -286,6 +286,39 @@ def render_memory_depth(payload: dict, filename: str) -> str:
         f"anchors and nested groups every k layers, k the largest divisor of L not above "
         f"sqrt(L). Measured on {_where(env)} by `benchmarks/memory_depth.py` "
         f"(`benchmarks/results/{filename}`, plot alongside as PNG).\n\n{table}"
+        + (_render_deepest_depth(payload) if "deepest_depth" in payload else "")
+    )
+
+
+def _render_deepest_depth(payload: dict) -> str:
+    """The deepest stack per method within the memory budget, and what each layer costs."""
+    deepest, rows = payload["deepest_depth"], payload["rows"]
+    footprint = {(r["method"], r["depth"]): r["footprint_mib"] for r in rows}
+    base = deepest["backprop"]
+    table = format_table(
+        [
+            {
+                "method": m,
+                "deepest": d,
+                "ratio": d / base,
+                "per_layer": (footprint[(m, 256)] - footprint[(m, 128)]) / 128,
+            }
+            for m, d in deepest.items()
+        ],
+        [
+            ("method", "method", "s"),
+            ("deepest", "deepest L", "d"),
+            ("ratio", "vs backprop", ".2f"),
+            ("per_layer", "MiB per layer (L = 128 to 256)", ".3f"),
+        ],
+    )
+    params = 2 * payload["config"]["param_bytes_per_layer"] / 2**20
+    return (
+        f"\n\nDeepest stack whose gradient fits {payload['budget_bytes'] / 2**30:.1f} GiB "
+        f"(compiled footprint: parameters, gradients and temps; nothing executed; an optimiser's "
+        f"state would come on top; the two k ~ sqrt(L) methods searched over L = k^2). Every "
+        f"method holds {params:.3f} MiB of parameters and gradients per layer, which bounds "
+        f"the depth once activations are gone:\n\n{table}"
     )
 
 
@@ -601,6 +634,7 @@ RENDERERS = {
     "moonwalk_gpu": ("moonwalk_gpu_gpu.json", render_moonwalk),
     "activations_gpu": ("activations_gpu.json", render_activation_times),
     "memory_depth": ("memory_depth_cpu.json", render_memory_depth),
+    "memory_depth_gpu": ("memory_depth_gpu.json", render_memory_depth),
     "bench_suite": ("bench_suite_cpu_cpu.json", render_bench_suite),
     "notebooks": ("notebooks_cpu.json", render_notebooks),
     "train_lm": ("train_lm_cpu.json", render_train_lm),

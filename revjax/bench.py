@@ -44,6 +44,7 @@ SUITES: dict[str, list[list[str]]] = {
         ["numerics_depth.py", "--size", "gpu"],
         ["bench_moonwalk.py", "--size", "gpu"],
         ["bench_activations.py"],
+        ["memory_depth.py"],
         ["bench_transformer.py", "--size", "gpu"],
     ],
 }

@@ -7,7 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_transformer import SIZES, deepest, deepest_fitting, in_child
+from benchmarks.bench_transformer import SIZES, deepest, in_child
+from benchmarks.common import deepest_fitting
 
 
 def counting(total_at):

@@ -3,6 +3,7 @@ gradient (so its memory table compares like with like)."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -26,3 +27,28 @@ def test_every_method_computes_the_backprop_gradient(depth):
         grads = jax.jit(bench.gradient(method, depth))(params, x)
         # float32 round-off of reconstruction / recomputation over <= 12 layers.
         assert float(relative_error(grads, reference)) <= 1e-5, method
+
+
+@pytest.mark.parametrize("method", ["checkpoint", "sqrt(L) nested checkpointing", "reversible"])
+def test_deepest_is_the_last_depth_within_the_budget(method):
+    budget = 48 * 2**20  # small enough that every depth compiled here is cheap
+    depth = bench.deepest(method, budget)
+    if method in bench.SQUARE_DEPTHS:
+        k = math.isqrt(depth)
+        assert k * k == depth, "k ~ sqrt(L) methods are searched over perfect squares"
+        deeper = (k + 1) ** 2
+    else:
+        deeper = depth + 1
+    assert depth > 8
+    assert bench.memory(method, depth).footprint_bytes <= budget
+    assert bench.memory(method, deeper).footprint_bytes > budget
+
+
+def test_footprint_counts_parameters_and_gradients():
+    """The reversible gradient's footprint grows by exactly a layer's parameters and gradients
+    per layer: its temps are flat, so what bounds its depth is the parameters."""
+    grow = (
+        bench.memory("reversible", 256).footprint_bytes
+        - bench.memory("reversible", 128).footprint_bytes
+    )
+    assert grow == 128 * 2 * bench.param_bytes_per_layer()
