@@ -17,11 +17,13 @@ jitted gradient steps, reported as a ratio to plain backprop of the bf16-stream 
 
     python benchmarks/numerics_depth.py --size cpu    # batch 64, width 256, hidden 1024
     python benchmarks/numerics_depth.py --size gpu    # batch 8192, width 1024, hidden 4096
+    python benchmarks/numerics_depth.py --size gpu --depths 128 256 --append  # a split run
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Callable
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import RESULTS, environment, write_json
 from revjax import reversible_scan
 from revjax.coupling import Coupling
 from revjax.diagnostics import format_table, relative_error
@@ -234,6 +236,11 @@ def main(argv=None) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--depths", type=int, nargs="*", default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the other depths' rows of the JSON already in --out (same size and device)",
+    )
     args = parser.parse_args(argv)
     size = dict(SIZES[args.size])
     if args.depths:
@@ -242,6 +249,9 @@ def main(argv=None) -> None:
     budget = memory_budget()
     env = environment()
     name = f"numerics_depth_{args.size}_{env['backend']}"
+    earlier = None
+    if args.append and (Path(args.out or RESULTS) / f"{name}.json").exists():
+        earlier = earlier_run(Path(args.out or RESULTS) / f"{name}.json", size, env)
     payload = {
         "benchmark": "numerics_depth",
         "env": env,
@@ -252,10 +262,17 @@ def main(argv=None) -> None:
         "rows": [],
         "complete": False,
     }
+    if earlier is not None:  # rows of the depths this run does not measure
+        kept = [r for r in earlier["rows"] if r["depth"] not in size["depths"]]
+        payload["rows"] = kept
+        payload["size"] = size | {"depths": sorted({r["depth"] for r in kept} | {*size["depths"]})}
+        payload["appended_to"] = earlier["env"]["date"]
     for depth in size["depths"]:  # written after every depth: a crash keeps what was measured
-        payload["rows"] += measure(depth, size, timed, budget)
+        payload["rows"] = sorted(
+            payload["rows"] + measure(depth, size, timed, budget), key=lambda r: r["depth"]
+        )
         write_json(f"{name}.json", payload, args.out)
-    payload["complete"] = True
+    payload["complete"] = earlier is None or earlier["complete"]
     path = write_json(f"{name}.json", payload, args.out)
     rows = payload["rows"]
     plot(
@@ -265,6 +282,21 @@ def main(argv=None) -> None:
     )
     print(table(rows))
     print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+def earlier_run(path: Path, size: dict, env: dict) -> dict:
+    """The run recorded at ``path``, checked to be the same measurement as this one (sizes other
+    than the depths, and the device), so that appending to it mixes nothing."""
+    earlier = json.loads(path.read_text())
+    same_size = {k: v for k, v in earlier["size"].items() if k != "depths"} == {
+        k: v for k, v in size.items() if k != "depths"
+    }
+    if not same_size or earlier["env"]["device"] != env["device"]:
+        raise SystemExit(
+            f"numerics_depth: --append to {path}, measured with {earlier['size']} on "
+            f"{earlier['env']['device']}, but this run is {size} on {env['device']}"
+        )
+    return earlier
 
 
 def _outcome(row: dict) -> str:

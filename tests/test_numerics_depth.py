@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
+
+import jax
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,3 +50,20 @@ def test_measure_with_a_tiny_budget_compares_against_checkpointed_references():
     exact = next(r for r in rows if r["method"] == "exact")
     assert exact["bitwise_equal"] and exact["grad_rel_err"] == 0.0
     assert all(r["stream_peak"] > 0 and not r["overflow"] for r in rows)
+
+
+def test_append_merges_a_split_run_and_refuses_a_different_one(tmp_path, monkeypatch):
+    """A run split across calls (the GPU's per-call time limit) ends as one JSON with every
+    depth, complete only when every part completed; a different size is refused."""
+    monkeypatch.setitem(bench.SIZES, "tiny", {**TINY, "depths": [2, 4]})
+    name = f"numerics_depth_tiny_{jax.default_backend()}.json"
+    bench.main(["--size", "tiny", "--depths", "4", "--out", str(tmp_path)])
+    bench.main(["--size", "tiny", "--depths", "2", "--out", str(tmp_path), "--append"])
+    merged = json.loads((tmp_path / name).read_text())
+    assert merged["complete"] and merged["size"]["depths"] == [2, 4]
+    assert [r["depth"] for r in merged["rows"]] == sorted(r["depth"] for r in merged["rows"])
+    assert {r["depth"] for r in merged["rows"]} == {2, 4}
+    assert "appended_to" in merged
+    monkeypatch.setitem(bench.SIZES, "tiny", {**TINY, "width": 16, "depths": [2]})
+    with pytest.raises(SystemExit, match="--append"):
+        bench.main(["--size", "tiny", "--out", str(tmp_path), "--append"])
