@@ -198,13 +198,18 @@ def _check_float(x: jax.Array, name: str) -> jax.Array:
 
 def gelu(x: jax.Array, approximate: bool = True) -> jax.Array:
     """``jax.nn.gelu`` (same ``approximate`` default) whose backward pass stores ``gelu(x)`` and
-    one bit per element instead of ``x``. Any shape and floating dtype; computes in float32."""
+    one bit per element instead of ``x``. Any shape and floating dtype; computes in float32.
+
+    Reverse mode only (a ``jax.custom_vjp``): ``jax.jvp``/``jax.jacfwd`` raise ``TypeError``, so
+    forward-mode users (Moonwalk's ``dense`` fallback, ``method="forward"`` or
+    ``"projected_forward"``) should keep ``jax.nn.gelu``."""
     x = _check_float(x, "gelu")
     return (_GELU_TANH if approximate else _GELU_ERF)(x)
 
 
 def silu(x: jax.Array) -> jax.Array:
-    """``jax.nn.silu`` whose backward pass stores ``silu(x)`` and one bit per element."""
+    """``jax.nn.silu`` whose backward pass stores ``silu(x)`` and one bit per element. Reverse
+    mode only, like :func:`gelu`."""
     return _SILU_FN(_check_float(x, "silu"))
 
 

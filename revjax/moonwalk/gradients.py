@@ -42,7 +42,10 @@ def input_cotangent_by_jvps(
         return jax.jvp(lambda x_: loss_fn(forward(x_), *loss_args), (x,), (tangent,))[1]
 
     per_coordinate = jax.vmap(along)(jnp.eye(first.size, dtype=first.dtype))  # (d, batch)
-    return jax.vmap(unravel)(per_coordinate.T / batch)
+    # The JVPs come out in the loss's dtype (often float32 for a bf16 network); h_0 is a
+    # cotangent of x, so it takes x's dtypes, leaf by leaf.
+    h0 = jax.vmap(unravel)((per_coordinate.T / batch).astype(first.dtype))
+    return jax.tree.map(lambda h, a: h.astype(a.dtype), h0, x)
 
 
 def value_and_grad(
@@ -73,6 +76,9 @@ def value_and_grad(
     """
     if method not in METHODS:
         raise ValueError(f"value_and_grad: unknown method {method!r}; choose from {METHODS}")
+    for option, value in (("num_tangents", num_tangents), ("chunk_size", chunk_size)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"value_and_grad: {option} must be an integer >= 1; got {value!r}")
     net = layers if isinstance(layers, Layer) else chain(*layers)
     mean_loss = lambda y, *args: jnp.mean(loss_fn(y, *args))
 
@@ -94,13 +100,16 @@ def value_and_grad(
         _, _, grads = net.step(params, x, h0)
         return loss, grads
 
+    def like_params(grads, params):  # JVPs come out in the loss's dtype
+        return jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, params)
+
     def forward(params, x, *args, key=None):
         flat, unravel = ravel_pytree(params)
         objective = lambda v: mean_loss(net.forward(unravel(v), x), *args)
         one_hot = lambda i: jnp.zeros_like(flat).at[i].set(1)
         coordinate = lambda i: jax.jvp(objective, (flat,), (one_hot(i),))[1]
         grads = lax.map(coordinate, jnp.arange(flat.size), batch_size=chunk_size)
-        return objective(flat), unravel(grads)
+        return objective(flat), like_params(unravel(grads.astype(flat.dtype)), params)
 
     def projected_forward(params, x, *args, key=None):
         if key is None:
@@ -114,7 +123,8 @@ def value_and_grad(
 
         keys = jax.random.split(key, num_tangents)
         estimates = lax.map(estimate, keys, batch_size=min(chunk_size, num_tangents))
-        return objective(flat), unravel(jnp.mean(estimates, axis=0))
+        estimate = jnp.mean(estimates, axis=0).astype(flat.dtype)
+        return objective(flat), like_params(unravel(estimate), params)
 
     implementation = {
         "backprop": backprop,

@@ -108,10 +108,21 @@ def from_coupling(block: Coupling, name: str = "coupling") -> Layer:
         reconstructs=True,
         needs_output=True,
         coupling=block,
-        revforward=lambda params, x: reversible_scan(
-            block, jax.tree.map(lambda a: jnp.asarray(a)[None], params), x
-        ),
+        revforward=lambda params, x: _reversible_single(block, params, x),
     )
+
+
+def _reversible_single(block: Coupling, params: PyTree, x: PyTree) -> PyTree:
+    """One coupling through :func:`reversible_scan` (a stack of ``L = 1``). A parameter-free
+    block (an invertible activation, a squeeze) gets a zero-size dummy layer axis, since
+    ``reversible_scan`` reads ``L`` from the params."""
+    if jax.tree.leaves(params):
+        return reversible_scan(block, jax.tree.map(lambda a: jnp.asarray(a)[None], params), x)
+    free = Coupling(
+        forward=lambda _, x_: block.forward(params, x_),
+        inverse=lambda _, y: block.inverse(params, y),
+    )
+    return reversible_scan(free, jnp.zeros((1, 0)), x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,7 +252,14 @@ def submersive_linear(name: str = "submersive_linear") -> Layer:
 def _raise_if_singular(ratio, *, name: str, tolerance: float):
     import numpy as np
 
-    worst = float(np.min(np.asarray(ratio)))
+    ratio = np.asarray(ratio)
+    if not np.all(np.isfinite(ratio)):
+        rows = np.flatnonzero(~np.isfinite(ratio)).tolist()
+        raise ValueError(
+            f"dense({name!r}): the Jacobian has non-finite entries at batch rows {rows[:8]} (a "
+            "NaN or inf in the input, the params or the layer), so the vijp is undefined"
+        )
+    worst = float(np.min(ratio))
     if not worst > tolerance:
         raise ValueError(
             f"dense({name!r}): the layer is not submersive at this input: its Jacobian's "
@@ -262,9 +280,15 @@ def dense(
     independently. The vijp computes each row's ``k x n`` Jacobian ``J = U S V^T`` and returns
     ``b = a V S^-1 U^T`` (exact for ``a`` in the row space). Mixed Moonwalk stores the input.
 
+    The SVD runs in float32 at least (XLA has no bfloat16/float16 SVD); ``y_bar`` is cast back
+    to the output's dtype.
+
     Raises:
       ValueError: ``k > n`` (at trace time), or (at run time, through ``jax.debug.callback``) a
-        Jacobian whose singular values have a ratio ``<= tolerance``; both name the layer.
+        Jacobian whose singular values have a ratio ``<= tolerance`` or are not finite; both name
+        the layer. Under ``jax.jit`` the run-time error reaches the caller wrapped in
+        ``jax.errors.JaxRuntimeError`` (the callback's exception cannot cross the compiled
+        call), with the same message.
     """
 
     def per_row(params, row):
@@ -278,10 +302,11 @@ def dense(
                 "layer is not submersive, so its vijp does not exist"
             )
         jac = jax.vmap(jax.jacfwd(per_row, argnums=1), in_axes=(None, 0))(params, x)
-        u, s, vt = jnp.linalg.svd(jac, full_matrices=False)
+        solve_dtype = jnp.promote_types(jac.dtype, jnp.float32)
+        u, s, vt = jnp.linalg.svd(jac.astype(solve_dtype), full_matrices=False)
         jax.debug.callback(_raise_if_singular, s[:, -1] / s[:, 0], name=name, tolerance=tolerance)
-        coefficients = jnp.einsum("bn,bkn->bk", x_bar, vt) / s
-        y_bar = jnp.einsum("bk,bjk->bj", coefficients, u)
+        coefficients = jnp.einsum("bn,bkn->bk", x_bar.astype(solve_dtype), vt) / s
+        y_bar = jnp.einsum("bk,bjk->bj", coefficients, u).astype(y.dtype)
         return y, y_bar, pullback(y_bar)[0]
 
     def pull(params, x, y, y_bar):
@@ -293,6 +318,13 @@ def dense(
 
 # --------------------------------------------------------------------------------------------
 # Combinators.
+
+
+def _like(params: tuple | list, items: list) -> tuple | list:
+    """``items`` in the sequence type of ``params`` (tuple, list or a NamedTuple)."""
+    if isinstance(params, list):
+        return type(params)(items)
+    return type(params)(*items) if hasattr(params, "_fields") else tuple(items)
 
 
 def chain(*layers: Layer, name: str = "chain") -> Layer:
@@ -329,7 +361,7 @@ def chain(*layers: Layer, name: str = "chain") -> Layer:
         for layer, p in zip(layers, _params(params), strict=True):
             x, x_bar, g = layer.step(p, x, x_bar)
             grads.append(g)
-        return x, x_bar, type(params)(grads) if isinstance(params, list) else tuple(grads)
+        return x, x_bar, _like(params, grads)
 
     def save_forward(params, x):
         residuals = []
@@ -411,9 +443,12 @@ def stack(layer: Layer, name: str | None = None) -> Layer:
         return (x if layer.reconstructs else None), x_bar
 
     def revforward(params, x):
-        if layer.coupling is None:
-            return layer.reversible_forward(params, x)  # raises, naming the layer
-        return reversible_scan(layer.coupling, params, x)  # one custom_vjp for the whole stack
+        if layer.coupling is not None:  # one custom_vjp for the whole stack
+            return reversible_scan(layer.coupling, params, x)
+        # A stack of stacks (or chains of them): scan the inner layer's own RevBackprop
+        # forward; a layer that is not reversible raises there, naming itself.
+        stack_depth(params, where=name)
+        return lax.scan(lambda x_, p: (layer.reversible_forward(p, x_), None), x, params)[0]
 
     return Layer(
         name=name,
