@@ -30,7 +30,9 @@ The key of stream ``i`` (in ``nnx.iter_graph`` order) of branch ``f`` in layer `
 in the forward pass and again in the reconstruction, so dropout masks are replayed exactly and
 no module's mutable RNG counter is read or advanced inside the scan. The per-call ``key`` comes
 from the ``key=`` argument, or else from the stack's own RNG stream (advanced once per call,
-outside the scan, like ``nnx.Dropout``'s own stream).
+outside the scan, like ``nnx.Dropout``'s own stream) whenever the blocks' output depends on
+their streams (:func:`draws_random`: dropout in training mode, noise layers, stochastic depth;
+found from the traced computation, not from module attributes).
 
 State other than parameters and RNG streams (``nnx.BatchNorm`` statistics, caches, counters) is
 refused with a ``TypeError``: the reconstruction re-runs every branch, so such state would be
@@ -45,6 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, serialization
@@ -146,6 +149,30 @@ def is_stochastic(module: nnx.Module) -> bool:
         getattr(node, "deterministic", None) is False and getattr(node, "rate", 1.0) != 0.0
         for node in nodes
     )
+
+
+def draws_random(block: Coupling, params: PyTree, x: PyTree) -> bool:
+    """Whether one layer of ``block`` (params with a leading layer axis) at stream ``x`` has an
+    output that depends on its key, i.e. whether its branches draw random numbers.
+
+    Decided on the traced computation of layer 0 by backward liveness: an equation is live if
+    one of its outputs is, and then all its inputs are (a live nested computation counts as
+    using all of its inputs, so the answer errs towards True). Unlike :func:`is_stochastic`
+    it sees any use of the streams: noise layers, stochastic depth, dropout whose mode is
+    given at call time.
+    """
+    layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params)
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x)
+    closed = jax.make_jaxpr(lambda k, p, h: block.forward(p, h, k))(
+        jax.random.key(0), layer, shapes
+    )
+    jaxpr = closed.jaxpr
+    variable = lambda v: isinstance(v, jax.extend.core.Var)
+    live = {v for v in jaxpr.outvars if variable(v)}
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in live for v in eqn.outvars):
+            live.update(v for v in eqn.invars if variable(v))
+    return jaxpr.invars[0] in live
 
 
 def _state_entries(module: nnx.Module, prefix: tuple) -> list[tuple[str, Any]]:
@@ -346,17 +373,18 @@ class Stack(nnx.Module):
     def __call__(self, x: tuple[jax.Array, jax.Array], *, key: Key | None = None):
         """Applies the blocks to ``x = (x1, x2)`` and returns ``(y1, y2)``.
 
-        ``key`` (optional) fixes the dropout masks; without it, and only when dropout is
-        active, the stack draws one from its own RNG stream. Pass the same key to
-        :meth:`inverse` to invert a stochastic forward.
+        ``key`` (optional) fixes the dropout masks and any other random draw; without it,
+        and only when the blocks draw random numbers (:func:`draws_random`), the stack draws
+        one from its own RNG stream. Pass the same key to :meth:`inverse` to invert a
+        stochastic forward.
         """
         x = _halves(x, f"Stack({type(self.blocks).__name__})")
         _check_method(self.method)
-        if key is None and self.rngs is not None:
-            # Draw (and advance the stream) only when a mask will be drawn; deterministic
-            # blocks still need stream values to merge, and ignore them.
-            key = self.rngs() if is_stochastic(self.blocks) else jax.random.key(0)
         block, params = self.coupling()
+        if key is None and self.rngs is not None:
+            # Draw (and advance the stream) only when the output depends on it; blocks that
+            # draw nothing still need stream values to merge, and ignore them.
+            key = self.rngs() if draws_random(block, params, x) else jax.random.key(0)
         options = dict(key=key, policy=self.policy)
         with _named(f"Stack({type(self.blocks).__name__})"):
             if self.deterministic or self.method == "backprop":
@@ -371,19 +399,19 @@ class Stack(nnx.Module):
         """``x`` with ``self(x, key=key) == y`` (up to round-off).
 
         Raises:
-          ValueError: the blocks have active dropout (:func:`is_stochastic`) and no ``key`` is
-            given (the masks of the forward pass cannot be known).
+          ValueError: the blocks draw random numbers (:func:`draws_random`: active dropout,
+            noise) and no ``key`` is given (the draws of the forward pass cannot be known).
         """
         y = _halves(y, f"Stack({type(self.blocks).__name__})")
+        block, params = self.coupling()
         if key is None and self.rngs is not None:
-            if is_stochastic(self.blocks):
+            if draws_random(block, params, y):
                 raise ValueError(
                     f"Stack({type(self.blocks).__name__}).inverse: the blocks have active "
-                    "dropout; pass the key= given to the forward call, or call model.eval() "
-                    "first"
+                    "dropout or other random draws; pass the key= given to the forward call, "
+                    "or call model.eval() first"
                 )
             key = jax.random.key(0)  # unused: deterministic blocks ignore their streams
-        block, params = self.coupling()
         with _named(f"Stack({type(self.blocks).__name__}).inverse"):
             return inverse_scan(block, params, y, key=key, policy=self.policy)
 

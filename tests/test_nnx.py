@@ -184,6 +184,51 @@ def test_inverse_reconstructs_the_input():
     assert max_relative_error(x_rec, x) <= 1e-5
 
 
+class Noisy(nnx.Module):
+    """Gaussian-noise branch: draws from its stream with no ``deterministic`` attribute."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(dim, dim, rngs=rngs)
+        self.rngs = rngs.dropout.fork()
+
+    def __call__(self, h):
+        h = self.linear(h)
+        return h + 0.1 * jax.random.normal(self.rngs(), h.shape)
+
+
+class CallTimeDropout(nnx.Module):
+    """Dropout whose mode is passed at call time (``deterministic=None`` at construction)."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(dim, dim, rngs=rngs)
+        self.dropout = nnx.Dropout(0.5, deterministic=None, rngs=rngs)
+
+    def __call__(self, h):
+        return self.dropout(self.linear(h), deterministic=False)
+
+
+@pytest.mark.parametrize("branch", [Noisy, CallTimeDropout])
+def test_any_random_branch_gets_fresh_draws_and_replays_with_a_key(branch):
+    """Randomness is found in the traced computation, not from module attributes: a branch
+    that draws noise (or dropout with a call-time mode) gets a fresh key per call, never a
+    fixed one, and its inverse needs the forward's key."""
+
+    @rnnx.reversible
+    class RandomBlock(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f, self.g = branch(dim, rngs=rngs), branch(dim, rngs=rngs)
+
+    stack, x = rnnx.Stack(RandomBlock, 3, DIM, rngs=nnx.Rngs(0)), inputs()
+    assert rnnx.draws_random(*stack.coupling(), x)
+    first, second = stack(x)[0], stack(x)[0]
+    assert float(jnp.abs(first - second).max()) > 1e-3
+    key = jax.random.key(4)
+    with pytest.raises(ValueError, match="other random draws; pass the key="):
+        stack.inverse(stack(x, key=key))
+    assert max_relative_error(stack.inverse(stack(x, key=key), key=key), x) <= 1e-5
+    assert not rnnx.draws_random(*make_stack(0.0).coupling(), x)
+
+
 def test_eval_mode_runs_a_plain_forward_without_dropout():
     stack, x = make_stack(0.5), inputs()
     stack.eval()
