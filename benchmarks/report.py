@@ -177,15 +177,17 @@ def render_moonwalk(payload: dict, filename: str) -> str:
 def render_train_lm(payload: dict, filename: str) -> str:
     cfg, env, runs = payload["config"], payload["env"], payload["runs"]
     rev, twin = runs["reversible"], runs["backprop"]
+    at = lambda run, key: dict(zip(run["steps"], run[key], strict=True))
+    # Paired by step: a resumed reversible run logs only the steps after its checkpoint.
     rows = [
         {
             "step": step,
-            "rev_train": rev["train_loss"][i],
-            "twin_train": twin["train_loss"][i],
-            "rev_eval": rev["eval_loss"][i],
-            "twin_eval": twin["eval_loss"][i],
+            "rev_train": at(rev, "train_loss").get(step),
+            "twin_train": at(twin, "train_loss").get(step),
+            "rev_eval": at(rev, "eval_loss").get(step),
+            "twin_eval": at(twin, "eval_loss").get(step),
         }
-        for i, step in enumerate(rev["steps"])
+        for step in sorted({*rev["steps"], *twin["steps"]})
     ]
     table = format_table(
         rows,

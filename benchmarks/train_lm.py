@@ -8,7 +8,8 @@ corpus's unigram entropy (the loss of the best context-free model). Shows a prog
     python benchmarks/train_lm.py                       # CPU size, ~2 minutes on 2 cores
     python benchmarks/train_lm.py --steps 2000 --dim 256 --depth 12 --out DIR
     python benchmarks/train_lm.py --checkpoint ckpt.msgpack     # saved at every logged step
-    python benchmarks/train_lm.py --resume-from ckpt.msgpack    # continues at its step
+    python benchmarks/train_lm.py --resume-from ckpt.msgpack    # continues at its step (same
+                                                                # settings, else refused)
 
 Writes ``train_lm_<backend>.json`` to ``--out`` (default ``benchmarks/results``).
 """
@@ -74,20 +75,36 @@ def main(argv: list[str] | None = None) -> dict:
             default=getattr(defaults, field.name),
         )
     parser.add_argument("--max-bytes", type=int, default=500_000)
-    parser.add_argument("--checkpoint", type=Path, help="save the reversible model here at the end")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="save the reversible model and optimiser here at every logged step (and its "
+        "config beside it, as CHECKPOINT.config.json)",
+    )
     parser.add_argument(
         "--resume-from", type=Path, help="continue the reversible run from this checkpoint"
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    config = LMConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LMConfig)})
+    try:
+        config = LMConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LMConfig)})
+        resumed = None
+        if args.resume_from is not None:
+            resumed = resume(config, args.resume_from, "reversible")
+            if resumed[2] >= config.steps:
+                raise ValueError(
+                    f"{args.resume_from} is at step {resumed[2]}, the run's last (--steps "
+                    f"{config.steps}): nothing left to train"
+                )
+    except ValueError as err:
+        parser.error(str(err))
     corpus = load_stdlib_text(args.max_bytes)
 
     runs = {}
     for method in METHODS:
         state, start = {}, 0
-        if method == "reversible" and args.resume_from is not None:
-            model, optimizer, start = resume(config, args.resume_from, method)
+        if method == "reversible" and resumed is not None:
+            model, optimizer, start = resumed
             state = {"model": model, "optimizer": optimizer}
         _, _, history = train_lm(
             config,

@@ -140,12 +140,24 @@ def _check_like(name: str, half_name: str, out: PyTree, half: PyTree) -> None:
 
 
 def _split_halves(x: PyTree, where: str) -> tuple[PyTree, PyTree]:
-    if not (isinstance(x, tuple | list) and len(x) == 2):
+    # Exactly a tuple: the output is a tuple, and a scan's carry (and a custom_vjp's cotangent)
+    # must keep the input's pytree type, so a list or NamedTuple would fail later, obscurely.
+    if not (type(x) is tuple and len(x) == 2):
         raise TypeError(
-            f"{where}: a Feistel coupling acts on a pair of halves (x1, x2); got "
+            f"{where}: a Feistel coupling acts on a tuple of two halves (x1, x2); got "
             f"{type(x).__name__} {_describe(x)}"
+            + ("; pass tuple(x)" if isinstance(x, tuple | list) and len(x) == 2 else "")
         )
     return x[0], x[1]
+
+
+def _split_params(params: PyTree, where: str) -> tuple[PyTree, PyTree]:
+    if not (isinstance(params, tuple | list) and len(params) == 2):
+        raise TypeError(
+            f"{where}: params must be a pair (params_f, params_g), one per branch; got "
+            f"{type(params).__name__} {_describe(params)}"
+        )
+    return params[0], params[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,14 +259,20 @@ def _feistel_coupling(
         return out
 
     def forward(params, x, key=None):
-        (pf, pg), (x1, x2) = params, _split_halves(x, f"{kind}.forward")
+        (pf, pg), (x1, x2) = (
+            _split_params(params, f"{kind}.forward"),
+            _split_halves(x, f"{kind}.forward"),
+        )
         kf, kg = split_key(key, 2)
         y1 = rule.combine(x1, branch(f, "f", "x1", pf, x2, x1, kf))
         y2 = rule.combine(x2, branch(g, "g", "x2", pg, y1, x2, kg))
         return (y1, y2)
 
     def inverse(params, y, key=None):
-        (pf, pg), (y1, y2) = params, _split_halves(y, f"{kind}.inverse")
+        (pf, pg), (y1, y2) = (
+            _split_params(params, f"{kind}.inverse"),
+            _split_halves(y, f"{kind}.inverse"),
+        )
         kf, kg = split_key(key, 2)
         x2 = rule.uncombine(y2, branch(g, "g", "x2", pg, y1, y2, kg))
         x1 = rule.uncombine(y1, branch(f, "f", "x1", pf, x2, y1, kf))
@@ -263,7 +281,10 @@ def _feistel_coupling(
     def backward(params, y, y_bar, key=None):
         # Each of f and g is evaluated exactly once: its vjp yields both its value (needed to
         # reconstruct the input half) and the pullback (needed for the cotangents).
-        (pf, pg), (y1, y2) = params, _split_halves(y, f"{kind}.backward")
+        (pf, pg), (y1, y2) = (
+            _split_params(params, f"{kind}.backward"),
+            _split_halves(y, f"{kind}.backward"),
+        )
         y1_bar, y2_bar = y_bar
         kf, kg = split_key(key, 2)
 
@@ -286,7 +307,10 @@ def _feistel_coupling(
         #   x1_bar = t1 (dy1/dx1),  x2_bar = y2_bar (dy2/dx2) + (df/dx2)^T f_bar.
         # Solved forward: t1 from x1_bar, y2_bar from x2_bar, then y1_bar = t1 - (dg/dy1)^T g_bar.
         # f and g are evaluated once each.
-        (pf, pg), (x1, x2) = params, _split_halves(x, f"{kind}.vijp_step")
+        (pf, pg), (x1, x2) = (
+            _split_params(params, f"{kind}.vijp_step"),
+            _split_halves(x, f"{kind}.vijp_step"),
+        )
         x1_bar, x2_bar = x_bar
         kf, kg = split_key(key, 2)
 
@@ -309,7 +333,10 @@ def _feistel_coupling(
     if rule.log_det is not None:
 
         def log_det(params, x, key=None):
-            (pf, pg), (x1, x2) = params, _split_halves(x, f"{kind}.log_det")
+            (pf, pg), (x1, x2) = (
+                _split_params(params, f"{kind}.log_det"),
+                _split_halves(x, f"{kind}.log_det"),
+            )
             kf, kg = split_key(key, 2)
             f_out = branch(f, "f", "x1", pf, x2, x1, kf)
             y1 = rule.combine(x1, f_out)

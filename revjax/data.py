@@ -62,7 +62,10 @@ def load_stdlib_text(
     is validation data (so the fraction is ``1 / round(1 / valid_fraction)``, e.g. 1/3 for
     0.3), the rest training data: disjoint, from the same mix of files, both non-empty.
     ``modules`` restricts the corpus to the named modules (e.g. ``("typing", "argparse")``).
-    The result depends only on the Python version, not on the machine.
+    Modules generated when Python is built or installed (``_sysconfigdata*``, which records the
+    install paths, and ``sitecustomize``) are left out, so the result depends on the Python
+    version (and on any patches a distribution applies to the stdlib), not on where it is
+    installed.
     """
     import sysconfig
     from pathlib import Path
@@ -74,7 +77,8 @@ def load_stdlib_text(
     if max_bytes < 1000:
         raise ValueError(f"load_stdlib_text: max_bytes must be >= 1000, got {max_bytes}")
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(root.glob("*.py"))
+    generated = lambda p: p.stem.startswith("_sysconfigdata") or p.stem == "sitecustomize"
+    files = sorted(p for p in root.glob("*.py") if not generated(p))
     if modules:
         files = [p for p in files if p.stem in modules]
         missing = sorted(set(modules) - {p.stem for p in files})

@@ -191,4 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the table and run time here")
     args = parser.parse_args(argv)
+    for name in ("depth", "deep", "epochs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.json is not None and not Path(args.json).resolve().parent.is_dir():
+        parser.error(
+            f"--json {args.json}: directory {Path(args.json).resolve().parent} does not exist"
+        )
     run(depth=args.depth, deep=args.deep, epochs=args.epochs, seed=args.seed, json_path=args.json)

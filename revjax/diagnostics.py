@@ -40,6 +40,13 @@ def relative_error(approx: PyTree, reference: PyTree) -> jax.Array:
             "relative_error: pytrees differ in structure: "
             f"{jax.tree.structure(approx)} vs {jax.tree.structure(reference)}"
         )
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(approx)]
+    for path, x, y in zip(paths, a, r, strict=True):
+        if jnp.shape(x) != jnp.shape(y):  # broadcasting would give a meaningless number
+            raise ValueError(
+                f"relative_error: leaf {path or '(root)'} has shape {jnp.shape(x)} in approx "
+                f"but {jnp.shape(y)} in reference"
+            )
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     scale = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(f32(y)), initial=0.0) for y in r])
     scale = jnp.where(scale > 0, scale, 1.0)

@@ -20,15 +20,17 @@ meaningless. A :class:`Policy` separates three things:
 **Exact mode** (``fraction_bits=F``): the stream lives on the grid ``2^-F Z`` inside the range
 ``|x| < R = 2^(p - F)`` (``p`` = significand bits of the stream dtype, 24 for float32). Each branch
 output is rounded onto the grid, ``q(d) = round(d 2^F) 2^-F``, with a straight-through gradient
-(``dq/dd = 1``). Sums and differences of grid values within the range are exact in floating
-point, so ``(x1 + q(d)) - q(d) == x1`` bit for bit: reconstruction is exact at any depth and the
-gradient of :func:`revjax.reversible_scan` equals plain backprop of the same (quantised) network
-exactly. Leaving the range would silently break exactness, so the forward pass checks every
-layer's output and raises ``OverflowError`` naming the first offending layer (one host check per
-scan, not per layer). Only each layer's output is checked: inside a ``sequence`` block an
-intermediate stream that leaves the range and comes back is not caught. Exact mode needs
-additive couplings and permutations (a scale ``exp(s)`` leaves the grid) and a float32/float64
-stream.
+(``dq/dd = 1``). Sums and differences of grid values within the range are exact in floating point,
+so ``(x1 + q(d)) - q(d) == x1`` bit for bit: reconstruction is exact at any depth, and the gradient
+of :func:`revjax.reversible_scan` equals plain backprop of the same (quantised) network up to the
+rounding of the gradient arithmetic itself, which XLA may order differently in the two programs
+(bitwise equal for GELU-MLP branches; within float32 rounding, not compounding with depth, for
+branches with a LayerNorm; ``tests/test_precision.py``). Leaving the range would silently break
+exactness, so the forward pass checks every layer's output and raises ``OverflowError`` naming the
+first offending layer (one host check per scan, not per layer). Only each layer's output is
+checked: inside a ``sequence`` block an intermediate stream that leaves the range and comes back is
+not caught. Exact mode needs additive couplings and permutations (a scale ``exp(s)`` leaves the
+grid) and a float32/float64 stream.
 
 ``apply_policy`` rewrites a :class:`revjax.Coupling`; ``reversible_scan``, ``plain_scan``,
 ``inverse_scan`` and the diagnostics take ``policy=`` and apply it for you.

@@ -211,8 +211,14 @@ def test_affine_branch_must_return_pair():
 
 def test_stream_must_be_a_pair():
     block = rj.additive_coupling(dense, dense)
-    with pytest.raises(TypeError, match=r"pair of halves"):
+    with pytest.raises(TypeError, match=r"tuple of two halves"):
         block.forward((None, None), jnp.ones((2, 4)))
+    # A list pair would come back as a tuple and break a scan's carry later: refused up front.
+    with pytest.raises(TypeError, match=r"got list .*; pass tuple\(x\)"):
+        block.forward((None, None), [jnp.ones((2, 4)), jnp.ones((2, 4))])
+    # One branch's params instead of the pair: named, not a KeyError from inside f.
+    with pytest.raises(TypeError, match=r"params must be a pair \(params_f, params_g\)"):
+        block.forward({"w": jnp.ones((4, 4))}, (jnp.ones((2, 4)), jnp.ones((2, 4))))
 
 
 def test_sequence_errors():

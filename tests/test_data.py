@@ -1,5 +1,7 @@
 """data: offline digits split."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -44,3 +46,19 @@ def test_stdlib_text_is_disjoint_interleaved_and_bounded():
         load_stdlib_text(5_000, block_bytes=4096)
     with pytest.raises(ValueError, match="no tokens"):
         unigram_entropy(np.zeros(0, np.uint8))
+
+
+def test_stdlib_text_leaves_out_build_generated_modules():
+    """_sysconfigdata* records the machine's install paths: in the corpus it would make the
+    benchmark's data depend on where Python is installed."""
+    import sysconfig
+
+    from revjax.data import load_stdlib_text
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    generated = sorted(root.glob("_sysconfigdata*.py"))
+    if not generated:
+        pytest.skip("this Python has no _sysconfigdata module in its stdlib directory")
+    corpus = load_stdlib_text(2_000_000)  # past every underscore module in sorted order
+    marker = generated[0].read_bytes()[:40]  # its header comment
+    assert all(marker not in part.tobytes() for part in (corpus.train, corpus.valid))

@@ -30,3 +30,21 @@ def test_cli_usage(capsys):
     out = capsys.readouterr().out
     assert all(name in out for name in ("demo", "compare", "bench"))
     assert main(["nonsense"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["--depth", "-1"], "--depth must be >= 1, got -1"),
+        (["--deep", "0"], "--deep must be >= 1, got 0"),
+        (["--json", "/no/such/dir/demo.json"], "directory /no/such/dir does not exist"),
+    ],
+)
+def test_demo_refuses_bad_arguments_before_training(args, message, capsys):
+    from revjax.demo import main as demo_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        demo_main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -16,6 +16,11 @@ def test_relative_error_is_joint_norm_over_leaves():
     assert float(relative_error(ref, ref)) == 0.0
 
 
+def test_relative_error_refuses_different_shapes():
+    with pytest.raises(ValueError, match=r"leaf \['w'\] has shape \(3, 1\) in approx but \(3,\)"):
+        relative_error({"w": jnp.ones((3, 1))}, {"w": jnp.ones(3)})
+
+
 def test_relative_error_of_huge_values_does_not_overflow():
     """Squares of 1e30 overflow float32; the error is still 1/5 (and NaN stays NaN)."""
     ref = {"a": jnp.array([3e30, 0.0]), "b": jnp.array([4e30])}

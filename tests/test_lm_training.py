@@ -46,15 +46,19 @@ def test_resume_from_checkpoint_continues_the_same_run(corpus, tmp_path):
     np.testing.assert_allclose(second_half.train_loss, whole.train_loss[-1:], rtol=1e-6)
 
 
-def test_script_resumes_from_its_checkpoint(tmp_path):
+def test_script_resumes_from_its_checkpoint(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import report
     from benchmarks import train_lm as script
 
     tiny = ["--depth", "1", "--dim", "16", "--heads", "2", "--seq-len", "16", "--batch", "4"]
     tiny += ["--eval-every", "2", "--eval-batches", "1", "--max-bytes", "60000"]
-    path = tmp_path / "ckpt.msgpack"
-    first = script.main([*tiny, "--steps", "4", "--checkpoint", str(path), "--out", str(tmp_path)])
-    assert first["runs"]["reversible"]["steps"] == [2, 4]
+    config = LMConfig(
+        depth=1, dim=16, heads=2, seq_len=16, batch=4, steps=6, eval_every=2, eval_batches=1
+    )
+    path, text = tmp_path / "ckpt.msgpack", load_stdlib_text(60000)
+    # An interrupted 6-step run: stopped after step 4, checkpointed with its config.
+    train_lm(config, text, stop_step=4, checkpoint=path)
     resumed = script.main(
         [*tiny, "--steps", "6", "--resume-from", str(path), "--out", str(tmp_path)]
     )
@@ -62,6 +66,38 @@ def test_script_resumes_from_its_checkpoint(tmp_path):
     assert resumed["runs"]["reversible"]["steps"] == [6]
     assert resumed["runs"]["backprop"]["steps"] == [2, 4, 6]
     assert resumed["max_relative_gap"]["eval_loss"] <= 0.01
+    # The README table pairs the curves by step, not by position.
+    table = report.render_train_lm(resumed, "train_lm.json")
+    rev_eval = resumed["runs"]["reversible"]["eval_loss"][0]
+    assert "| 2 | - |" in table and "| 6 | " in table and f"{rev_eval:.4f}" in table
+
+    # Different settings (here steps, which sets the learning-rate schedule) are refused.
+    with pytest.raises(SystemExit):
+        script.main([*tiny, "--steps", "8", "--resume-from", str(path), "--out", str(tmp_path)])
+    assert "steps: checkpoint 6, now 8" in capsys.readouterr().err
+    # A checkpoint at the last step leaves nothing to train: a message, not an IndexError.
+    model, optimizer, _ = resume(config, path)
+    train_lm(config, text, start_step=4, model=model, optimizer=optimizer, checkpoint=path)
+    with pytest.raises(SystemExit):
+        script.main([*tiny, "--steps", "6", "--resume-from", str(path), "--out", str(tmp_path)])
+    assert "nothing left to train" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main([*tiny[:4], "--heads", "3", "--steps", "2", "--out", str(tmp_path)])
+    assert "dim=16 is not divisible by heads=3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("steps", 0), ("eval_every", 0), ("heads", 3), ("dropout", 1.0)]
+)
+def test_config_is_validated(field, value):
+    with pytest.raises(ValueError, match=f"LMConfig: .*{field}"):
+        LMConfig(dim=16, **{field: value})
+
+
+def test_train_lm_refuses_an_empty_range(corpus):
+    config = LMConfig(depth=1, dim=16, heads=2, seq_len=16, batch=4, steps=4)
+    with pytest.raises(ValueError, match="nothing to train from step 4 to 4"):
+        train_lm(config, corpus, start_step=4)
 
 
 def test_batches_are_windows_of_the_corpus_and_seeded(corpus):

@@ -14,7 +14,7 @@ import revjax as rj
 from revjax.coupling import Coupling
 from revjax.diagnostics import compare_gradients, reconstruction_report, relative_error
 from revjax.memory import compiled_memory
-from revjax.models.mlp import init_mlp_stack, mlp_coupling
+from revjax.models.mlp import init_mlp_stack, mlp, mlp_coupling
 from revjax.precision import Policy, apply_policy, exact_policy, round_to_grid, to_stream
 from revjax.scan import plain_scan
 
@@ -180,6 +180,29 @@ def test_exact_reconstruction_is_bit_identical():
     np.testing.assert_array_equal(np.asarray(x_rec[1]), np.asarray(to_stream(x, policy)[1]))
     report = reconstruction_report(block, params, x, policy=policy)
     assert float(jnp.max(report["relative_error"])) == 0.0
+
+
+def test_exact_mode_with_a_layernorm_branch_reconstructs_exactly_and_does_not_drift():
+    """Exactness is of the reconstruction: the backward pass sees bit for bit the activations
+    backprop stores. The gradient arithmetic itself may be compiled in a different order in the
+    two programs (here a LayerNorm's reductions), so it is not always bitwise equal; it stays
+    at float32 rounding and does not compound with depth (measured 1.2e-7 at L = 4, 2.9e-7 at
+    L = 64). A floating stream's error compounds instead (numerics tests above)."""
+
+    def normed_mlp(p, h):
+        centred = h - h.mean(-1, keepdims=True)
+        normed = centred * jax.lax.rsqrt((centred**2).mean(-1, keepdims=True) + 1e-6)
+        return mlp(p, normed)
+
+    block = rj.additive_coupling(normed_mlp, normed_mlp)
+    policy = exact_policy(16)
+    x = tuple(jax.random.normal(k, (16, 32)) for k in jax.random.split(jax.random.key(5)))
+    for depth in (4, 64):
+        params = init_mlp_stack(jax.random.key(0), depth, 32, 64)
+        report = reconstruction_report(block, params, x, policy=policy)
+        assert float(jnp.max(report["relative_error"])) == 0.0
+        (row,) = compare_gradients(block, params, x, {"exact": {"policy": policy}})
+        assert row["param_grad_error"] <= 1e-6 and row["input_grad_error"] <= 1e-6, row
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.extend.core
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import revjax as rj
@@ -259,3 +260,9 @@ def test_bad_anchor_interval_is_rejected(every, error, message):
     params, x = init_mlp_stack(jax.random.key(0), DEPTH, 8, 16), stream(width=8)
     with pytest.raises(error, match=message):
         rj.reversible_scan(mlp_coupling(), params, x, checkpoint_every=every)
+
+
+def test_numpy_integer_anchor_interval_is_accepted():
+    params, x = init_mlp_stack(jax.random.key(0), DEPTH, 8, 16), stream(width=8)
+    y = rj.reversible_scan(mlp_coupling(), params, x, checkpoint_every=np.int64(4))
+    np.testing.assert_array_equal(y[0], rj.reversible_scan(mlp_coupling(), params, x)[0])

@@ -9,6 +9,7 @@ and two runs with different ``method`` (reversible vs its twin) see identical da
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,43 @@ class LMConfig:
     eval_every: int = 25
     eval_batches: int = 4
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        counts = ("depth", "dim", "heads", "seq_len", "batch", "steps")
+        for name in (*counts, "eval_every", "eval_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LMConfig: {name} must be an integer >= 1, got {value!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"LMConfig: dim={self.dim} is not divisible by heads={self.heads}")
+        if self.warmup < 0 or not self.lr > 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(
+                f"LMConfig: need warmup >= 0, lr > 0 and 0 <= dropout < 1; got warmup="
+                f"{self.warmup}, lr={self.lr}, dropout={self.dropout}"
+            )
+
+
+#: Settings a checkpoint's continuation must share with the run that wrote it: the learning-rate
+#: schedule, the batches, the keys and the shapes depend on them (evaluation settings do not).
+TRAJECTORY_FIELDS = (
+    "depth",
+    "dim",
+    "heads",
+    "seq_len",
+    "batch",
+    "steps",
+    "lr",
+    "weight_decay",
+    "warmup",
+    "dropout",
+    "seed",
+)
+
+
+def config_path(checkpoint: str | Path) -> Path:
+    """Where :func:`train_lm` records the config of ``checkpoint``: ``<checkpoint>.config.json``."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name + ".config.json")
 
 
 class History(NamedTuple):
@@ -143,10 +181,22 @@ def train_lm(
 
     Losses are logged at every ``eval_every``-th step and at the last one. With ``model`` and
     ``optimizer`` (e.g. restored by :func:`resume`) training continues them; ``checkpoint``
-    saves both at every logged step (overwriting), so it always holds the latest logged state.
+    saves both at every logged step (overwriting), so it always holds the latest logged state,
+    and records ``config`` beside it (:func:`config_path`) for :func:`resume` to check.
     ``progress(step, loss)`` is called after every step.
+
+    Raises:
+      ValueError: ``start_step >= stop_step`` (nothing to train) or ``stop_step`` beyond
+        ``config.steps``.
     """
     stop_step = config.steps if stop_step is None else stop_step
+    if not 0 <= start_step < stop_step <= config.steps:
+        raise ValueError(
+            f"train_lm: nothing to train from step {start_step} to {stop_step} (need "
+            f"0 <= start < stop <= steps = {config.steps})"
+        )
+    if checkpoint is not None:
+        config_path(checkpoint).write_text(json.dumps(dataclasses.asdict(config), indent=2))
     model = model if model is not None else make_model(config, method)
     optimizer = optimizer if optimizer is not None else make_optimizer(model, config)
     valid = [
@@ -175,7 +225,28 @@ def resume(
     config: LMConfig, checkpoint: str | Path, method: Method = "reversible"
 ) -> tuple[ReversibleTransformer, nnx.Optimizer, int]:
     """``(model, optimizer, step)`` restored from :func:`train_lm`'s ``checkpoint`` file;
-    ``step`` (the optimiser's update count) is where training continues."""
+    ``step`` (the optimiser's update count) is where training continues.
+
+    Raises:
+      ValueError: ``config`` differs from the checkpoint's recorded config in a setting the
+        trajectory depends on (:data:`TRAJECTORY_FIELDS`; e.g. ``steps``, which sets the
+        learning-rate schedule), or the checkpoint has no recorded config.
+    """
+    recorded = config_path(checkpoint)
+    if not recorded.exists():
+        raise ValueError(f"resume: {checkpoint} has no recorded config ({recorded} is missing)")
+    saved = json.loads(recorded.read_text())
+    differ = {
+        name: (saved.get(name), getattr(config, name))
+        for name in TRAJECTORY_FIELDS
+        if saved.get(name) != getattr(config, name)
+    }
+    if differ:
+        details = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(
+            f"resume: {checkpoint} was trained with different settings ({details}); a "
+            "continuation must use the same ones to be the same run"
+        )
     model = make_model(config, method)
     optimizer = make_optimizer(model, config)
     restore_state((model, optimizer), checkpoint)
