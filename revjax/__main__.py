@@ -14,10 +14,14 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
-        print("usage: python -m revjax {" + ",".join(COMMANDS) + "} [options]")
+        asked = not argv or argv[0] in {"-h", "--help"}
+        out = sys.stdout if asked else sys.stderr  # usage errors go to stderr, like argparse's
+        if not asked:
+            print(f"error: unknown command {argv[0]!r}", file=out)
+        print("usage: python -m revjax {" + ",".join(COMMANDS) + "} [options]", file=out)
         for name, text in COMMANDS.items():
-            print(f"  {name:8s} {text}")
-        return 0 if not argv or argv[0] in {"-h", "--help"} else 2
+            print(f"  {name:8s} {text}", file=out)
+        return 0 if asked else 2
     command, rest = argv[0], argv[1:]
     if command == "demo":
         from revjax.demo import main as demo_main

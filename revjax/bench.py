@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=float, default=None, help="seconds each script may run (default: none)"
     )
     args = parser.parse_args(argv)
+    if args.timeout is not None and not args.timeout > 0:
+        parser.error(f"--timeout must be > 0 seconds, got {args.timeout}")
     suite = SUITES[args.size]
     if args.only:
         known = {name for name, *_ in suite}

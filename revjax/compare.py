@@ -318,8 +318,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"model": args.model, "depth": args.depth, "dtype": args.dtype,
-                          "backend": jax.default_backend(), "rows": rows}))  # fmt: skip
+        # Strict JSON: a diverged method's NaN/inf becomes null, not the invalid token NaN.
+        finite = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
+        rows = [{k: finite(v) for k, v in row.items()} for row in rows]
+        record = {"model": args.model, "depth": args.depth, "dtype": args.dtype,
+                  "backend": jax.default_backend(), "rows": rows}  # fmt: skip
+        print(json.dumps(record, allow_nan=False))
     else:
         title = f"{args.model}, L = {args.depth}, {args.dtype}, {jax.default_backend()}"
         print(render(rows, title))

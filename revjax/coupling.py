@@ -362,13 +362,16 @@ def additive_coupling(f: Callable, g: Callable) -> Coupling:
       Branch outputs are cast to the dtype of the half they are added to, so a float32 stream
       stays float32 when f and g compute in bfloat16. ``log|det J| = 0`` (volume preserving).
     """
-    return _feistel_coupling(
+    block = _feistel_coupling(
         f,
         g,
         _ADDITIVE,
         "additive_coupling",
         lambda wrap: additive_coupling(wrap(f, "additive"), wrap(g, "additive")),
     )
+    # Volume preserving: no branch needs evaluating. With it, sequences of additive and affine
+    # couplings (NICE / Real NVP flows) keep their log_det.
+    return block._replace(log_det=lambda params, x, key=None: jnp.zeros((), jnp.float32))
 
 
 def affine_coupling(f: Callable, g: Callable, *, max_log_scale: float = 2.0) -> Coupling:

@@ -35,6 +35,11 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Split:
     x, y = digits.data.astype(np.float32), digits.target.astype(np.int32)
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = round(test_fraction * len(x))
+    if not 0 < n_test < len(x):
+        raise ValueError(
+            f"load_digits: test_fraction={test_fraction} leaves {n_test} of {len(x)} images for "
+            "testing; both parts must be non-empty"
+        )
     test, train = order[:n_test], order[n_test:]
     mean, std = x[train].mean(0), np.maximum(x[train].std(0), 1e-3)
     standardise = lambda a: ((a - mean) / std).astype(np.float32)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from revjax.closure import hoist_traced_constants
 from revjax.coupling import Coupling, call_with_key, reconstruct_and_vjp, with_aux
 from revjax.precision import (
     INPUT_LAYER,
@@ -97,6 +98,10 @@ def _layer_struct(params: PyTree) -> PyTree:
     )
 
 
+def _struct(a: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+
+
 def _signature(tree: PyTree) -> tuple:
     return jax.tree.structure(tree), [
         (jnp.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(tree)
@@ -154,6 +159,7 @@ def _forward(
     every: int | None = None,
     remat: bool = False,
     check: RangeCheck | None = None,
+    shared: tuple | None = None,
 ) -> tuple[PyTree, PyTree | None, PyTree | None]:
     """``lax.scan`` of ``block.forward`` over the layers; returns ``(y, anchors, aux)``.
 
@@ -167,7 +173,8 @@ def _forward(
       once, after the loop.
 
     ``aux`` is the block's side information per layer, stacked on a leading ``L`` axis (None
-    for blocks without ``aux``).
+    for blocks without ``aux``). With ``shared`` (:mod:`revjax.closure`), layer ``l`` gets the
+    parameters ``(params_l, shared)``.
     """
     depth = stack_depth(params)
     step = lambda p, x_, k: call_with_key(block.forward, p, x_, key=k)
@@ -189,6 +196,7 @@ def _forward(
     def body(carry, inputs):
         x_, anchors_, status_ = carry
         p, layer = inputs
+        p = p if shared is None else (p, shared)
         k = layer_key(key, layer)
         side = None if block.aux is None else call_with_key(block.aux, p, x_, key=k)
         y_ = step(p, x_, k)
@@ -228,16 +236,17 @@ def _reversible_scan(
     params: PyTree,
     x: PyTree,
     key: Key | None,
+    shared: tuple | None,
 ) -> tuple[PyTree, PyTree]:
-    y, _, aux = _forward(block, params, x, key, check=check)
+    y, _, aux = _forward(block, params, x, key, check=check, shared=shared)
     return y, aux
 
 
-def _reversible_scan_fwd(block, every, check, params, x, key):
-    # Residuals: the output, the anchors and side information if any (params and key are
-    # inputs, stored anyway).
-    y, anchors, aux = _forward(block, params, x, key, every=every, check=check)
-    return (y, aux), (params, y, anchors, aux, key)
+def _reversible_scan_fwd(block, every, check, params, x, key, shared):
+    # Residuals: the output, the anchors and side information if any (params, key and shared
+    # are inputs, stored anyway).
+    y, anchors, aux = _forward(block, params, x, key, every=every, check=check, shared=shared)
+    return (y, aux), (params, y, anchors, aux, key, shared)
 
 
 def reverse_sweep(
@@ -264,33 +273,69 @@ def reverse_sweep(
     """
     if anchors is not None and every is None:
         raise ValueError("reverse_sweep: anchors need their interval every=")
+    x, x_bar, params_bar, _ = _reverse_sweep(block, params, y, y_bar, key, anchors, every, aux)
+    return x, x_bar, params_bar
+
+
+def _floating(value: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(value), jnp.inexact)
+
+
+def _sum_dtype(value: Any) -> Any:
+    return jnp.promote_types(jnp.result_type(value), jnp.float32)
+
+
+def _reverse_sweep(block, params, y, y_bar, key, anchors, every, aux, shared=None):
+    """:func:`reverse_sweep`, plus the gradient of ``shared`` parameters (given to every layer
+    as ``(params_l, shared)``, see :mod:`revjax.closure`) summed over the layers in at least
+    float32; None for non-floating shared values (and for ``shared=None``)."""
     step = reconstruct_and_vjp(block)
+    # Running sums of the shared gradient; a scalar placeholder for non-floating values.
+    totals = None
+    if shared is not None:
+        totals = tuple(
+            jnp.zeros(jnp.shape(c), _sum_dtype(c)) if _floating(c) else jnp.zeros(())
+            for c in shared
+        )
 
     def body(carry, inputs):
-        y_l, y_bar_l = carry
+        y_l, y_bar_l, totals_ = carry
         p, layer, side = inputs
         if anchors is not None:
             y_l = restart_at_anchor(
                 y_l, jax.tree.map(lambda buf: buf[layer // every], anchors), layer, every
             )
         layer_step = with_aux(step, block, side)
+        p = p if shared is None else (p, shared)
         x_l, x_bar_l, p_bar = call_with_key(layer_step, p, y_l, y_bar_l, key=layer_key(key, layer))
-        return (x_l, x_bar_l), p_bar
+        if shared is not None:
+            p_bar, shared_bar = p_bar
+            totals_ = tuple(
+                t + b.astype(t.dtype) if _floating(c) else t
+                for t, b, c in zip(totals_, shared_bar, shared, strict=True)
+            )
+        return (x_l, x_bar_l, totals_), p_bar
 
     depth = stack_depth(params)
-    (x, x_bar), params_bar = lax.scan(
-        body, (y, y_bar), (params, jnp.arange(depth), aux), reverse=True
+    (x, x_bar, totals), params_bar = lax.scan(
+        body, (y, y_bar, totals), (params, jnp.arange(depth), aux), reverse=True
     )
-    return x, x_bar, params_bar
+    if shared is None:
+        return x, x_bar, params_bar, None
+    shared_bar = tuple(
+        t.astype(jnp.result_type(c)) if _floating(c) else None
+        for t, c in zip(totals, shared, strict=True)
+    )
+    return x, x_bar, params_bar, shared_bar
 
 
 def _reversible_scan_bwd(block, every, check, residuals, cotangents):
-    params, y, anchors, aux, key = residuals
+    params, y, anchors, aux, key, shared = residuals
     y_bar, _ = cotangents  # aux is returned under stop_gradient: its cotangent is zero
-    _, x_bar, params_bar = reverse_sweep(
-        block, params, y, y_bar, key=key, anchors=anchors, every=every, aux=aux
+    _, x_bar, params_bar, shared_bar = _reverse_sweep(
+        block, params, y, y_bar, key, anchors, every, aux, shared
     )
-    return params_bar, x_bar, None
+    return params_bar, x_bar, None, shared_bar
 
 
 _reversible_scan.defvjp(_reversible_scan_fwd, _reversible_scan_bwd)
@@ -329,7 +374,9 @@ def reversible_scan(
     """Applies ``L`` stacked reversible layers, with a backward pass that stores no activations.
 
     Equal in value and gradient (up to reconstruction round-off) to :func:`plain_scan`, i.e.
-    ``lax.scan`` of ``block.forward`` over the layers.
+    ``lax.scan`` of ``block.forward`` over the layers. Branches may close over values traced by
+    an enclosing ``jax.vmap`` or ``jax.grad``; those become parameters shared by every layer
+    (:mod:`revjax.closure`), at one more branch evaluation per layer in the backward pass.
 
     Args:
       block: the layer, a :class:`revjax.Coupling`.
@@ -363,7 +410,13 @@ def reversible_scan(
     """
     block, x, depth, check = prepare_stack(block, params, x, key, policy, "reversible_scan")
     every = anchor_interval(depth, checkpoint_every)
-    y, aux = _reversible_scan(block, every, check, params, x, key)
+    # Values the branches close over that an enclosing vmap/grad traces become explicit shared
+    # parameters of the custom_vjp (revjax.closure); otherwise the block is used as it is.
+    layer_key_struct = None if key is None else jax.eval_shape(lambda k: layer_key(k, 0), key)
+    block, shared = hoist_traced_constants(
+        block, _layer_struct(params), jax.tree.map(_struct, x), layer_key_struct
+    )
+    y, aux = _reversible_scan(block, every, check, params, x, key, shared)
     return (y, lax.stop_gradient(aux)) if return_aux else y
 
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import jax
+import pytest
 
 from revjax import bench
 
@@ -29,6 +30,9 @@ def test_only_runs_the_named_scripts_into_out_and_leaves_the_readme(tmp_path, ca
 def test_unknown_scripts_are_refused(capsys):
     assert bench.main(["--only", "nope.py"]) == 2
     assert "['nope.py'] not in the cpu suite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--timeout", "-5"])
+    assert "--timeout must be > 0 seconds, got -5.0" in capsys.readouterr().err
 
 
 def test_a_failing_script_does_not_stop_the_others(tmp_path, capsys, monkeypatch):

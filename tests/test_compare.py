@@ -147,3 +147,18 @@ def test_markdown_fallback_lists_methods_not_run_after_the_table(monkeypatch):
     table, notes = text.split("\n\n")[1:]
     assert table.splitlines()[-1].startswith("| forward | - | - | -")
     assert notes == "forward: not run: too many parameters"
+
+
+def test_json_output_is_strict_when_a_method_diverges(capsys, monkeypatch):
+    """A NaN error (a diverged bf16 run) is written as null: strict parsers reject NaN."""
+    import revjax.compare as compare_module
+
+    diverged = [{"method": "reversible", "grad_error": float("nan"), "ms": float("inf")}]
+    monkeypatch.setattr(compare_module, "compare", lambda *a, **k: diverged)
+    assert cli(["compare", "--depth", "2", "--json"]) == 0
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    record = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert record["rows"] == [{"method": "reversible", "grad_error": None, "ms": None}]

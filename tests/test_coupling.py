@@ -168,15 +168,24 @@ def test_affine_log_det_matches_jacobian():
     assert jnp.allclose(block.log_det(params, x), logabsdet, rtol=1e-5, atol=1e-5)
 
 
-def test_sequence_log_det_adds_and_additive_has_none():
-    block, _params, x = make_case("sequence", 1, 1, 3, 3)
-    assert rj.additive_coupling(dense, dense).log_det is None
-    assert block.log_det is None  # the additive member has no log_det, so neither has the chain
+def test_additive_log_det_is_zero_and_sequences_add():
+    """Additive couplings preserve volume: log_det 0, matching the Jacobian; a sequence of
+    additive and affine couplings (a NICE / Real NVP flow) keeps a log_det, the sum."""
+    block, params, x = make_case("additive", 3, 1, 3, 4)
+    flat = lambda x_: jnp.concatenate([x_[0][0], x_[1][0]])
+    unflat = lambda v: (v[None, :3], v[None, 3:])
+    jac = jax.jacfwd(lambda v: flat(block.forward(params, unflat(v))))(flat(x))
+    assert float(block.log_det(params, x)) == 0.0
+    assert abs(float(jnp.linalg.slogdet(jac)[1])) <= 1e-5
     aff = rj.affine_coupling(affine_branch, affine_branch)
     _, p, x = make_case("affine", 2, 1, 3, 3)
     two = rj.sequence(aff, rj.swap(), aff)
     expected = aff.log_det(p, x) + aff.log_det(p, rj.swap().forward(None, aff.forward(p, x)))
     assert jnp.allclose(two.log_det((p, None, p), x), expected, rtol=1e-6)
+    additive = rj.additive_coupling(dense, dense)
+    mixed = rj.sequence(aff, additive)
+    _, dense_params, _ = make_case("additive", 2, 1, 3, 3)
+    assert jnp.allclose(mixed.log_det((p, dense_params), x), aff.log_det(p, x), rtol=1e-6)
 
 
 def test_affine_scale_is_bounded():

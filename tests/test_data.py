@@ -21,6 +21,8 @@ def test_digits_split_is_disjoint_standardised_and_seeded():
 def test_bad_fraction():
     with pytest.raises(ValueError, match="test_fraction"):
         load_digits(test_fraction=1.5)
+    with pytest.raises(ValueError, match="leaves 0 of 1797 images for testing"):
+        load_digits(test_fraction=1e-4)
 
 
 def test_stdlib_text_is_disjoint_interleaved_and_bounded():

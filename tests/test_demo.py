@@ -30,6 +30,8 @@ def test_cli_usage(capsys):
     out = capsys.readouterr().out
     assert all(name in out for name in ("demo", "compare", "bench"))
     assert main(["nonsense"]) == 2
+    captured = capsys.readouterr()
+    assert "unknown command 'nonsense'" in captured.err and captured.out == ""
 
 
 @pytest.mark.parametrize(
