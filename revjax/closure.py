@@ -4,13 +4,14 @@
 argument. A branch that closes over a value traced by a transformation *outside* that
 ``custom_vjp`` (per-example conditioning under ``jax.vmap``, a captured value that ``jax.grad``
 differentiates) would leak that transformation's tracer into the backward pass, which runs after
-the transformation has finished: JAX raises an ``UnexpectedTracerError``, or the captured value
-would get no gradient. Values traced by an enclosing ``jax.jit`` or ``lax.scan`` are harmless:
-they belong to the same staged computation.
+the transformation has finished: JAX raises an ``UnexpectedTracerError``, or refuses to
+differentiate the closed-over value. The same holds for a floating value staged by an enclosing
+``jax.jit``, ``lax.scan`` or ``jax.checkpoint`` when a ``grad`` outside that region
+differentiates it; staged integer, boolean and key values are harmless.
 
 :func:`hoist_traced_constants` finds such values by tracing one layer's ``forward`` and
 ``inverse`` to jaxprs at abstract shapes: every value a function closes over becomes one of
-the jaxpr's constants. When one of them is an outer transformation's tracer, the block is
+the jaxpr's constants. When one of them must be an input (:func:`_must_be_an_input`), the block is
 rebuilt as a closure-free :class:`revjax.Coupling` that evaluates those jaxprs with the
 constants passed in as *shared parameters*: ``params`` of layer ``l`` becomes
 ``(params_l, shared)``, the same ``shared`` for every layer. They are then ordinary inputs of the
@@ -27,61 +28,66 @@ from typing import Any
 
 import jax
 import jax.extend.core
+import jax.numpy as jnp
 
 from revjax.coupling import Coupling, call_with_key
 
 PyTree = Any
 
 
-def _traced_by_an_outer_transformation(value: Any) -> bool:
-    # A DynamicJaxprTracer belongs to a computation being staged out (jit, scan, the custom_vjp
-    # itself): closing over it is fine. Any other tracer (vmap's, grad's) is not.
-    return isinstance(value, jax.core.Tracer) and type(value).__name__ != "DynamicJaxprTracer"
+def _must_be_an_input(value: Any) -> bool:
+    """Whether a closed-over value must become an explicit input of the ``custom_vjp``.
+
+    Any tracer of a transformation other than staging (vmap's, grad's) must. A value staged by
+    an enclosing ``jit``, ``lax.scan`` or ``jax.checkpoint`` (a ``DynamicJaxprTracer``) must too
+    when it is floating: a ``grad`` *outside* that staged region may differentiate it, which a
+    ``custom_vjp`` cannot do through a closure (JAX's ``closure_convert`` hoists the same
+    values). Integer, boolean and key values staged that way stay closed over.
+    """
+    if not isinstance(value, jax.core.Tracer):
+        return False
+    if type(value).__name__ != "DynamicJaxprTracer":
+        return True
+    return jnp.issubdtype(value.dtype, jnp.inexact)
 
 
-def _as_jaxpr(fn: Callable[..., PyTree], *example: Any) -> tuple[Any, Any]:
-    """``fn`` traced at ``example`` (arrays or ``jax.ShapeDtypeStruct``s): ``(closed jaxpr,
-    output tree)``; the values ``fn`` closes over are the closed jaxpr's ``consts``."""
+def _as_jaxpr(fn: Callable[..., PyTree], *example: Any) -> tuple[Any, list, Any]:
+    """``fn`` traced at ``example``: ``(jaxpr, constants, output tree)``; the values ``fn``
+    closes over are the constants. Only the (pure) jaxpr is kept by the rebuilt block, so the
+    tracers among the constants do not outlive this call except as explicit inputs."""
     closed, shape = jax.make_jaxpr(fn, return_shape=True)(*example)
-    return closed, jax.tree.structure(shape)
+    return closed.jaxpr, list(closed.consts), jax.tree.structure(shape)
 
 
-def _evaluate(closed: Any, out_tree: Any, consts: list, *args: Any) -> PyTree:
-    """The jaxpr of ``closed`` on ``args`` with ``consts`` in place of its own constants."""
-    run = jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(closed.jaxpr, list(consts)))
+def _evaluate(jaxpr: Any, out_tree: Any, consts: tuple, *args: Any) -> PyTree:
+    """``jaxpr`` on ``args`` with ``consts`` as its constants."""
+    run = jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(jaxpr, list(consts)))
     return jax.tree.unflatten(out_tree, run(*jax.tree.leaves(args)))
 
 
 def hoist_traced_constants(
     block: Coupling, layer_params: PyTree, x: PyTree, key: Any
 ) -> tuple[Coupling, tuple | None]:
-    """``(block, None)`` when no branch closes over an outer transformation's tracer; else a
-    closure-free block whose layer parameters are ``(params_l, shared)`` and ``shared``.
+    """``(block, None)`` when no branch closes over a value that must be an input of the
+    ``custom_vjp`` (:func:`_must_be_an_input`); else a closure-free block whose layer parameters
+    are ``(params_l, shared)``, and ``shared``.
 
     ``layer_params``, ``x`` and ``key`` describe one layer's arguments (arrays or
     ``jax.ShapeDtypeStruct``s; ``key`` may be None).
 
-    Raises:
-      TypeError: a block with side information (``aux``, e.g. batch norm) closes over such a
-        value; that combination is not supported.
+    A block with side information (``aux``, e.g. batch norm) is returned as it is.
     """
+    if block.aux is not None:
+        # Its inverse needs the forward's side information; such blocks are used as they are
+        # (a closure over a vmapped or differentiated value then fails as JAX reports it).
+        return block, None
     call = lambda fn: lambda p, h, k: call_with_key(fn, p, h, key=k)
-    outer = lambda closed: any(_traced_by_an_outer_transformation(c) for c in closed.consts)
-    forward, out_tree = _as_jaxpr(call(block.forward), layer_params, x, key)
-    if block.aux is not None:  # its inverse needs the forward's side information
-        side, _ = _as_jaxpr(call(block.aux), layer_params, x, key)
-        if outer(forward) or outer(side):
-            raise TypeError(
-                "reversible_scan: a block with side information (aux, e.g. batch norm) closes "
-                "over a value traced by an enclosing transformation (vmap, grad); pass that "
-                "value through params instead"
-            )
+    forward, forward_consts, out_tree = _as_jaxpr(call(block.forward), layer_params, x, key)
+    inverse, inverse_consts, in_tree = _as_jaxpr(call(block.inverse), layer_params, x, key)
+    constants = [*forward_consts, *inverse_consts]
+    if not any(_must_be_an_input(c) for c in constants):
         return block, None
-    inverse, in_tree = _as_jaxpr(call(block.inverse), layer_params, x, key)
-    if not (outer(forward) or outer(inverse)):
-        return block, None
-    constants = [*forward.consts, *inverse.consts]
-    n = len(forward.consts)
+    n = len(forward_consts)
 
     def free_forward(params: PyTree, h: PyTree, key: Any = None) -> PyTree:
         p, shared = params

@@ -6,6 +6,7 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 import revjax as rj
 from revjax.coupling import Coupling
@@ -128,7 +129,15 @@ def conditioned(c, dropout=0.0):
 
 
 @pytest.mark.parametrize(
-    "case", ["grad of vmap", "grad w.r.t. the captured value", "vmap of grad", "key and anchors"]
+    "case",
+    [
+        "grad of vmap",
+        "grad w.r.t. the captured value",
+        "vmap of grad",
+        "key and anchors",
+        "grad of jit",
+        "grad through a scan body",
+    ],
 )
 def test_branches_closing_over_traced_values(case):
     """A branch may close over a value traced by an enclosing vmap or grad: it becomes a shared
@@ -148,6 +157,15 @@ def test_branches_closing_over_traced_values(case):
             return jax.grad(lambda c, p: loss(scan, c, p), argnums=(0, 1))(conditions[0], params)
         if case == "vmap of grad":
             return jax.vmap(lambda c: jax.grad(lambda p: loss(scan, c, p))(params))(conditions)
+        if case == "grad of jit":  # c is staged by the jit, then differentiated outside it
+            jitted = jax.jit(lambda c, p: loss(scan, c, p))
+            return jax.grad(jitted, argnums=(0, 1))(conditions[0], params)
+        if case == "grad through a scan body":  # c is a scan's per-step input (e.g. a time step)
+
+            def steps(p, cs):
+                return lax.scan(lambda total, c: (total + loss(scan, c, p), None), 0.0, cs)[0]
+
+            return jax.grad(steps, argnums=(0, 1))(params, conditions)
         options = dict(key=jax.random.key(7), dropout=0.3)
         if scan is rj.reversible_scan:
             options["checkpoint_every"] = 3
