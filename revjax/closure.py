@@ -9,16 +9,17 @@ differentiate the closed-over value. The same holds for a floating value staged 
 ``jax.jit``, ``lax.scan`` or ``jax.checkpoint`` when a ``grad`` outside that region
 differentiates it; staged integer, boolean and key values are harmless.
 
-:func:`hoist_traced_constants` finds such values by tracing one layer's ``forward`` and
-``inverse`` to jaxprs at abstract shapes: every value a function closes over becomes one of
-the jaxpr's constants. When one of them must be an input (:func:`_must_be_an_input`), the block is
-rebuilt as a closure-free :class:`revjax.Coupling` that evaluates those jaxprs with the
-constants passed in as *shared parameters*: ``params`` of layer ``l`` becomes
-``(params_l, shared)``, the same ``shared`` for every layer. They are then ordinary inputs of the
-``custom_vjp``, which every JAX transformation handles, and the backward pass sums their
-gradient over the layers. The rebuilt block has no fused backward: it reconstructs each layer's
-input with ``inverse`` and then takes one ``jax.vjp`` of ``forward``, i.e. one more evaluation of
-the branches per layer than the fused step of an additive coupling.
+:func:`hoist_traced_constants` finds such values by tracing one layer's ``forward`` and ``inverse``
+to jaxprs (at layer 0's real arguments, so that types beyond shape and dtype, such as the axes a
+value varies over inside ``jax.shard_map``, match when the jaxprs are replayed): every value a
+function closes over becomes one of the jaxpr's constants. When one of them must be an input
+(:func:`_must_be_an_input`), the block is rebuilt as a closure-free :class:`revjax.Coupling` that
+evaluates those jaxprs with the constants passed in as *shared parameters*: ``params`` of layer
+``l`` becomes ``(params_l, shared)``, the same ``shared`` for every layer. They are then ordinary
+inputs of the ``custom_vjp``, which every JAX transformation handles, and the backward pass sums
+their gradient over the layers. The rebuilt block has no fused backward: it reconstructs each
+layer's input with ``inverse`` and then takes one ``jax.vjp`` of ``forward``, i.e. one more
+evaluation of the branches per layer than the fused step of an additive coupling.
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ def hoist_traced_constants(
     ``custom_vjp`` (:func:`_must_be_an_input`); else a closure-free block whose layer parameters
     are ``(params_l, shared)``, and ``shared``.
 
-    ``layer_params``, ``x`` and ``key`` describe one layer's arguments (arrays or
-    ``jax.ShapeDtypeStruct``s; ``key`` may be None).
+    ``layer_params``, ``x`` and ``key`` are one layer's arguments (``key`` may be None); pass
+    the real ones, not ``jax.ShapeDtypeStruct``s, where their types carry more than shape and
+    dtype (inside ``jax.shard_map``).
 
     A block with side information (``aux``, e.g. batch norm) is returned as it is.
     """

@@ -98,10 +98,6 @@ def _layer_struct(params: PyTree) -> PyTree:
     )
 
 
-def _struct(a: Any) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
-
-
 def _signature(tree: PyTree) -> tuple:
     return jax.tree.structure(tree), [
         (jnp.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(tree)
@@ -294,8 +290,7 @@ def _reverse_sweep(block, params, y, y_bar, key, anchors, every, aux, shared=Non
     totals = None
     if shared is not None:
         totals = tuple(
-            jnp.zeros(jnp.shape(c), _sum_dtype(c)) if _floating(c) else jnp.zeros(())
-            for c in shared
+            jnp.zeros_like(c, _sum_dtype(c)) if _floating(c) else jnp.zeros(()) for c in shared
         )
 
     def body(carry, inputs):
@@ -412,9 +407,10 @@ def reversible_scan(
     every = anchor_interval(depth, checkpoint_every)
     # Values the branches close over that an enclosing vmap/grad traces become explicit shared
     # parameters of the custom_vjp (revjax.closure); otherwise the block is used as it is.
-    layer_key_struct = None if key is None else jax.eval_shape(lambda k: layer_key(k, 0), key)
+    # Traced at layer 0's actual arguments, whose types (e.g. shard_map's varying axes) the
+    # replayed jaxprs must match; the slices are dead code unless hoisting happens.
     block, shared = hoist_traced_constants(
-        block, _layer_struct(params), jax.tree.map(_struct, x), layer_key_struct
+        block, jax.tree.map(lambda a: a[0], params), x, layer_key(key, 0)
     )
     y, aux = _reversible_scan(block, every, check, params, x, key, shared)
     return (y, lax.stop_gradient(aux)) if return_aux else y
