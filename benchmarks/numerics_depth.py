@@ -23,6 +23,7 @@ jitted gradient steps, reported as a ratio to plain backprop of the bf16-stream 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -32,13 +33,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, environment, write_json
 from revjax import reversible_scan
 from revjax.coupling import Coupling
-from revjax.diagnostics import format_table, relative_error
+from revjax.diagnostics import bitwise_equal, format_table, relative_error
 from revjax.memory import memory_of
 from revjax.models.mlp import init_mlp_stack, mlp_coupling
 from revjax.precision import Policy, exact_policy
@@ -113,9 +115,7 @@ def reference_step(
 @jax.jit
 def agreement(grads, reference) -> tuple[jax.Array, jax.Array]:
     """Relative error of ``grads`` against ``reference``, and whether they are bitwise equal."""
-    leaves = zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True)
-    same = jnp.stack([jnp.array_equal(a, b) for a, b in leaves])
-    return relative_error(grads, reference), jnp.all(same)
+    return relative_error(grads, reference), bitwise_equal(grads, reference)
 
 
 def failure(err: Exception) -> str | None:
@@ -130,9 +130,20 @@ def failure(err: Exception) -> str | None:
 
 
 def stream_peak(block, params, x) -> float:
-    """Largest |value| of the float32-stream network's output stream (max over both halves)."""
-    y = jax.jit(lambda p: plain_scan(block, p, x, policy=F32_STREAM))(params)
-    return float(max(jnp.max(jnp.abs(v)) for v in y))
+    """Largest |value| of the float32-stream network's stream over its input and every layer's
+    output (both halves): the range exact mode's grid must hold. A stream can peak mid-stack,
+    so the output alone is not enough."""
+
+    def layer(carry, p):
+        x_, peak = carry
+        one_layer = jax.tree.map(lambda a: a[None], p)
+        y = plain_scan(block, one_layer, x_, policy=F32_STREAM)
+        return (y, jnp.maximum(peak, max_abs(y))), None
+
+    max_abs = lambda t: functools.reduce(jnp.maximum, [jnp.max(jnp.abs(v)) for v in t])
+    start = tuple(jnp.asarray(v, jnp.float32) for v in x)
+    (_, peak), _ = jax.jit(lambda p: lax.scan(layer, (start, max_abs(start)), p))(params)
+    return float(peak)
 
 
 def finest_exact_policy(peak: float) -> Policy | None:

@@ -24,41 +24,106 @@ from revjax.scan import (
 PyTree = Any
 
 
+def _float32_leaves(tree: PyTree, fn: str) -> list[jax.Array]:
+    """The leaves of ``tree`` as float32 arrays; complex leaves are refused (their imaginary part
+    would be dropped silently)."""
+    leaves = jax.tree.leaves(tree)
+    for leaf in leaves:
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
+            raise TypeError(f"{fn}: complex leaves are not supported (got {jnp.result_type(leaf)})")
+    return [jnp.asarray(leaf, jnp.float32) for leaf in leaves]
+
+
+def _power_of_two_scale(leaves: list[jax.Array]) -> jax.Array:
+    """The int32 exponent ``e`` of the largest power of two ``2^e <= max |leaf|``, clipped to
+    [-126, 126] so that ``2^e`` and ``2^-e`` are normal float32 numbers (XLA on CPU flushes a
+    subnormal reciprocal to zero). Dividing by ``2^e`` is exact and leaves every entry below 4
+    in magnitude."""
+    peak = functools.reduce(
+        jnp.maximum, [jnp.max(jnp.abs(v), initial=0.0) for v in leaves], jnp.float32(0.0)
+    )
+    _, exponent = jnp.frexp(peak)
+    return jnp.clip(exponent - 1, -126, 126)
+
+
+def _scaled_norm(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """``(n, e)`` with ``||leaves|| = n * 2^e``: the Euclidean norm of all leaves jointly, taken
+    after an exact power-of-two rescaling so that neither overflow (|v| > 1e19) nor underflow
+    (|v| < 1e-19) of the squares distorts it."""
+    exponent = _power_of_two_scale(leaves)
+    scale = jnp.ldexp(jnp.float32(1.0), exponent)
+    total = sum((jnp.sum(jnp.square(v / scale)) for v in leaves), jnp.float32(0.0))
+    return jnp.sqrt(total), exponent
+
+
+def _relative_norm(approx: list[jax.Array], reference: list[jax.Array]) -> jax.Array:
+    """``||approx - reference|| / ||reference||`` of float32 leaf lists, robust to the extremes:
+    inf when only the reference is zero, 0 when both are, NaN when any entry is NaN or inf."""
+    # Both operands are divided by one common power of two 2^c first (exact), so that their
+    # difference cannot overflow; then ||diff|| = d * 2^(d_exp + c), ||reference|| = r * 2^r_exp.
+    common_exp = _power_of_two_scale([*approx, *reference])
+    common = jnp.ldexp(jnp.float32(1.0), common_exp)
+    diff = [a / common - r / common for a, r in zip(approx, reference, strict=True)]
+    diff_norm, diff_exp = _scaled_norm(diff)
+    ref_norm, ref_exp = _scaled_norm(reference)
+    ratio = diff_norm / jnp.where(ref_norm > 0, ref_norm, 1.0)
+    # ldexp applies the exponent difference once: inf only if the true ratio exceeds float32.
+    error = jnp.ldexp(ratio, diff_exp + common_exp - ref_exp)
+    error = jnp.where(ref_norm > 0, error, jnp.where(diff_norm > 0, jnp.inf, 0.0))
+    finite = functools.reduce(
+        jnp.logical_and, [jnp.all(jnp.isfinite(v)) for v in [*approx, *reference]], jnp.bool_(True)
+    )
+    return jnp.where(finite, error, jnp.nan)
+
+
 def relative_error(approx: PyTree, reference: PyTree) -> jax.Array:
     """``||approx - reference|| / ||reference||`` over all leaves jointly, in float32.
 
     The norm is the Euclidean norm of every leaf flattened and concatenated; both pytrees must
-    have the same structure and shapes. Both are divided by the largest magnitude in
-    ``reference`` before squaring, so huge gradients (|g| > 1e19, whose squares overflow
-    float32) still give a finite answer. Returns ``inf`` when the reference is zero and the
-    approximation is not, 0 when both are zero, and NaN when either holds a NaN or inf (never a
+    have the same structure and shapes (real dtypes: complex leaves raise ``TypeError``). Every
+    norm is taken after an exact power-of-two rescaling, so huge values (|g| > 1e19, whose
+    squares overflow float32) and tiny ones (whose squares underflow) still give the right
+    answer. Returns ``inf`` when the reference is zero and the approximation is not, 0 when both
+    are zero (also for pytrees without leaves), and NaN when either holds a NaN or inf (never a
     misleading 0).
     """
-    a, r = jax.tree.leaves(approx), jax.tree.leaves(reference)
     if jax.tree.structure(approx) != jax.tree.structure(reference):
         raise ValueError(
             "relative_error: pytrees differ in structure: "
             f"{jax.tree.structure(approx)} vs {jax.tree.structure(reference)}"
         )
     paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(approx)]
-    for path, x, y in zip(paths, a, r, strict=True):
+    leaves = zip(paths, jax.tree.leaves(approx), jax.tree.leaves(reference), strict=True)
+    for path, x, y in leaves:
         if jnp.shape(x) != jnp.shape(y):  # broadcasting would give a meaningless number
             raise ValueError(
                 f"relative_error: leaf {path or '(root)'} has shape {jnp.shape(x)} in approx "
                 f"but {jnp.shape(y)} in reference"
             )
-    f32 = lambda v: jnp.asarray(v, jnp.float32)
-    scale = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(f32(y)), initial=0.0) for y in r])
-    scale = jnp.where(scale > 0, scale, 1.0)
-    diff = sum(jnp.sum(jnp.square((f32(x) - f32(y)) / scale)) for x, y in zip(a, r, strict=True))
-    norm = sum(jnp.sum(jnp.square(f32(y) / scale)) for y in r)
-    finite = functools.reduce(
-        jnp.logical_and, [jnp.all(jnp.isfinite(f32(v))) for v in [*a, *r]], jnp.bool_(True)
+    return _relative_norm(
+        _float32_leaves(approx, "relative_error"), _float32_leaves(reference, "relative_error")
     )
-    error = jnp.where(
-        norm > 0, jnp.sqrt(diff / jnp.where(norm > 0, norm, 1.0)), jnp.where(diff > 0, jnp.inf, 0.0)
-    )
-    return jnp.where(finite, error, jnp.nan)
+
+
+def bitwise_equal(a: PyTree, b: PyTree) -> jax.Array:
+    """Whether two pytrees have the same structure, shapes, dtypes and bit patterns (a boolean
+    scalar; usable under ``jit``).
+
+    Stricter than ``array_equal``: ``+0.0`` and ``-0.0`` differ, and a NaN equals a NaN with the
+    same payload. This is the check behind every "bitwise" claim of revjax.
+    """
+    if jax.tree.structure(a) != jax.tree.structure(b):
+        return jnp.bool_(False)
+    same = [jnp.bool_(True)]
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = jnp.asarray(x), jnp.asarray(y)
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return jnp.bool_(False)
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            bits = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
+            x, y = lax.bitcast_convert_type(x, bits), lax.bitcast_convert_type(y, bits)
+        same.append(jnp.array_equal(x, y))
+    return functools.reduce(jnp.logical_and, same)
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
@@ -73,16 +138,6 @@ def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]
         *("| " + " | ".join(cell(r, k, f) for k, _, f in columns) + " |" for r in rows),
     ]
     return "\n".join(lines)
-
-
-def _signal_and_noise(exact: PyTree, approx: PyTree) -> tuple[jax.Array, jax.Array]:
-    """``(||exact||^2, ||approx - exact||^2)`` over all leaves, with the difference taken in
-    float32 (a bfloat16 difference would itself round)."""
-    f32 = lambda t: [jnp.asarray(v, jnp.float32) for v in jax.tree.leaves(t)]
-    exact, approx = f32(exact), f32(approx)
-    signal = sum(jnp.sum(jnp.square(e)) for e in exact)
-    noise = sum(jnp.sum(jnp.square(a - e)) for a, e in zip(approx, exact, strict=True))
-    return signal, noise
 
 
 def reconstruction_report(
@@ -106,7 +161,11 @@ def reconstruction_report(
         snr_db[l]         = 10 log10(snr[l])
 
     the signal-to-noise ratio of Hascoet et al. ("Reversible designs for extreme memory cost
-    reduction of CNN training"). Norms are over all stream leaves jointly, in float32; the
+    reduction of CNN training"), ``snr = 1 / relative_error^2``. The errors are computed as in
+    :func:`relative_error` (no overflow for huge streams): a NaN or inf anywhere in a layer's
+    exact or reconstructed stream gives NaN there (never a perfect-looking inf SNR), a zero
+    input reconstructed as nonzero gives error inf and SNR 0 (-inf dB). Norms are over all
+    stream leaves jointly, in float32; the
     stream and the block compute in the policy's dtypes (or whatever dtypes the caller gives
     them), so a bfloat16 stream shows its drift here. ``steps[l] = L - l`` counts the inverse
     steps behind ``x_rec_l`` since the last exact restart (the output, or an anchor).
@@ -137,14 +196,20 @@ def reconstruction_report(
         return x_rec, x_rec
 
     _, inputs_rec = lax.scan(backward, y, (params, layers, outputs_exact, aux), reverse=True)
-    signal, noise = jax.vmap(_signal_and_noise)(inputs_exact, inputs_rec)
-    snr = jnp.where(noise > 0, signal / jnp.where(noise > 0, noise, 1.0), jnp.inf)
+    error = jax.vmap(
+        lambda rec, exact: _relative_norm(
+            _float32_leaves(rec, "reconstruction_report"),
+            _float32_leaves(exact, "reconstruction_report"),
+        )
+    )(inputs_rec, inputs_exact)
+    # snr = 1 / error^2 (inf when exact, 0 for a zero input reconstructed as nonzero, NaN when
+    # the reconstruction is NaN or inf); snr_db from the error directly, so it cannot underflow.
     return {
         "layer": layers,
         "steps": every - layers % every,
-        "relative_error": jnp.sqrt(noise / jnp.where(signal > 0, signal, 1.0)),
-        "snr": snr,
-        "snr_db": 10.0 * jnp.log10(snr),
+        "relative_error": error,
+        "snr": 1.0 / jnp.square(error),
+        "snr_db": -20.0 * jnp.log10(error),
     }
 
 
@@ -205,10 +270,7 @@ def compare_gradients(
                 "checkpoint_every": options.get("checkpoint_every"),
                 "param_grad_error": float(relative_error(grads[0], reference[0])),
                 "input_grad_error": float(relative_error(grads[1], reference[1])),
-                "exact": all(
-                    bool(jnp.array_equal(a, b))
-                    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True)
-                ),
+                "exact": bool(bitwise_equal(grads, reference)),
             }
         )
     return rows

@@ -32,7 +32,9 @@ class CompiledMemory:
     @property
     def footprint_bytes(self) -> int:
         """Arguments + outputs + temps - donated (aliased) bytes: the executable's planned peak,
-        what must fit in device memory to run it."""
+        what must fit in device memory to run it. Arrays the function closes over become
+        constants of the executable and appear in none of these fields: pass them as
+        arguments to have them counted."""
         return self.temp_bytes + self.argument_bytes + self.output_bytes - self.alias_bytes
 
 
@@ -63,7 +65,9 @@ def memory_of(compiled: jax.stages.Compiled) -> CompiledMemory:
 
 def device_peak_bytes(device: jax.Device | None = None) -> int | None:
     """``peak_bytes_in_use`` of ``device`` (default: the first device), or None where the
-    backend keeps no allocator statistics (CPU)."""
+    backend keeps no allocator statistics (CPU). It is a high-water mark over the whole life of
+    the process, so to attribute it to one computation run that in a fresh process (as
+    ``benchmarks/bench_transformer.py`` does)."""
     device = device if device is not None else jax.devices()[0]
     stats = device.memory_stats()
     if not stats:

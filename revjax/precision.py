@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -134,10 +135,14 @@ class Policy:
                 f"jax.default_matmul_precision name; choose from {list(_PRECISION_NAMES)}"
             )
         if exact:
-            if isinstance(self.fraction_bits, bool) or not isinstance(self.fraction_bits, int):
+            if isinstance(self.fraction_bits, bool) or not isinstance(
+                self.fraction_bits, numbers.Integral
+            ):
                 raise TypeError(
                     f"Policy.fraction_bits must be an int, got {type(self.fraction_bits).__name__}"
                 )
+            # A NumPy integer becomes a Python int, so equal policies compare and hash equal.
+            object.__setattr__(self, "fraction_bits", int(self.fraction_bits))
             if stream not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
                 raise ValueError(
                     f"Policy: exact mode needs a float32 or float64 stream, got {stream.name} "
@@ -200,8 +205,11 @@ def _round_to_grid_jvp(fraction_bits, primals, tangents):
 
 
 def _max_abs(tree: PyTree) -> jax.Array:
+    """Largest |entry| over all leaves in float32; 0 for empty leaves (a zero-size batch)."""
     return functools.reduce(
-        jnp.maximum, [jnp.max(jnp.abs(leaf)).astype(jnp.float32) for leaf in jax.tree.leaves(tree)]
+        jnp.maximum,
+        [jnp.max(jnp.abs(leaf), initial=0).astype(jnp.float32) for leaf in jax.tree.leaves(tree)],
+        jnp.float32(0.0),
     )
 
 
@@ -343,8 +351,9 @@ def apply_policy(block: Coupling, policy: Policy | None) -> Coupling:
             )
         block = block.map_branches(_branch_wrapper(policy))
     if policy.matmul_precision is not None:
+        precision_only = Policy(matmul_precision=policy.matmul_precision)
         under = lambda fn: _under_matmul_precision(fn, policy.matmul_precision)
-        # map_branches is dropped: rebuilding the branches would lose this wrapper.
+        remap = block.map_branches
         block = block._replace(
             forward=under(block.forward),
             inverse=under(block.inverse),
@@ -352,6 +361,9 @@ def apply_policy(block: Coupling, policy: Policy | None) -> Coupling:
             log_det=under(block.log_det),
             vijp_step=under(block.vijp_step),
             aux=under(block.aux),
-            map_branches=None,
+            # Rebuilding the branches later (a second policy) must keep this precision.
+            map_branches=None
+            if remap is None
+            else lambda wrap: apply_policy(remap(wrap), precision_only),
         )
     return block

@@ -5,7 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from revjax.diagnostics import format_table, reconstruction_report, relative_error
+from revjax.coupling import additive_coupling
+from revjax.diagnostics import (
+    bitwise_equal,
+    format_table,
+    reconstruction_report,
+    relative_error,
+)
 from revjax.models.mlp import init_mlp_stack, mlp_coupling
 
 
@@ -35,6 +41,35 @@ def test_relative_error_of_huge_values_does_not_overflow():
 def test_relative_error_zero_reference():
     assert float(relative_error(jnp.zeros(3), jnp.zeros(3))) == 0.0
     assert float(relative_error(jnp.ones(3), jnp.zeros(3))) == float("inf")
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_relative_error_at_the_float32_extremes(jit):
+    """Near the float32 limits a scale with a subnormal reciprocal (flushed to zero by XLA on
+    CPU), a difference that overflows, or squares that underflow all once gave 0 or inf here.
+    Powers of two are exact, so the expected values hold to float32 rounding."""
+    err = jax.jit(relative_error) if jit else relative_error
+    assert float(err(jnp.array([5e37]), jnp.array([1e38]))) == pytest.approx(0.5, rel=1e-6)
+    assert float(err(jnp.array([-3e38]), jnp.array([3e38]))) == pytest.approx(2.0, rel=1e-6)
+    assert float(err(jnp.array([1e20]), jnp.array([1.0]))) == pytest.approx(1e20, rel=1e-6)
+    assert float(err(jnp.array([1.5e-30]), jnp.array([1e-30]))) == pytest.approx(0.5, rel=1e-5)
+    assert float(err(jnp.array([1e-30]), jnp.zeros(1))) == float("inf")
+
+
+def test_relative_error_edge_inputs():
+    assert float(relative_error((), ())) == 0.0  # no leaves: nothing differs
+    with pytest.raises(TypeError, match="complex leaves"):
+        relative_error(jnp.array([1.0 + 1.0j]), jnp.array([1.0 + 0.0j]))
+
+
+def test_bitwise_equal_compares_bits():
+    x = {"a": jnp.array([1.0, -0.0, jnp.nan]), "b": jnp.arange(3)}
+    assert bool(bitwise_equal(x, x))
+    assert bool(jax.jit(bitwise_equal)(x, x))
+    assert not bool(bitwise_equal({**x, "a": jnp.array([1.0, 0.0, jnp.nan])}, x))  # -0 vs +0
+    assert not bool(bitwise_equal({**x, "b": jnp.arange(3.0)}, x))  # dtype differs
+    assert not bool(bitwise_equal({**x, "b": jnp.array([0, 1, 3])}, x))
+    assert not bool(bitwise_equal((x["a"],), x))  # structure differs
 
 
 def test_relative_error_rejects_different_structures():
@@ -80,3 +115,44 @@ def test_reconstruction_report_restarts_at_anchors():
     anchored = reconstruction_report(*stack, checkpoint_every=4)
     assert [int(s) for s in anchored["steps"][:4]] == [4, 3, 2, 1]
     assert np.min(anchored["snr_db"]) > np.min(free["snr_db"]) + 5.0
+
+
+def _identity_stack(depth: int, scale: float):
+    """A parameter-free coupling stack (f = g = 0) fed ``scale * x``: exact reconstruction."""
+    zero = lambda p, v: jnp.zeros_like(v)
+    params = (jnp.zeros((depth, 1)), jnp.zeros((depth, 1)))  # (params_f, params_g)
+    x = (scale * jnp.ones((4, 8)), scale * jnp.ones((4, 8)))
+    return additive_coupling(zero, zero), params, x
+
+
+def test_reconstruction_report_flags_non_finite_layers():
+    """A NaN in the stream once read as a perfect reconstruction (SNR inf); now it is NaN."""
+    block, params, x = _identity_stack(3, 1.0)
+    report = reconstruction_report(block, params, (x[0].at[0, 0].set(jnp.nan), x[1]))
+    for key in ("relative_error", "snr", "snr_db"):
+        assert np.all(np.isnan(np.asarray(report[key]))), key
+
+
+def test_reconstruction_report_of_huge_streams_does_not_overflow():
+    """Squares of 1e30 overflow float32; an exact reconstruction must stay exact (error 0, SNR
+    inf), and a broken one must show its true error, not 0."""
+    block, params, x = _identity_stack(3, 1e30)
+    report = reconstruction_report(block, params, x)
+    np.testing.assert_array_equal(np.asarray(report["relative_error"]), 0.0)
+    assert np.all(np.isinf(np.asarray(report["snr_db"])))
+    drifting = block._replace(inverse=lambda p, y: jax.tree.map(lambda v: 1.001 * v, y))
+    report = reconstruction_report(drifting, params, x)
+    # Layer L-1 is one inverse step from the output: error 1.001 - 1, in float32.
+    assert float(report["relative_error"][-1]) == pytest.approx(1e-3, rel=1e-3)
+    assert float(report["snr_db"][-1]) == pytest.approx(60.0, rel=1e-3)
+
+
+def test_reconstruction_report_zero_input_reconstructed_as_nonzero():
+    """A zero input whose reconstruction is nonzero: error inf and SNR 0, consistently (the
+    error was once the absolute error, contradicting the SNR)."""
+    block, params, x = _identity_stack(2, 0.0)
+    shifted = block._replace(inverse=lambda p, y: jax.tree.map(lambda v: v + 1.0, y))
+    report = reconstruction_report(shifted, params, x)
+    assert np.all(np.isinf(np.asarray(report["relative_error"])))
+    np.testing.assert_array_equal(np.asarray(report["snr"]), 0.0)
+    assert np.all(np.asarray(report["snr_db"]) == -np.inf)

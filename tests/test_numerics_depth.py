@@ -25,6 +25,20 @@ def test_failures_are_classified_and_other_errors_are_not():
     assert bench.failure(ValueError("shapes do not match")) is None
 
 
+def test_stream_peak_sees_a_peak_in_the_middle_of_the_stack():
+    """Exact mode's grid must hold every layer's stream, not just the output: a stack whose
+    layer 0 adds 1000 and layer 1 subtracts it ends near the input but peaks at 1000."""
+    import jax.numpy as jnp
+
+    from revjax.coupling import additive_coupling
+
+    shift = lambda p, v: jnp.broadcast_to(p, v.shape).astype(v.dtype)
+    block = additive_coupling(shift, lambda p, v: jnp.zeros_like(v))
+    params = (jnp.array([[1000.0], [-1000.0]]), jnp.zeros((2, 1)))
+    x = (jnp.ones((2, 4)), jnp.ones((2, 4)))
+    assert bench.stream_peak(block, params, x) == pytest.approx(1001.0)
+
+
 def test_finest_exact_policy_guards_non_finite_peaks():
     assert bench.finest_exact_policy(math.inf) is None
     assert bench.finest_exact_policy(math.nan) is None

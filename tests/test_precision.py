@@ -135,6 +135,28 @@ def test_matmul_precision_applies_to_forward_and_backward():
         assert all(p == highest for p in fwd_p + bwd_p) == expect_all_highest
 
 
+def _dot_input_dtypes(jaxpr):
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found += [v.aval.dtype for v in eqn.invars]
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _dot_input_dtypes(sub)
+    return found
+
+
+def test_a_second_policy_keeps_the_first_policys_matmul_precision():
+    """A block that already carries a matmul precision can take a compute dtype afterwards (it
+    once raised a misleading "no map_branches" error) and keeps both."""
+    block, params, x = small_stack()
+    precise = apply_policy(block, Policy(matmul_precision="highest"))
+    both = apply_policy(precise, Policy(compute_dtype=jnp.bfloat16))
+    jaxpr = jax.make_jaxpr(both.forward)(jax.tree.map(lambda a: a[0], params), x).jaxpr
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    assert _dot_precisions(jaxpr) == [highest] * 4
+    assert set(_dot_input_dtypes(jaxpr)) == {jnp.dtype(jnp.bfloat16)}
+
+
 def test_hand_written_coupling_cannot_take_a_compute_dtype():
     block, params, x = small_stack()
     generic = Coupling(block.forward, block.inverse)
@@ -220,6 +242,15 @@ def _constant_push(depth, push):
     f = lambda c, h: jnp.full_like(h, c)
     g = lambda c, h: jnp.zeros_like(h)
     return rj.additive_coupling(f, g), (jnp.full((depth,), push), jnp.zeros((depth,)))
+
+
+def test_exact_mode_takes_numpy_integers_and_empty_batches():
+    assert exact_policy(np.int64(12)) == exact_policy(12)
+    assert type(exact_policy(np.int32(12)).fraction_bits) is int
+    block, params, x = small_stack()
+    empty = jax.tree.map(lambda v: v[:0], x)  # zero-size batch once crashed the range check
+    y = rj.reversible_scan(block, params, empty, policy=exact_policy(12))
+    assert [v.shape for v in y] == [(0, 8), (0, 8)]
 
 
 @pytest.mark.parametrize("scan", ["reversible", "plain", "grad"])
