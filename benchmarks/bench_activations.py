@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     timed = jax.default_backend() != "cpu"
     rows = []
     for name, (activation, policy) in VARIANTS.items():
-        fn = jax.jit(jax.grad(residual_mlp_loss(activation, policy=policy)))
+        fn = jax.jit(jax.grad(residual_mlp_loss(activation, checkpoint_policy=policy)))
         rows.append(
             {
                 "variant": name,

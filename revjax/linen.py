@@ -18,6 +18,7 @@ twice per step by the reconstruction, so :func:`init_linen_stack` refuses them.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
@@ -55,8 +56,9 @@ def init_linen_stack(
       ValueError: ``depth`` is not a positive int.
       TypeError: a branch has variable collections other than ``"params"``.
     """
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1:
         raise ValueError(f"init_linen_stack: depth must be a positive int, got {depth!r}")
+    depth = int(depth)
     x1, x2 = x
 
     def init_layer(layer_key):

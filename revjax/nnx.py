@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,7 +55,7 @@ from flax import nnx, serialization
 
 from revjax.coupling import Coupling, additive_coupling
 from revjax.precision import Policy
-from revjax.scan import inverse_scan, plain_scan, reversible_scan
+from revjax.scan import anchor_interval, inverse_scan, plain_scan, reversible_scan
 
 PyTree = Any
 Key = Any
@@ -293,8 +294,10 @@ class Stack(nnx.Module):
       method: ``"reversible"`` (default; no stored activations), ``"backprop"`` (plain
         ``lax.scan``, the non-reversible twin with the same parameters and dropout masks) or
         ``"checkpoint"`` (``jax.checkpoint`` per block).
-      deterministic: set by ``model.eval()`` / ``model.train()``. When True the stack runs a
-        plain forward scan (inference needs no reconstruction).
+      deterministic: set by ``model.eval()`` / ``model.train()`` (dropout off in eval mode). It
+        does not change ``method``: a gradient taken in eval mode (fine-tuning without dropout,
+        saliency maps) still stores no per-block activations. A forward pass costs the same
+        either way, since ``reversible_scan`` only differs under differentiation.
       checkpoint_every, policy: passed to :func:`revjax.reversible_scan` (anchors, precision).
 
     Raises:
@@ -320,11 +323,21 @@ class Stack(nnx.Module):
                 f"revjax.nnx.Stack: {getattr(block, '__name__', block)!r} is not a reversible "
                 "block; decorate the class with @revjax.nnx.reversible"
             )
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1:
             raise ValueError(
                 f"revjax.nnx.Stack({block.__name__}): depth must be a positive int, got {depth!r}"
             )
+        depth = int(depth)
         _check_method(method)
+        try:  # refuse a bad anchor interval now, not at the first call
+            anchor_interval(depth, checkpoint_every)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"revjax.nnx.Stack({block.__name__}): {err}") from None
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(
+                f"revjax.nnx.Stack({block.__name__}): policy must be a revjax.precision.Policy "
+                f"or None, got {type(policy).__name__}"
+            )
 
         @nnx.split_rngs(splits=depth)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
@@ -387,7 +400,7 @@ class Stack(nnx.Module):
             key = self.rngs() if draws_random(block, params, x) else jax.random.key(0)
         options = dict(key=key, policy=self.policy)
         with _named(f"Stack({type(self.blocks).__name__})"):
-            if self.deterministic or self.method == "backprop":
+            if self.method == "backprop":
                 return plain_scan(block, params, x, **options)
             if self.method == "checkpoint":
                 return plain_scan(block, params, x, remat=True, **options)

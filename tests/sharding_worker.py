@@ -278,13 +278,39 @@ def check_transformer() -> dict:
 
         hlo = jax.jit(pure_grad).lower(state, sharded_tokens).compile().as_text()
     leaves = lambda tree: [np.ravel(a) for a in jax.tree.leaves(jax.device_get(tree))]
-    got, want = np.concatenate(leaves(grads)), np.concatenate(leaves(reference))
+    joint = lambda a, b: float(
+        np.linalg.norm(np.concatenate(leaves(a)) - np.concatenate(leaves(b)))
+        / np.linalg.norm(np.concatenate(leaves(b)))
+    )
+    # Data parallel on an Explicit mesh (jax.make_mesh's default axis type): the embedding
+    # gather once failed there for want of an out_sharding.
+    explicit = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(explicit):
+        model_dp = ReversibleTransformer(256, 32, 3, 4, 16, dropout=0.1, rngs=nnx.Rngs(0))
+        explicit_tokens = jax.device_put(tokens, NamedSharding(explicit, P("data")))
+        explicit_grads = grad(model_dp, explicit_tokens, key)
+    reference_dp = grad(
+        ReversibleTransformer(256, 32, 3, 4, 16, dropout=0.1, rngs=nnx.Rngs(0)), tokens, key
+    )
+    # Tensor parallelism that cannot shard is refused at construction, not silently replicated.
+    refusals = {}
+    uneven = jax.make_mesh((1, 8), ("data", "model"), axis_types=AUTO)
+    explicit_tp = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    for name, mesh_, dim in (("uneven", uneven, 20), ("explicit", explicit_tp, 32)):
+        try:
+            with jax.set_mesh(mesh_):
+                ReversibleTransformer(256, dim, 1, 4, 16, tensor_parallel="model", rngs=nnx.Rngs(0))
+            refusals[name] = None
+        except ValueError as err:
+            refusals[name] = str(err)
     return {
         "grad_error": relative_error(grads, reference),
-        "joint_grad_error": float(np.linalg.norm(got - want) / np.linalg.norm(want)),
+        "joint_grad_error": joint(grads, reference),
         "grads_like_params": same_shardings(grads, params),
         "hidden_sharded": sum("model" in s for s in specs(params)),
         "collectives": collectives(hlo),
+        "explicit_data_joint_grad_error": joint(explicit_grads, reference_dp),
+        "refusals": refusals,
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import linen as nn
 
@@ -67,3 +68,5 @@ def test_mutable_collections_and_bad_depth_are_refused():
         init_linen_stack(Normed(), Branch(), jax.random.key(0), 2, x)
     with pytest.raises(ValueError, match="depth must be a positive int"):
         init_linen_stack(Branch(), Branch(), jax.random.key(0), 0, x)
+    variables = init_linen_stack(Branch(), Branch(), jax.random.key(0), np.int64(2), x)
+    assert {leaf.shape[0] for leaf in jax.tree.leaves(variables)} == {2}

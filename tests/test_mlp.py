@@ -3,8 +3,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from revjax.models.mlp import init_mlp
+from revjax.models.mlp import init_mlp, init_mlp_stack, mlp, mlp_coupling
 
 
 def test_bfloat16_weights_are_drawn_in_float32_then_cast():
@@ -19,3 +20,13 @@ def test_bfloat16_weights_are_drawn_in_float32_then_cast():
     assert len(np.unique(w)) > 1000
     np.testing.assert_array_equal(bf16["w1"], f32["w1"].astype(jnp.bfloat16))
     assert np.abs(w).max() / w.std() > 3.5  # a 65536-sample Gaussian reaches about 4.4 sigma
+
+
+@pytest.mark.parametrize("rate", [1.0, 1.5, -0.5])
+def test_dropout_rate_outside_zero_one_is_refused(rate):
+    """Rate 1 once gave NaN gradients (0/0), 1.5 acted as 1, -0.5 silently disabled dropout."""
+    with pytest.raises(ValueError, match=f"dropout rate must lie in \\[0, 1\\), got {rate}"):
+        mlp_coupling(rate)
+    params = jax.tree.map(lambda a: a[0], init_mlp_stack(jax.random.key(0), 1, 4, 8)[0])
+    with pytest.raises(ValueError, match="mlp: dropout rate"):
+        mlp(params, jnp.ones((2, 4)), jax.random.key(1), dropout=rate)

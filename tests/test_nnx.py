@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import revjax.nnx as rnnx
+from revjax.memory import compiled_memory
 from revjax.precision import Policy
 
 DIM, DEPTH, BATCH = 8, 5, 6
@@ -229,7 +230,7 @@ def test_any_random_branch_gets_fresh_draws_and_replays_with_a_key(branch):
     assert not rnnx.draws_random(*make_stack(0.0).coupling(), x)
 
 
-def test_eval_mode_runs_a_plain_forward_without_dropout():
+def test_eval_mode_turns_dropout_off_and_keeps_the_method():
     stack, x = make_stack(0.5), inputs()
     stack.eval()
     count = int(stack.rngs.count[...])
@@ -238,11 +239,32 @@ def test_eval_mode_runs_a_plain_forward_without_dropout():
     assert stack.deterministic and stack.blocks.f.dropout.deterministic
     y_a, y_b = stack(x, key=jax.random.key(0)), stack(x, key=jax.random.key(1))
     np.testing.assert_array_equal(y_a[0], y_b[0])  # dropout is off
-    jaxpr = str(jax.make_jaxpr(lambda x: stack(x, key=jax.random.key(0)))(x))
-    assert "custom_vjp" not in jaxpr  # no reversible machinery at inference
-    stack.train()
+    # Eval mode once ran a plain scan: a gradient taken in eval mode (fine-tuning without
+    # dropout) silently stored every block's activations. The method is kept.
     jaxpr = str(jax.make_jaxpr(lambda x: stack(x, key=jax.random.key(0)))(x))
     assert "custom_vjp" in jaxpr
+    twin = nnx.view(stack, method="backprop")
+    grads = nnx.grad(loss_of)(stack, x, None)
+    assert max_relative_error(grads, nnx.grad(loss_of)(twin, x, None)) <= 1e-5
+
+
+def test_eval_mode_gradient_memory_is_flat_in_depth():
+    """The compiled temp memory of an eval-mode gradient, at L = 2 and L = 16."""
+
+    def temp_mib(depth: int, method: str) -> float:
+        stack = nnx.view(make_stack(0.5, depth=depth), deterministic=True, method=method)
+        graphdef, state = nnx.split(stack)
+        x = (jax.ShapeDtypeStruct((512, DIM), jnp.float32),) * 2
+
+        def grad(state, x):
+            return nnx.grad(loss_of)(nnx.merge(graphdef, state), x, None)
+
+        return compiled_memory(grad, state, x).temp_mib
+
+    reversible = [temp_mib(depth, "reversible") for depth in (2, 16)]
+    twin = [temp_mib(depth, "backprop") for depth in (2, 16)]
+    assert reversible[1] <= 1.2 * reversible[0]  # parameter-sized growth only
+    assert twin[1] > 3 * twin[0]  # the plain scan stores every block's activations
 
 
 def test_save_and_restore_state(tmp_path):
@@ -292,6 +314,15 @@ def test_branch_changing_the_half_shape_names_block_and_branch():
 def test_bad_depth(depth):
     with pytest.raises(ValueError, match="depth must be a positive int"):
         rnnx.Stack(Block, depth, DIM, rngs=nnx.Rngs(0))
+
+
+def test_numpy_depth_and_bad_options_at_construction():
+    assert rnnx.Stack(Block, np.int64(2), DIM, rngs=nnx.Rngs(0)).depth == 2
+    # A bad anchor interval or policy is refused when the stack is built, not at its first call.
+    with pytest.raises(ValueError, match=r"Stack\(Block\): checkpoint_every=3 .* L=4"):
+        rnnx.Stack(Block, 4, DIM, checkpoint_every=3, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"Stack\(Block\): policy must be a .*Policy"):
+        rnnx.Stack(Block, 4, DIM, policy="bfloat16", rngs=nnx.Rngs(0))
 
 
 def test_batch_norm_state_is_refused_with_its_path():

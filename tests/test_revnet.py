@@ -128,3 +128,23 @@ def test_checkpointed_twin_matches_backprop_with_less_memory():
     assert compiled_memory(remat, params).temp_bytes < compiled_memory(plain, params).temp_bytes
     with pytest.raises(ValueError, match="checkpoint=True applies to the plain twin"):
         revnet_logits(params, x, checkpoint=True)
+
+
+def test_bad_inputs_are_refused_with_the_expected_values():
+    """Each case once failed deep inside a convolution (or reported an intermediate shape)."""
+    params = init_revnet(jax.random.key(0), stages=2, blocks=1, hidden=4)
+    x = jnp.zeros((2, 8, 8, 1))
+    with pytest.raises(ValueError, match=r"\(N, H, W, C\) images, got shape \(8, 8, 1\)"):
+        revnet_features(params, x[0])
+    with pytest.raises(ValueError, match="H=6 and W=6 must be divisible by 2\\^stages = 4"):
+        revnet_features(params, jnp.zeros((2, 6, 6, 1)))
+    with pytest.raises(ValueError, match=r"x has 3 channels but .* in_channels=1"):
+        revnet_logits(params, jnp.zeros((2, 8, 8, 3)))
+    with pytest.raises(TypeError, match="x is bfloat16 but the parameters are float32"):
+        revnet_features(params, x.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match=r'stage 1 .* built with downsample="squeeze"'):
+        revnet_features(params, x, downsample="batch_pool")
+    pooled = init_revnet(jax.random.key(0), stages=2, blocks=1, hidden=4, downsample="batch_pool")
+    with pytest.raises(ValueError, match=r'stage 1 .* built with downsample="batch_pool"'):
+        revnet_features(pooled, x)
+    assert revnet_features(pooled, x, downsample="batch_pool").shape == (8, 2, 2, 4)

@@ -104,6 +104,13 @@ def test_reversible_transformer_tensor_and_data_parallel(results):
     assert_no_gathers(run["collectives"])
 
 
+def test_reversible_transformer_on_an_explicit_mesh_and_refused_layouts(results):
+    run = results["transformer"]
+    assert run["explicit_data_joint_grad_error"] <= 1e-5
+    assert "dim=20 not divisible by the size 8 of mesh axis 'model'" in run["refusals"]["uneven"]
+    assert "AxisType.Explicit axis" in run["refusals"]["explicit"]
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("method", ["moonwalk", "mixed_moonwalk", "revbackprop"])
 def test_moonwalk_methods_sharded(results, layout, method):

@@ -66,6 +66,23 @@ def test_bad_sizes():
         small_model()(tokens(1, 40))
 
 
+def test_more_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="heads must be a positive int, got 0"):
+        ReversibleTransformer(256, 32, 2, 0, 16, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"dropout rate must lie in \[0, 1\), got -0.5"):
+        ReversibleTransformer(256, 32, 2, 4, 16, dropout=-0.5, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="vocab_size must be a positive int"):
+        ReversibleTransformer(0, 32, 2, 4, 16, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"T >= 2, got \(2, 1\)"):
+        next_token_loss(small_model(), tokens(2, 1))  # once a silent NaN
+
+
+def test_no_dropout_needs_no_dropout_stream():
+    """Without dropout the model builds from a params stream alone (once a KeyError)."""
+    model = ReversibleTransformer(256, 32, 2, 4, 16, rngs=nnx.Rngs(params=0))
+    assert model(tokens(2, 8)).shape == (2, 8, 256)
+
+
 def training_step_temp_mib(depth: int, method: str) -> float:
     """Compiled temp memory of one AdamW training step (forward, gradient, update)."""
     batch, length = 8, 512  # activations (attention scores) dominate the per-layer parameters

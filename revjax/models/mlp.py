@@ -18,9 +18,19 @@ from revjax.coupling import Coupling, additive_coupling
 MLPParams = dict[str, jax.Array]
 
 
+def _check_dropout(rate: float, where: str) -> None:
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{where}: dropout rate must lie in [0, 1), got {rate!r}")
+
+
 def mlp(params: MLPParams, h: jax.Array, key: jax.Array | None = None, *, dropout: float = 0.0):
     """``gelu(h @ w1 + b1) @ w2 + b2``; with a key, inverted dropout at rate ``dropout`` on the
-    hidden units. Shapes: ``h (..., width)``, ``w1 (width, hidden)``, ``w2 (hidden, width)``."""
+    hidden units. Shapes: ``h (..., width)``, ``w1 (width, hidden)``, ``w2 (hidden, width)``.
+
+    Raises:
+      ValueError: ``dropout`` outside ``[0, 1)`` (rate 1 would divide by zero).
+    """
+    _check_dropout(dropout, "mlp")
     z = jax.nn.gelu(h @ params["w1"] + params["b1"])
     if key is not None and dropout > 0.0:
         keep = jax.random.bernoulli(key, 1.0 - dropout, z.shape)
@@ -29,7 +39,12 @@ def mlp(params: MLPParams, h: jax.Array, key: jax.Array | None = None, *, dropou
 
 
 def mlp_coupling(dropout: float = 0.0) -> Coupling:
-    """Additive coupling with MLP branches f and g (optionally with dropout when given a key)."""
+    """Additive coupling with MLP branches f and g (optionally with dropout when given a key).
+
+    Raises:
+      ValueError: ``dropout`` outside ``[0, 1)``.
+    """
+    _check_dropout(dropout, "mlp_coupling")
 
     def branch(p, h, key=None):
         return mlp(p, h, key, dropout=dropout)
@@ -91,11 +106,13 @@ def init_mlp_stack(
     )
 
 
-def residual_mlp_loss(activation: Any = jax.nn.gelu, *, policy: Any = None):
+def residual_mlp_loss(activation: Any = jax.nn.gelu, *, checkpoint_policy: Any = None):
     """``loss(params, x) = sum(y^2)`` of a ``lax.scan`` stack of residual MLP blocks
     ``h + activation(h @ w1 + b1) @ w2 + b2`` (params as from :func:`init_mlp`), each block
-    optionally wrapped in ``jax.checkpoint(policy=policy)``. A non-reversible baseline stack for
+    optionally wrapped in ``jax.checkpoint(policy=checkpoint_policy)`` (a
+    ``jax.checkpoint_policies`` rule, not a precision Policy). A non-reversible baseline stack for
     comparing activations and checkpoint policies."""
+    policy = checkpoint_policy
 
     def block(h, p):
         return h + activation(h @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]

@@ -106,6 +106,44 @@ def _check_downsample(downsample: str) -> None:
         )
 
 
+def _check_input(params: dict[str, Any], x: jax.Array, downsample: str, where: str) -> None:
+    """Refuses, naming the stage and the expected and actual values, an input the trunk cannot
+    take: not ``(N, H, W, C)``, H or W not divisible by ``2^stages``, channels or dtype other
+    than the parameters', or parameters built for the other ``downsample``."""
+    if jnp.ndim(x) != 4:
+        raise ValueError(f"{where}: x must be (N, H, W, C) images, got shape {jnp.shape(x)}")
+    stages = params["stages"]
+    _, height, width, channels = x.shape
+    factor = 2 ** len(stages)
+    if height % factor or width % factor:
+        raise ValueError(
+            f"{where}: H={height} and W={width} must be divisible by 2^stages = {factor} "
+            f"({len(stages)} stages, each halving H and W)"
+        )
+    for s, (params_f, _) in enumerate(stages):
+        if s == 0 or downsample == "squeeze":
+            channels *= 4
+        half = params_f["w1"].shape[-2]  # (blocks, 3, 3, C / 2, hidden)
+        if 2 * half != channels:
+            if s == 0:
+                raise ValueError(
+                    f"{where}: x has {x.shape[-1]} channels but the parameters were built for "
+                    f"in_channels={half // 2} (stage 0 couples {2 * half} squeezed channels)"
+                )
+            other = "batch_pool" if downsample == "squeeze" else "squeeze"
+            raise ValueError(
+                f"{where}: stage {s} parameters couple {2 * half} channels but "
+                f'downsample="{downsample}" gives {channels}; were they built with '
+                f'downsample="{other}"? Pass the same downsample to init_revnet and here'
+            )
+    dtype = params_f["w1"].dtype
+    if x.dtype != dtype:
+        raise TypeError(
+            f"{where}: x is {x.dtype} but the parameters are {dtype}; cast one to the other "
+            f"(e.g. x.astype({dtype.name}))"
+        )
+
+
 def _downsampler(stage: int, downsample: str) -> Coupling:
     return _SQUEEZE if stage == 0 else _DOWNSAMPLE[downsample]
 
@@ -176,17 +214,20 @@ def revnet_features(
     ``jax.checkpoint`` (per-layer rematerialisation, the usual memory baseline).
 
     Raises:
-      ValueError: H or W not divisible by ``2^stages``, an unknown ``downsample``, or
-        ``across_stages`` / ``checkpoint`` with the wrong ``reversible``.
+      ValueError: x not ``(N, H, W, C)``, H or W not divisible by ``2^stages``, C other than the
+        parameters' ``in_channels``, parameters built for another ``downsample``, an unknown
+        ``downsample``, or ``across_stages`` / ``checkpoint`` with the wrong ``reversible``.
+      TypeError: x's dtype differs from the parameters'.
     """
     _check_downsample(downsample)
     if checkpoint and reversible:
         raise ValueError(
             "revnet_features: checkpoint=True applies to the plain twin; pass reversible=False"
         )
+    if across_stages and not reversible:
+        raise ValueError("revnet_features: across_stages=True needs reversible=True")
+    _check_input(params, x, downsample, "revnet_features")
     if across_stages:
-        if not reversible:
-            raise ValueError("revnet_features: across_stages=True needs reversible=True")
         return _reversible_trunk(downsample, params, x)
     if reversible:
         return _trunk_forward(downsample, params, x, reversible_scan)

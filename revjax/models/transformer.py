@@ -16,9 +16,13 @@ The twin with identical parameters is the same model with the stack's method swi
 
 from __future__ import annotations
 
+import numbers
+
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from revjax.nnx import Method, Stack, reversible
 from revjax.precision import Policy
@@ -43,6 +47,59 @@ def _linear(
     )
 
 
+def _check_rate(rate: float, where: str) -> None:
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{where}: dropout rate must lie in [0, 1), got {rate!r}")
+
+
+def _dropout(rate: float, where: str, rngs: nnx.Rngs) -> nnx.Dropout:
+    """``nnx.Dropout(rate)``; the RNG stream is only requested when ``rate > 0``, so a model
+    without dropout can be built from ``nnx.Rngs(params=...)`` alone."""
+    _check_rate(rate, where)
+    return nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
+
+
+def _check_tensor_parallel(axis: str | None, sizes: dict[str, int], where: str) -> None:
+    """Under a mesh (``jax.set_mesh``), the ``axis`` must exist, be an ``AxisType.Auto`` axis
+    (an Explicit one needs ``out_sharding`` in every sharded matmul) and divide every sharded
+    feature size; otherwise partitioning would fail later or silently replicate the weights."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if axis is None or mesh.empty:
+        return
+    if axis not in mesh.axis_names:
+        raise ValueError(
+            f"{where}: tensor_parallel={axis!r} is not an axis of the mesh {dict(mesh.shape)}"
+        )
+    if dict(zip(mesh.axis_names, mesh.axis_types, strict=True))[axis] != AxisType.Auto:
+        raise ValueError(
+            f"{where}: tensor_parallel={axis!r} is an AxisType.Explicit axis; the sharded "
+            "matmuls would need out_sharding annotations: use AxisType.Auto for this axis "
+            "(data-parallel Explicit axes are fine)"
+        )
+    size = mesh.shape[axis]
+    bad = {name: n for name, n in sizes.items() if n % size}
+    if bad:
+        raise ValueError(
+            f"{where}: {', '.join(f'{k}={v}' for k, v in bad.items())} not divisible by the "
+            f"size {size} of mesh axis {axis!r}; those weights would be silently replicated"
+        )
+
+
+def _embedding_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``table[tokens]``: ``(V, D)``, ``(..., T) int -> (..., T, D)``. Ids outside ``[0, V)``
+    give NaN rows (JAX's ``fill`` gather), which the loss then shows.
+
+    On a mesh with ``AxisType.Explicit`` axes the tokens' sharding is part of their type and a
+    gather's output sharding must be named: it is the tokens' spec plus an unsharded feature
+    axis (data parallelism). Elsewhere this is ``jnp.take``, as in ``nnx.Embed``.
+    """
+    sharding = jax.typeof(tokens).sharding
+    if all(axis is None for axis in sharding.spec):
+        return jnp.take(table, tokens, axis=0)
+    out = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec, None))
+    return table.at[tokens].get(out_sharding=out, mode="fill", fill_value=jnp.nan)
+
+
 class CausalSelfAttention(nnx.Module):
     """``x (B, T, D) -> Dropout(W_o softmax(Q K^T / sqrt(D/H) + causal mask) V)``, with
     ``Q, K, V = LN(x) W_q, LN(x) W_k, LN(x) W_v`` split into ``H`` heads.
@@ -60,15 +117,18 @@ class CausalSelfAttention(nnx.Module):
         tensor_parallel: str | None = None,
         rngs: nnx.Rngs,
     ):
+        if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
+            raise ValueError(f"CausalSelfAttention: heads must be a positive int, got {heads!r}")
         if dim % heads:
             raise ValueError(f"CausalSelfAttention: dim={dim} is not divisible by heads={heads}")
+        _check_tensor_parallel(tensor_parallel, {"dim": dim}, "CausalSelfAttention")
         self.heads = heads
         self.norm = nnx.LayerNorm(dim, rngs=rngs)
         self.q = _linear(dim, dim, "out", tensor_parallel, rngs, bias=False)
         self.k = _linear(dim, dim, "out", tensor_parallel, rngs, bias=False)
         self.v = _linear(dim, dim, "out", tensor_parallel, rngs, bias=False)
         self.out = _linear(dim, dim, "in", tensor_parallel, rngs, bias=False)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = _dropout(dropout, "CausalSelfAttention", rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         *batch, length, dim = x.shape
@@ -92,10 +152,11 @@ class FeedForward(nnx.Module):
         tensor_parallel: str | None = None,
         rngs: nnx.Rngs,
     ):
+        _check_tensor_parallel(tensor_parallel, {"hidden": hidden}, "FeedForward")
         self.norm = nnx.LayerNorm(dim, rngs=rngs)
         self.up = _linear(dim, hidden, "out", tensor_parallel, rngs)
         self.down = _linear(hidden, dim, "in", tensor_parallel, rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = _dropout(dropout, "FeedForward", rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.dropout(self.down(jax.nn.gelu(self.up(self.norm(x)))))
@@ -149,6 +210,12 @@ class ReversibleTransformer(nnx.Module):
         tensor_parallel: str | None = None,
         rngs: nnx.Rngs,
     ):
+        for name, value in (("vocab_size", vocab_size), ("dim", dim), ("max_len", max_len)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(
+                    f"ReversibleTransformer: {name} must be a positive int, got {value!r}"
+                )
+        _check_rate(dropout, "ReversibleTransformer")
         self.max_len = max_len
         self.embed = nnx.Embed(vocab_size, dim, rngs=rngs)
         self.position = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, dim)))
@@ -174,7 +241,7 @@ class ReversibleTransformer(nnx.Module):
             raise ValueError(
                 f"ReversibleTransformer: sequence length {length} exceeds max_len={self.max_len}"
             )
-        h = self.embed(tokens) + self.position[...][:length]
+        h = _embedding_lookup(self.embed.embedding[...], tokens) + self.position[...][:length]
         y1, y2 = self.stack((h, h), key=key)
         return self.head(self.norm((y1 + y2) / 2))
 
@@ -182,6 +249,12 @@ class ReversibleTransformer(nnx.Module):
 def next_token_loss(
     model: ReversibleTransformer, tokens: jax.Array, key: jax.Array | None = None
 ) -> jax.Array:
-    """Mean cross-entropy (nats) of predicting ``tokens[:, t + 1]`` from ``tokens[:, :t + 1]``."""
+    """Mean cross-entropy (nats) of predicting ``tokens[:, t + 1]`` from ``tokens[:, :t + 1]``.
+
+    ``tokens (B, T)`` with ``T >= 2`` (one input and one target at least)."""
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(
+            f"next_token_loss: tokens must have shape (batch, T) with T >= 2, got {tokens.shape}"
+        )
     logits = model(tokens[:, :-1], key=key)
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
