@@ -119,7 +119,9 @@ def bitwise_equal(a: PyTree, b: PyTree) -> jax.Array:
         x, y = jnp.asarray(x), jnp.asarray(y)
         if x.shape != y.shape or x.dtype != y.dtype:
             return jnp.bool_(False)
-        if jnp.issubdtype(x.dtype, jnp.inexact):
+        if jnp.issubdtype(x.dtype, jnp.complexfloating):  # compare both parts' bits
+            x, y = jnp.stack([x.real, x.imag]), jnp.stack([y.real, y.imag])
+        if jnp.issubdtype(x.dtype, jnp.floating):
             bits = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
             x, y = lax.bitcast_convert_type(x, bits), lax.bitcast_convert_type(y, bits)
         same.append(jnp.array_equal(x, y))

@@ -438,7 +438,13 @@ def _named(where: str):
     except (ValueError, TypeError) as err:
         if type(err) not in (ValueError, TypeError):  # JAX's own subclasses: leave untouched
             raise
-        raise type(err)(f"{where}: {err}") from err
+        hint = ""
+        if "forward-mode" in str(err):
+            hint = (
+                "; reversible_scan has a custom reverse-mode rule only: for jvp/jacfwd use "
+                'nnx.view(model, method="backprop") (the twin with the same parameters)'
+            )
+        raise type(err)(f"{where}: {err}{hint}") from err
 
 
 def _check_method(method: Any) -> None:

@@ -70,6 +70,9 @@ def test_bitwise_equal_compares_bits():
     assert not bool(bitwise_equal({**x, "b": jnp.arange(3.0)}, x))  # dtype differs
     assert not bool(bitwise_equal({**x, "b": jnp.array([0, 1, 3])}, x))
     assert not bool(bitwise_equal((x["a"],), x))  # structure differs
+    z = jnp.array([1.0 + 0.0j])
+    assert bool(bitwise_equal(z, z))
+    assert not bool(bitwise_equal(z, jnp.array([complex(1.0, -0.0)])))  # imaginary -0 vs +0
 
 
 def test_relative_error_rejects_different_structures():

@@ -248,6 +248,18 @@ def test_eval_mode_turns_dropout_off_and_keeps_the_method():
     assert max_relative_error(grads, nnx.grad(loss_of)(twin, x, None)) <= 1e-5
 
 
+def test_forward_mode_in_eval_mode_points_to_the_twin():
+    """Eval mode keeps the reversible method, whose custom_vjp has no forward-mode rule: the
+    error says which view supports jvp, and that view does."""
+    stack, x = make_stack(0.5), inputs()
+    stack.eval()
+    with pytest.raises(TypeError, match=r'forward-mode.*nnx\.view\(model, method="backprop"\)'):
+        jax.jvp(lambda v: stack(v), (x,), (x,))
+    twin = nnx.view(stack, method="backprop")
+    _, tangent = jax.jvp(lambda v: twin(v), (x,), (x,))
+    assert tangent[0].shape == x[0].shape
+
+
 def test_eval_mode_gradient_memory_is_flat_in_depth():
     """The compiled temp memory of an eval-mode gradient, at L = 2 and L = 16."""
 

@@ -148,3 +148,7 @@ def test_bad_inputs_are_refused_with_the_expected_values():
     with pytest.raises(ValueError, match=r'stage 1 .* built with downsample="batch_pool"'):
         revnet_features(pooled, x)
     assert revnet_features(pooled, x, downsample="batch_pool").shape == (8, 2, 2, 4)
+    # Accepted as before: NumPy float64 (float32 without x64) and a trunk without stages.
+    assert revnet_logits(params, np.ones((2, 8, 8, 1))).shape == (2, 10)
+    flat = init_revnet(jax.random.key(0), stages=0, in_channels=3)
+    assert revnet_logits(flat, jnp.ones((2, 8, 8, 3))).shape == (2, 10)

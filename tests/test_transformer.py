@@ -78,9 +78,28 @@ def test_more_bad_settings_are_refused():
 
 
 def test_no_dropout_needs_no_dropout_stream():
-    """Without dropout the model builds from a params stream alone (once a KeyError)."""
+    """Without dropout the model builds from a params stream alone (once a KeyError); with a
+    stream that can supply dropout keys the parameters drawn from a seed do not depend on the
+    rate, so saved states and seeds stay valid across rates."""
     model = ReversibleTransformer(256, 32, 2, 4, 16, rngs=nnx.Rngs(params=0))
     assert model(tokens(2, 8)).shape == (2, 8, 256)
+    params = lambda rate: nnx.state(
+        ReversibleTransformer(256, 32, 2, 4, 16, dropout=rate, rngs=nnx.Rngs(0)), nnx.Param
+    )
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params(0.0), params(0.1))
+    assert all(jax.tree.leaves(same))
+
+
+def test_token_ids_outside_the_vocabulary_give_nan():
+    """Neither too large nor negative ids are silently read as another token's embedding."""
+    model = ReversibleTransformer(256, 32, 1, 4, 16, rngs=nnx.Rngs(0))
+    logits = np.asarray(model(jnp.array([[1, 2, 3], [1, 2, 256], [1, 2, -1]])))
+    assert np.isfinite(logits[0]).all()
+    # The NaN row reaches every position of its sequence (masked attention weights are 0, and
+    # 0 * NaN = NaN in the matmul), never another sequence of the batch.
+    assert np.isnan(logits[1:, 2]).all()
+    with pytest.raises(ValueError, match="hidden must be a positive int, got 0"):
+        ReversibleTransformer(256, 32, 1, 4, 16, hidden=0, rngs=nnx.Rngs(0))
 
 
 def training_step_temp_mib(depth: int, method: str) -> float:

@@ -136,8 +136,8 @@ def _check_input(params: dict[str, Any], x: jax.Array, downsample: str, where: s
                 f'downsample="{downsample}" gives {channels}; were they built with '
                 f'downsample="{other}"? Pass the same downsample to init_revnet and here'
             )
-    dtype = params_f["w1"].dtype
-    if x.dtype != dtype:
+    dtype = params["head"]["w"].dtype
+    if jax.dtypes.canonicalize_dtype(x.dtype) != dtype:  # NumPy float64 is float32 without x64
         raise TypeError(
             f"{where}: x is {x.dtype} but the parameters are {dtype}; cast one to the other "
             f"(e.g. x.astype({dtype.name}))"

@@ -53,10 +53,12 @@ def _check_rate(rate: float, where: str) -> None:
 
 
 def _dropout(rate: float, where: str, rngs: nnx.Rngs) -> nnx.Dropout:
-    """``nnx.Dropout(rate)``; the RNG stream is only requested when ``rate > 0``, so a model
-    without dropout can be built from ``nnx.Rngs(params=...)`` alone."""
+    """``nnx.Dropout(rate)``. It forks a dropout stream whenever ``rngs`` can supply one (a
+    ``dropout`` or ``default`` stream), so the parameters drawn from a seed and the saved state
+    do not depend on the rate; without such a stream a rate of 0 needs none."""
     _check_rate(rate, where)
-    return nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
+    can_supply = "dropout" in rngs or "default" in rngs
+    return nnx.Dropout(rate, rngs=rngs if rate > 0 or can_supply else None)
 
 
 def _check_tensor_parallel(axis: str | None, sizes: dict[str, int], where: str) -> None:
@@ -73,8 +75,8 @@ def _check_tensor_parallel(axis: str | None, sizes: dict[str, int], where: str) 
     if dict(zip(mesh.axis_names, mesh.axis_types, strict=True))[axis] != AxisType.Auto:
         raise ValueError(
             f"{where}: tensor_parallel={axis!r} is an AxisType.Explicit axis; the sharded "
-            "matmuls would need out_sharding annotations: use AxisType.Auto for this axis "
-            "(data-parallel Explicit axes are fine)"
+            "matmuls would need out_sharding annotations: build the model under a mesh whose "
+            "axes are all AxisType.Auto (Flax partitioning needs all-Auto or all-Explicit)"
         )
     size = mesh.shape[axis]
     bad = {name: n for name, n in sizes.items() if n % size}
@@ -87,12 +89,14 @@ def _check_tensor_parallel(axis: str | None, sizes: dict[str, int], where: str) 
 
 def _embedding_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
     """``table[tokens]``: ``(V, D)``, ``(..., T) int -> (..., T, D)``. Ids outside ``[0, V)``
-    give NaN rows (JAX's ``fill`` gather), which the loss then shows.
+    (negative ones too) give NaN rows (JAX's ``fill`` gather), which the loss then shows.
 
     On a mesh with ``AxisType.Explicit`` axes the tokens' sharding is part of their type and a
     gather's output sharding must be named: it is the tokens' spec plus an unsharded feature
     axis (data parallelism). Elsewhere this is ``jnp.take``, as in ``nnx.Embed``.
     """
+    # A negative id would wrap to the end of the table (NumPy indexing): send it out of range.
+    tokens = jnp.where(tokens < 0, table.shape[0], tokens)
     sharding = jax.typeof(tokens).sharding
     if all(axis is None for axis in sharding.spec):
         return jnp.take(table, tokens, axis=0)
@@ -210,7 +214,9 @@ class ReversibleTransformer(nnx.Module):
         tensor_parallel: str | None = None,
         rngs: nnx.Rngs,
     ):
-        for name, value in (("vocab_size", vocab_size), ("dim", dim), ("max_len", max_len)):
+        hidden = 4 * dim if hidden is None else hidden
+        sizes = {"vocab_size": vocab_size, "dim": dim, "max_len": max_len, "hidden": hidden}
+        for name, value in sizes.items():
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(
                     f"ReversibleTransformer: {name} must be a positive int, got {value!r}"
@@ -224,7 +230,7 @@ class ReversibleTransformer(nnx.Module):
             depth,
             dim,
             heads,
-            hidden or 4 * dim,
+            hidden,
             dropout=dropout,
             tensor_parallel=tensor_parallel,
             method=method,
