@@ -335,6 +335,11 @@ def apply_policy(block: Coupling, policy: Policy | None) -> Coupling:
     grid. Every function of the block is then traced under ``matmul_precision``. The stream
     dtype is not the block's business: pass the stream through :func:`to_stream`.
 
+    Policies compose: a block that already carries one takes another (``apply_policy(
+    apply_policy(block, a), b)``, or a policy-carrying block given to ``reversible_scan(...,
+    policy=b)``). The first-applied policy's casts and matmul precision act innermost, so where
+    the two set the same thing, the first one wins; set each thing once.
+
     Raises:
       TypeError: the policy must reach inside the branches (a compute dtype or exact mode) but
         the block is a hand-written Coupling without ``map_branches``.

@@ -155,6 +155,10 @@ def test_a_second_policy_keeps_the_first_policys_matmul_precision():
     highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
     assert _dot_precisions(jaxpr) == [highest] * 4
     assert set(_dot_input_dtypes(jaxpr)) == {jnp.dtype(jnp.bfloat16)}
+    # Where two composed policies set the same thing, the first-applied one wins (documented).
+    later = apply_policy(precise, Policy(matmul_precision="bfloat16"))
+    jaxpr = jax.make_jaxpr(later.forward)(jax.tree.map(lambda a: a[0], params), x).jaxpr
+    assert _dot_precisions(jaxpr) == [highest] * 4
 
 
 def test_hand_written_coupling_cannot_take_a_compute_dtype():
