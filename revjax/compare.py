@@ -43,6 +43,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from revjax._validate import positive_int
 from revjax.diagnostics import format_table, relative_error
 from revjax.memory import compiled_memory
 from revjax.timing import median_ms
@@ -212,8 +213,7 @@ def compare(
         raise ValueError(f"compare: unknown model {model!r}; choose from {sorted(PROBLEMS)}")
     if dtype not in DTYPES:
         raise ValueError(f"compare: unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"compare: depth must be a positive int, got {depth!r}")
+    depth = positive_int(depth, "depth", "compare")
     grads, params, unavailable = PROBLEMS[model](depth, DTYPES[dtype])
     names = list(grads)
     skipped = list(unavailable)
@@ -232,8 +232,7 @@ def compare(
             )
         names = list(dict.fromkeys(["backprop", *(available[m] for m in methods)]))
         skipped = []
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"compare: repeats must be a positive int, got {repeats!r}")
+    repeats = positive_int(repeats, "repeats", "compare")
     if dtype == "float32":
         reference_grad, reference_params = grads["backprop"], params
     else:

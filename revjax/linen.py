@@ -18,12 +18,12 @@ twice per step by the reconstruction, so :func:`init_linen_stack` refuses them.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import jax
 from flax import linen as nn
 
+from revjax._validate import positive_int
 from revjax.coupling import Coupling, additive_coupling
 
 PyTree = Any
@@ -56,9 +56,7 @@ def init_linen_stack(
       ValueError: ``depth`` is not a positive int.
       TypeError: a branch has variable collections other than ``"params"``.
     """
-    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1:
-        raise ValueError(f"init_linen_stack: depth must be a positive int, got {depth!r}")
-    depth = int(depth)
+    depth = positive_int(depth, "depth", "init_linen_stack")
     x1, x2 = x
 
     def init_layer(layer_key):

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import numbers
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, serialization
 
+from revjax._validate import positive_int
 from revjax.coupling import Coupling, additive_coupling
 from revjax.precision import Policy
 from revjax.scan import anchor_interval, inverse_scan, plain_scan, reversible_scan
@@ -323,11 +323,7 @@ class Stack(nnx.Module):
                 f"revjax.nnx.Stack: {getattr(block, '__name__', block)!r} is not a reversible "
                 "block; decorate the class with @revjax.nnx.reversible"
             )
-        if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1:
-            raise ValueError(
-                f"revjax.nnx.Stack({block.__name__}): depth must be a positive int, got {depth!r}"
-            )
-        depth = int(depth)
+        depth = positive_int(depth, "depth", f"revjax.nnx.Stack({block.__name__})")
         _check_method(method)
         try:  # refuse a bad anchor interval now, not at the first call
             anchor_interval(depth, checkpoint_every)

@@ -266,8 +266,10 @@ def test_value_and_grad_argument_errors():
     layers, params, x, loss, args = submersive_mlp(widths=(6, 4), batch=3)
     with pytest.raises(ValueError, match="unknown method 'adjoint'"):
         mw.value_and_grad(layers, loss, method="adjoint")
-    with pytest.raises(ValueError, match="num_tangents must be an integer >= 1; got 0"):
+    with pytest.raises(ValueError, match="num_tangents must be a positive int, got 0"):
         mw.value_and_grad(layers, loss, method="projected_forward", num_tangents=0)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int, got True"):
+        mw.value_and_grad(layers, loss, method="forward", chunk_size=True)  # was taken as 1
     with pytest.raises(ValueError, match="needs key="):
         mw.value_and_grad(layers, loss, method="projected_forward")(params, x, *args)
     scalar_loss = lambda y, t: jnp.sum((y - t) ** 2)

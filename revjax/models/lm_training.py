@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from revjax._validate import positive_int
 from revjax.data import TextSplit
 from revjax.models.transformer import ReversibleTransformer, next_token_loss
 from revjax.nnx import Method, restore_state, save_state
@@ -48,9 +49,7 @@ class LMConfig:
     def __post_init__(self) -> None:
         counts = ("depth", "dim", "heads", "seq_len", "batch", "steps")
         for name in (*counts, "eval_every", "eval_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LMConfig: {name} must be an integer >= 1, got {value!r}")
+            positive_int(getattr(self, name), name, "LMConfig")
         if self.dim % self.heads:
             raise ValueError(f"LMConfig: dim={self.dim} is not divisible by heads={self.heads}")
         if self.warmup < 0 or not self.lr > 0 or not 0.0 <= self.dropout < 1.0:

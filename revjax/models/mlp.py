@@ -13,14 +13,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from revjax._validate import check_dropout_rate
 from revjax.coupling import Coupling, additive_coupling
 
 MLPParams = dict[str, jax.Array]
-
-
-def _check_dropout(rate: float, where: str) -> None:
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"{where}: dropout rate must lie in [0, 1), got {rate!r}")
 
 
 def mlp(params: MLPParams, h: jax.Array, key: jax.Array | None = None, *, dropout: float = 0.0):
@@ -30,7 +26,7 @@ def mlp(params: MLPParams, h: jax.Array, key: jax.Array | None = None, *, dropou
     Raises:
       ValueError: ``dropout`` outside ``[0, 1)`` (rate 1 would divide by zero).
     """
-    _check_dropout(dropout, "mlp")
+    check_dropout_rate(dropout, "mlp")
     z = jax.nn.gelu(h @ params["w1"] + params["b1"])
     if key is not None and dropout > 0.0:
         keep = jax.random.bernoulli(key, 1.0 - dropout, z.shape)
@@ -44,7 +40,7 @@ def mlp_coupling(dropout: float = 0.0) -> Coupling:
     Raises:
       ValueError: ``dropout`` outside ``[0, 1)``.
     """
-    _check_dropout(dropout, "mlp_coupling")
+    check_dropout_rate(dropout, "mlp_coupling")
 
     def branch(p, h, key=None):
         return mlp(p, h, key, dropout=dropout)

@@ -16,14 +16,13 @@ The twin with identical parameters is the same model with the stack's method swi
 
 from __future__ import annotations
 
-import numbers
-
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from revjax._validate import check_dropout_rate, positive_int
 from revjax.nnx import Method, Stack, reversible
 from revjax.precision import Policy
 
@@ -47,16 +46,11 @@ def _linear(
     )
 
 
-def _check_rate(rate: float, where: str) -> None:
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"{where}: dropout rate must lie in [0, 1), got {rate!r}")
-
-
 def _dropout(rate: float, where: str, rngs: nnx.Rngs) -> nnx.Dropout:
     """``nnx.Dropout(rate)``. It forks a dropout stream whenever ``rngs`` can supply one (a
     ``dropout`` or ``default`` stream), so the parameters drawn from a seed and the saved state
     do not depend on the rate; without such a stream a rate of 0 needs none."""
-    _check_rate(rate, where)
+    check_dropout_rate(rate, where)
     can_supply = "dropout" in rngs or "default" in rngs
     return nnx.Dropout(rate, rngs=rngs if rate > 0 or can_supply else None)
 
@@ -121,8 +115,7 @@ class CausalSelfAttention(nnx.Module):
         tensor_parallel: str | None = None,
         rngs: nnx.Rngs,
     ):
-        if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
-            raise ValueError(f"CausalSelfAttention: heads must be a positive int, got {heads!r}")
+        heads = positive_int(heads, "heads", "CausalSelfAttention")
         if dim % heads:
             raise ValueError(f"CausalSelfAttention: dim={dim} is not divisible by heads={heads}")
         _check_tensor_parallel(tensor_parallel, {"dim": dim}, "CausalSelfAttention")
@@ -217,11 +210,8 @@ class ReversibleTransformer(nnx.Module):
         hidden = 4 * dim if hidden is None else hidden
         sizes = {"vocab_size": vocab_size, "dim": dim, "max_len": max_len, "hidden": hidden}
         for name, value in sizes.items():
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(
-                    f"ReversibleTransformer: {name} must be a positive int, got {value!r}"
-                )
-        _check_rate(dropout, "ReversibleTransformer")
+            positive_int(value, name, "ReversibleTransformer")
+        check_dropout_rate(dropout, "ReversibleTransformer")
         self.max_len = max_len
         self.embed = nnx.Embed(vocab_size, dim, rngs=rngs)
         self.position = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, dim)))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from revjax._validate import positive_int
 from revjax.moonwalk.layers import Layer, chain
 
 PyTree = Any
@@ -76,9 +77,8 @@ def value_and_grad(
     """
     if method not in METHODS:
         raise ValueError(f"value_and_grad: unknown method {method!r}; choose from {METHODS}")
-    for option, value in (("num_tangents", num_tangents), ("chunk_size", chunk_size)):
-        if not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"value_and_grad: {option} must be an integer >= 1; got {value!r}")
+    num_tangents = positive_int(num_tangents, "num_tangents", "value_and_grad")
+    chunk_size = positive_int(chunk_size, "chunk_size", "value_and_grad")
     net = layers if isinstance(layers, Layer) else chain(*layers)
     mean_loss = lambda y, *args: jnp.mean(loss_fn(y, *args))
 

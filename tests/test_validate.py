@@ -1,0 +1,31 @@
+"""Tests for revjax/_validate.py: the argument checks shared by the public entry points."""
+
+import math
+
+import numpy as np
+import pytest
+
+from revjax._validate import check_dropout_rate, positive_int
+
+
+@pytest.mark.parametrize("value", [1, 7, np.int64(3), np.uint8(2)])
+def test_positive_int_returns_a_python_int(value):
+    out = positive_int(value, "depth", "where")
+    assert type(out) is int and out == int(value)
+
+
+@pytest.mark.parametrize("value", [0, -2, True, 2.0, "3", None, np.float32(4)])
+def test_positive_int_refuses_with_caller_and_argument_named(value):
+    with pytest.raises(ValueError, match=r"^Stack\(Block\): depth must be a positive int, got "):
+        positive_int(value, "depth", "Stack(Block)")
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5, np.float32(0.25), 0])
+def test_dropout_rate_in_unit_interval_accepted(rate):
+    check_dropout_rate(rate, "mlp")
+
+
+@pytest.mark.parametrize("rate", [1.0, -0.1, math.nan, 1.5])
+def test_dropout_rate_outside_unit_interval_refused(rate):
+    with pytest.raises(ValueError, match=r"^mlp: dropout rate must lie in \[0, 1\), got "):
+        check_dropout_rate(rate, "mlp")
