@@ -1,8 +1,14 @@
 """Moonwalk and its baselines: compiled temp memory and step time vs depth on two networks.
 
 * ``revnet``: L additive GELU-MLP couplings (``stack(from_coupling(mlp_coupling()))``);
-* ``submersive``: L blocks ``submersive_linear -> leaky_relu`` of constant width (square, so
-  invertible layer by layer, but not couplings: RevBackprop does not apply).
+* ``submersive``: L blocks ``submersive_linear -> leaky_relu(0.9)`` of constant width (square,
+  so invertible layer by layer, but not couplings: RevBackprop does not apply). The slope is
+  0.9 because the vijp sweep amplifies round-off by ``1 / slope`` per layer: at slope 0.1 the
+  Moonwalk gradients of this network are garbage beyond about 8 layers (see the README), and
+  memory or time measured on a garbage gradient would mean nothing.
+
+Every row also records the gradient's relative error against backprop (and, for the Moonwalk
+methods, the sweep's ``drift`` self-check), so no row times a wrong gradient unnoticed.
 
 For every depth and method: compiled temp memory of the gradient and its footprint (arguments
 + outputs + temps, the executable's planned peak; XLA's memory analysis, any backend) and, on
@@ -30,11 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, write_json
 from revjax import moonwalk as mw
+from revjax.diagnostics import relative_error
 from revjax.memory import compiled_memory
 from revjax.models.mlp import init_mlp_stack, mlp_coupling
 from revjax.timing import median_ms
 
 DEPTHS = [6, 12, 24, 60]
+SLOPE = 0.9  # leaky ReLU slope of the submersive network (module doc)
 SIZES = {
     "cpu": {"batch": 16, "width": 8, "hidden": 16, "depths": DEPTHS, "forward": True},
     "gpu": {"batch": 256, "width": 256, "hidden": 1024, "depths": DEPTHS, "forward": False},
@@ -55,7 +63,7 @@ def submersive(depth: int, size: dict):
     params = (jax.vmap(lambda k: mw.init_submersive_linear(k, width, width))(keys), None)
     x = jax.random.normal(jax.random.key(1), (size["batch"], width))
     loss = lambda y: 0.5 * jnp.sum(y**2, axis=-1)
-    return mw.stack(mw.chain(mw.submersive_linear(), mw.leaky_relu(0.1))), params, x, loss
+    return mw.stack(mw.chain(mw.submersive_linear(), mw.leaky_relu(SLOPE))), params, x, loss
 
 
 NETWORKS = {"revnet": revnet, "submersive": submersive}
@@ -63,6 +71,7 @@ NETWORKS = {"revnet": revnet, "submersive": submersive}
 
 def measure(network: str, depth: int, size: dict, timed: bool) -> list[dict]:
     net, params, x, loss = NETWORKS[network](depth, size)
+    _, reference = jax.jit(mw.value_and_grad(net, loss, method="backprop"))(params, x)
     rows = []
     for method in mw.METHODS:
         if method == "revbackprop" and network == "submersive":
@@ -72,6 +81,13 @@ def measure(network: str, depth: int, size: dict, timed: bool) -> list[dict]:
         fn = jax.jit(mw.value_and_grad(net, loss, method=method, num_tangents=16))
         key = jax.random.key(2)
         mem = compiled_memory(fn, params, x, key=key)
+        drift = None
+        if method in ("moonwalk", "mixed_moonwalk"):
+            checked = mw.value_and_grad(net, loss, method=method, with_drift=True)
+            _, grads, drift = jax.jit(checked)(params, x)
+            drift = float(drift)
+        else:
+            _, grads = fn(params, x, key=key)
         ms = median_ms(lambda p, x_, f=fn, k=key: f(p, x_, key=k), params, x) if timed else None
         rows.append(
             {
@@ -86,6 +102,8 @@ def measure(network: str, depth: int, size: dict, timed: bool) -> list[dict]:
                 )
                 / 2**20,
                 "ms": ms,
+                "grad_error": float(relative_error(grads, reference)),
+                "drift": drift,
             }
         )
         print(rows[-1], flush=True)
@@ -124,6 +142,7 @@ def main(argv=None) -> None:
         "benchmark": "moonwalk",
         "env": env,
         "size": size,
+        "slope": SLOPE,
         "rows": rows,
         "moonwalk_vs_forward_mode": speedups(size) if size["forward"] else None,
         "note": "times are wall-clock on this backend; on CPU they are indicative only",

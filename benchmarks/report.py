@@ -138,6 +138,8 @@ def render_moonwalk(payload: dict, filename: str) -> str:
     quantities = [("temp_mib", "grad temp MiB", ".3f")]
     if timed:
         quantities.append(("ms", "ms per gradient, median of 10", ".2f"))
+    if all("grad_error" in r for r in rows):
+        quantities.append(("grad_error", "gradient relative error vs backprop", ".1e"))
     for network in dict.fromkeys(r["network"] for r in rows):
         for key, label, fmt in quantities:
             pivot = [
@@ -157,7 +159,8 @@ def render_moonwalk(payload: dict, filename: str) -> str:
         f"{_partial(payload)}Compiled temp memory of each gradient method vs depth, batch "
         f"{size['batch']}, RevNet "
         f"halves {size['width']} wide (hidden {size['hidden']}), submersive MLP width "
-        f"{2 * size['width']}; measured on {_where(env)} by `benchmarks/bench_moonwalk.py` "
+        f"{2 * size['width']} (`leaky_relu({payload.get('slope', 0.1)})`); measured on "
+        f"{_where(env)} by `benchmarks/bench_moonwalk.py` "
         f"(`benchmarks/results/{filename}`).\n\n" + "\n\n".join(tables)
     )
     speed = payload.get("moonwalk_vs_forward_mode")

@@ -7,7 +7,8 @@ differentiates) would leak that transformation's tracer into the backward pass, 
 the transformation has finished: JAX raises an ``UnexpectedTracerError``, or refuses to
 differentiate the closed-over value. The same holds for a floating value staged by an enclosing
 ``jax.jit``, ``lax.scan`` or ``jax.checkpoint`` when a ``grad`` outside that region
-differentiates it; staged integer, boolean and key values are harmless.
+differentiates it, and for a staged integer, boolean or key value there (the backward pass
+runs after the staging ended).
 
 :func:`hoist_traced_constants` finds such values by tracing one layer's ``forward`` and ``inverse``
 to jaxprs (at layer 0's real arguments, so that types beyond shape and dtype, such as the axes a
@@ -29,7 +30,6 @@ from typing import Any
 
 import jax
 import jax.extend.core
-import jax.numpy as jnp
 
 from revjax.coupling import Coupling, call_with_key
 
@@ -37,19 +37,16 @@ PyTree = Any
 
 
 def _must_be_an_input(value: Any) -> bool:
-    """Whether a closed-over value must become an explicit input of the ``custom_vjp``.
+    """Whether a closed-over value must become an explicit input of the ``custom_vjp``: every
+    tracer does.
 
-    Any tracer of a transformation other than staging (vmap's, grad's) must. A value staged by
-    an enclosing ``jit``, ``lax.scan`` or ``jax.checkpoint`` (a ``DynamicJaxprTracer``) must too
-    when it is floating: a ``grad`` *outside* that staged region may differentiate it, which a
-    ``custom_vjp`` cannot do through a closure (JAX's ``closure_convert`` hoists the same
-    values). Integer, boolean and key values staged that way stay closed over.
+    A tracer of vmap or grad would leak into the backward pass. A value staged by an enclosing
+    ``jit``, ``lax.scan`` or ``jax.checkpoint`` would too when a ``grad`` *outside* that staged
+    region runs the backward pass after the staging ended: for a floating value (which that
+    grad may also differentiate) and equally for an integer, boolean or key value (a class
+    index, a mask, a dropout key), whose dead tracer JAX then refuses.
     """
-    if not isinstance(value, jax.core.Tracer):
-        return False
-    if type(value).__name__ != "DynamicJaxprTracer":
-        return True
-    return jnp.issubdtype(value.dtype, jnp.inexact)
+    return isinstance(value, jax.core.Tracer)
 
 
 def _as_jaxpr(fn: Callable[..., PyTree], *example: Any) -> tuple[Any, list, Any]:

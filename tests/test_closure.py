@@ -21,9 +21,9 @@ def one_layer():
 
 
 def test_which_closed_over_values_are_hoisted():
-    """Values of vmap or grad are hoisted; so are floating values staged by jit (a grad outside
-    the jit may differentiate them). Staged integers (e.g. a class index) stay closed over, and
-    the block with its fused backward is used as it is."""
+    """Values of vmap or grad are hoisted; so are values staged by jit, floating or not (a grad
+    outside the jit runs the backward pass after the staging ended); a block closing over
+    concrete values only keeps its fused backward."""
     layer, h = one_layer()
     table = jax.random.normal(jax.random.key(5), (4, 8))
     shared = {}
@@ -40,8 +40,9 @@ def test_which_closed_over_values_are_hoisted():
     jax.jit(probe("jit, int", by_index))(jnp.int32(2))
     jax.vmap(probe("vmap", conditioned))(jnp.ones((2, 8)))
     jax.grad(probe("grad", conditioned))(jnp.ones(8))
-    assert shared["jit, int"] is None
-    assert all(shared[k] is not None for k in ("jit, float", "vmap", "grad"))
+    probe("concrete", by_index)(2)
+    assert shared["concrete"] is None
+    assert all(shared[k] is not None for k in ("jit, float", "jit, int", "vmap", "grad"))
 
 
 def test_the_closure_free_block_computes_the_same_layer():

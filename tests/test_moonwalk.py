@@ -149,7 +149,8 @@ NETWORKS = {"revnet": revnet, "submersive_mlp": submersive_mlp}
 @pytest.mark.parametrize("method", ["revbackprop", "moonwalk", "mixed_moonwalk", "forward"])
 def test_methods_match_jax_grad(network, method):
     """1e-4 (the issue's bound) for float32; measured 2e-7 to 3e-7 (RevNet) and 2e-5
-    (submersive MLP, whose unit-triangular solves amplify round-off by their condition number)."""
+    (submersive MLP: the sweep divides by each leaky ReLU's slope 0.1, amplifying round-off;
+    see test_drift_witnesses_the_sweeps_round_off_amplification)."""
     layers, params, x, loss, args = NETWORKS[network]()
     loss_ref, grads_ref = mw.value_and_grad(layers, loss, method="backprop")(params, x, *args)
     net = mw.chain(*layers) if isinstance(layers, list) else layers
@@ -210,11 +211,12 @@ def test_revnet_forward_sweep_and_moonwalk_are_flat_in_depth():
 
 def test_mixed_moonwalk_memory_on_a_deep_submersive_mlp():
     """Depth 32, width 512, batch 256: mixed Moonwalk stores one bit per leaky ReLU element;
-    measured 6.5 MiB vs 56.3 MiB for backprop (0.12; the issue's bound is 1/4)."""
+    measured 6.5 MiB vs 56.3 MiB for backprop (0.12; the issue's bound is 1/4). Slope 0.9: at
+    this depth the gradient is accurate (at 0.1 it would not be; memory is the same)."""
     depth, width, batch = 32, 512, 256
     keys = jax.random.split(jax.random.key(0), depth)
     params = (jax.vmap(lambda k: mw.init_submersive_linear(k, width, width))(keys), None)
-    net = mw.stack(mw.chain(mw.submersive_linear(), mw.leaky_relu(0.1)))
+    net = mw.stack(mw.chain(mw.submersive_linear(), mw.leaky_relu(0.9)))
     x = jax.ShapeDtypeStruct((batch, width), jnp.float32)
     loss = lambda y: 0.5 * jnp.sum(y**2, axis=-1)
     temp = {
@@ -222,6 +224,65 @@ def test_mixed_moonwalk_memory_on_a_deep_submersive_mlp():
         for m in ("backprop", "mixed_moonwalk")
     }
     assert temp["mixed_moonwalk"] <= temp["backprop"] / 4, temp
+
+
+def deep_submersive(depth, slope, width=32, batch=16):
+    keys = jax.random.split(jax.random.key(0), depth)
+    params = (jax.vmap(lambda k: mw.init_submersive_linear(k, width, width))(keys), None)
+    net = mw.stack(mw.chain(mw.submersive_linear(), mw.leaky_relu(slope)))
+    return net, params, normal(1, (batch, width))
+
+
+@pytest.mark.parametrize("method", ["moonwalk", "mixed_moonwalk"])
+def test_drift_witnesses_the_sweeps_round_off_amplification(method):
+    """The vijp sweep divides by each leaky ReLU's slope, so round-off grows like
+    (1/slope)^L: at slope 0.1 the float32 gradient is fine at L = 4 and garbage at L = 16
+    (measured 1e-5 and 4e5), at slope 0.9 fine at both. ``drift`` (|h_L - dL/dy| / |dL/dy|,
+    free from the sweep) flags exactly the bad case: measured 7e-4 and 1e9 at slope 0.1, 1e-5
+    at slope 0.9, L = 16; it upper-bounds the gradient error in every case measured."""
+    loss = lambda y: 0.5 * jnp.sum(y**2, axis=-1)
+    for depth, slope, accurate in [(4, 0.1, True), (16, 0.1, False), (16, 0.9, True)]:
+        net, params, x = deep_submersive(depth, slope)
+        _, reference = mw.value_and_grad(net, loss, method="backprop")(params, x)
+        fn = jax.jit(mw.value_and_grad(net, loss, method=method, with_drift=True))
+        _, grads, drift = fn(params, x)
+        error = float(relative_error(grads, reference))
+        if accurate:
+            assert error <= 1e-4 and float(drift) <= 1e-2, (depth, slope, error, drift)
+        else:
+            assert error >= 1.0 and float(drift) >= 1.0, (depth, slope, error, drift)
+        assert float(drift) >= error, (depth, slope, error, drift)
+
+
+def test_pure_moonwalk_needs_losses_that_do_not_couple_examples():
+    """Documented limitation (README, value_and_grad): the input gradient by JVPs assumes
+    example b's loss depends on example b only. A loss that subtracts the batch mean breaks it:
+    pure Moonwalk is then wrong (measured relative error 0.96), mixed Moonwalk is not."""
+    layers, params, x, _, _ = submersive_mlp(widths=(6, 4, 3), batch=5)
+    coupled = lambda y: jnp.sum((y - y.mean(0)) ** 2, axis=-1)
+    _, reference = mw.value_and_grad(layers, coupled, method="backprop")(params, x)
+    _, pure = mw.value_and_grad(layers, coupled, method="moonwalk")(params, x)
+    _, mixed = mw.value_and_grad(layers, coupled, method="mixed_moonwalk")(params, x)
+    assert float(relative_error(mixed, reference)) <= 1e-5
+    assert float(relative_error(pure, reference)) >= 0.1
+
+
+def test_pure_moonwalk_input_jvps_run_chunk_size_at_a_time():
+    """The d input-coordinate JVPs ran all at once (memory d x batch x width per live
+    activation); ``chunk_size`` now bounds them. Same gradient, less temp memory."""
+    net, params, x = deep_submersive(4, 0.9, width=256, batch=32)
+    loss = lambda y: 0.5 * jnp.sum(y**2, axis=-1)
+    fns = {c: mw.value_and_grad(net, loss, method="moonwalk", chunk_size=c) for c in (8, 256)}
+    temp = {c: compiled_memory(fn, params, x).temp_bytes for c, fn in fns.items()}
+    assert temp[8] <= temp[256] / 4, temp
+    grads = {c: jax.jit(fn)(params, x)[1] for c, fn in fns.items()}
+    assert float(relative_error(grads[8], grads[256])) <= 1e-6
+
+
+def test_with_drift_needs_a_moonwalk_method():
+    net, _, _ = deep_submersive(2, 0.9)
+    with pytest.raises(ValueError, match="with_drift=True needs a Moonwalk method"):
+        mw.value_and_grad(net, lambda y: jnp.sum(y, -1), method="backprop", with_drift=True)
 
 
 # --- bad input ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from revjax._validate import positive_int
+from revjax.diagnostics import relative_error
 from revjax.moonwalk.layers import Layer, chain
 
 PyTree = Any
@@ -26,13 +27,22 @@ def _check_per_example(shape: tuple[int, ...], batch: int) -> None:
 
 
 def input_cotangent_by_jvps(
-    forward: Callable[[PyTree], PyTree], loss_fn: Callable[..., jax.Array], x: PyTree, *loss_args
+    forward: Callable[[PyTree], PyTree],
+    loss_fn: Callable[..., jax.Array],
+    x: PyTree,
+    *loss_args,
+    chunk_size: int | None = None,
 ) -> PyTree:
     """``h_0 = d mean(loss) / dx`` by forward mode only: one JVP per input coordinate.
 
     With per-example losses ``l_b`` that depend only on example ``b``, the JVP along ``e_j`` set
     in every example at once returns ``dl_b / dx_bj`` for all ``b``: ``d`` JVPs (``d`` =
-    per-example input size), vmapped, give the whole input gradient.
+    per-example input size) give the whole input gradient. ``chunk_size`` of them run at once
+    (all ``d`` when None), so the JVPs' live tangents take ``chunk_size / d`` of the memory.
+
+    The assumption is load-bearing: a loss or a layer that couples examples (a batch mean
+    inside the loss, batch-statistics normalisation) makes ``h_0`` silently wrong; use
+    ``mixed_moonwalk`` there.
     """
     batch = jax.tree.leaves(x)[0].shape[0]
     first, unravel = ravel_pytree(jax.tree.map(lambda a: a[0], x))
@@ -42,7 +52,8 @@ def input_cotangent_by_jvps(
         tangent = jax.tree.map(spread, unravel(e), x)
         return jax.jvp(lambda x_: loss_fn(forward(x_), *loss_args), (x,), (tangent,))[1]
 
-    per_coordinate = jax.vmap(along)(jnp.eye(first.size, dtype=first.dtype))  # (d, batch)
+    basis = jnp.eye(first.size, dtype=first.dtype)
+    per_coordinate = lax.map(along, basis, batch_size=chunk_size or first.size)  # (d, batch)
     # The JVPs come out in the loss's dtype (often float32 for a bf16 network); h_0 is a
     # cotangent of x, so it takes x's dtypes, leaf by leaf.
     h0 = jax.vmap(unravel)((per_coordinate.T / batch).astype(first.dtype))
@@ -56,29 +67,51 @@ def value_and_grad(
     method: str,
     num_tangents: int = 16,
     chunk_size: int = 64,
-) -> Callable[..., tuple[jax.Array, PyTree]]:
-    """``fn(params, x, *loss_args, key=None) -> (loss, grads)`` by the chosen method.
+    with_drift: bool = False,
+) -> Callable[..., tuple]:
+    """``fn(params, x, *loss_args, key=None) -> (loss, grads)`` by the chosen method, or
+    ``(loss, grads, drift)`` with ``with_drift=True`` (Moonwalk methods only).
 
     Args:
       layers: a :class:`Layer` or a sequence of them (composed with :func:`chain`; then
         ``params`` is a tuple with one entry per layer).
       loss_fn: ``loss_fn(y, *loss_args) -> (batch,)`` per-example losses; the objective is
         their mean. Per-example losses are what pure-forward Moonwalk needs to get every
-        example's input gradient from one JVP per input coordinate.
+        example's input gradient from one JVP per input coordinate: with ``"moonwalk"``,
+        example ``b``'s loss must depend on example ``b`` only (no batch mean inside
+        ``loss_fn``, no layer mixing examples), else the gradient is silently wrong.
       method: ``"backprop"`` (``jax.grad``), ``"revbackprop"`` (``reversible_scan``; couplings
         only), ``"moonwalk"`` (input gradient by JVPs, then the vijp forward sweep),
         ``"mixed_moonwalk"`` (input gradient by a reverse pass storing only residuals, then the
         sweep), ``"forward"`` (exact forward mode: one JVP per parameter, ``chunk_size`` at a
         time), ``"projected_forward"`` (Baydin et al. 2022: ``mean_i (g . v_i) v_i`` over
         ``num_tangents`` Gaussian tangents; needs ``key``; unbiased, not exact).
+      num_tangents: tangents of ``"projected_forward"``.
+      chunk_size: JVPs run at once by ``"forward"``, ``"projected_forward"`` and the input
+        gradient of ``"moonwalk"`` (memory vs speed).
+      with_drift: also return the sweep's self-check (``"moonwalk"``, ``"mixed_moonwalk"``).
+        The vijp sweep carries ``h_l = dL/dz_l`` forward through ``J_l^{-1}``, which amplifies
+        round-off by the inverse Jacobians' norms (``1 / slope`` per leaky ReLU, compounding
+        with depth); the exact sweep ends at ``h_L = dL/dy``, known from the loss alone. So
+        ``drift = |h_L - dL/dy| / |dL/dy|`` is a free witness of that amplification: when it
+        is not small, neither is the gradient's error (README, Moonwalk).
 
     Returns:
       The function; ``grads`` has the structure of ``params``. Jit it as usual.
+
+    Raises:
+      ValueError: unknown ``method``, ``num_tangents`` / ``chunk_size`` not positive ints,
+        ``with_drift`` for a method without a forward sweep.
     """
     if method not in METHODS:
         raise ValueError(f"value_and_grad: unknown method {method!r}; choose from {METHODS}")
     num_tangents = positive_int(num_tangents, "num_tangents", "value_and_grad")
     chunk_size = positive_int(chunk_size, "chunk_size", "value_and_grad")
+    if with_drift and method not in ("moonwalk", "mixed_moonwalk"):
+        raise ValueError(
+            f"value_and_grad: with_drift=True needs a Moonwalk method (a forward vijp sweep), "
+            f"got method={method!r}"
+        )
     net = layers if isinstance(layers, Layer) else chain(*layers)
     mean_loss = lambda y, *args: jnp.mean(loss_fn(y, *args))
 
@@ -88,17 +121,26 @@ def value_and_grad(
     def revbackprop(params, x, *args, key=None):
         return jax.value_and_grad(lambda p: mean_loss(net.reversible_forward(p, x), *args))(params)
 
+    def finish(loss, grads, h_end, h_y):
+        if not with_drift:
+            return loss, grads
+        return loss, grads, relative_error(h_end, h_y)
+
     def moonwalk(params, x, *args, key=None):
-        h0 = input_cotangent_by_jvps(lambda x_: net.forward(params, x_), loss_fn, x, *args)
-        y, _, grads = net.step(params, x, h0)
-        return mean_loss(y, *args), grads
+        forward_x = lambda x_: net.forward(params, x_)
+        h0 = input_cotangent_by_jvps(forward_x, loss_fn, x, *args, chunk_size=chunk_size)
+        y, h_end, grads = net.step(params, x, h0)
+        if not with_drift:
+            return mean_loss(y, *args), grads
+        loss, h_y = jax.value_and_grad(mean_loss)(y, *args)
+        return finish(loss, grads, h_end, h_y)
 
     def mixed_moonwalk(params, x, *args, key=None):
         y, residuals = net.save_forward(params, x)
         loss, h_y = jax.value_and_grad(mean_loss)(y, *args)
         _, h0 = net.pull(params, residuals, y, h_y)
-        _, _, grads = net.step(params, x, h0)
-        return loss, grads
+        _, h_end, grads = net.step(params, x, h0)
+        return finish(loss, grads, h_end, h_y)
 
     def like_params(grads, params):  # JVPs come out in the loss's dtype
         return jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, params)
