@@ -44,6 +44,7 @@ F and G themselves need not be invertible.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -300,7 +301,7 @@ def _feistel_coupling(
         pf_bar, x2_bar_from_f = f_pullback(f_out_bar)
         x2_bar = jax.tree.map(jnp.add, x2_bar, x2_bar_from_f)
 
-        return (x1, x2), (x1_bar, x2_bar), (pf_bar, pg_bar)
+        return (x1, x2), (x1_bar, x2_bar), _like_sequence(params, [pf_bar, pg_bar])
 
     def vijp_step(params, x, x_bar, key=None):
         # Backprop relations, t1 = y1_bar + (dg/dy1)^T g_bar being the total cotangent of y1:
@@ -327,7 +328,7 @@ def _feistel_coupling(
         pg_bar, y1_bar_from_g = g_pullback(g_out_bar)
         y1_bar = jax.tree.map(jnp.subtract, y1_bar_total, y1_bar_from_g)
 
-        return (y1, y2), (y1_bar, y2_bar), (pf_bar, pg_bar)
+        return (y1, y2), (y1_bar, y2_bar), _like_sequence(params, [pf_bar, pg_bar])
 
     log_det = None
     if rule.log_det is not None:
@@ -391,8 +392,10 @@ def affine_coupling(f: Callable, g: Callable, *, max_log_scale: float = 2.0) -> 
 
       and ``log_det(params, x) = sum(s_f(x2)) + sum(s_g(y1))`` over all elements, in float32.
     """
-    if not max_log_scale > 0:
-        raise ValueError(f"affine_coupling: max_log_scale must be > 0, got {max_log_scale}")
+    if not 0 < max_log_scale < math.inf:  # inf would give inf * tanh(raw / inf) = NaN
+        raise ValueError(
+            f"affine_coupling: max_log_scale must be finite and > 0, got {max_log_scale}"
+        )
 
     def bounded(fn):
         def wrapped(p, h, *key):

@@ -55,7 +55,8 @@ def _layer(forward, inverse, log_det, kind: str = "layerwise", aux=None) -> Coup
 
 def _check_permutation(permutation: Any, where: str) -> np.ndarray:
     perm = np.asarray(permutation)
-    if perm.ndim != 1 or sorted(perm.tolist()) != list(range(perm.size)):
+    integral = perm.dtype.kind in "iu" or perm.size == 0
+    if perm.ndim != 1 or not integral or sorted(perm.tolist()) != list(range(perm.size)):
         raise ValueError(f"{where}: {permutation!r} is not a permutation of 0..C-1")
     return perm
 
@@ -194,10 +195,12 @@ def batch_norm_inference(eps: float = 1e-5, scale_eps: float = 1e-2) -> Coupling
         return scale, params["beta"] - params["mean"] * scale
 
     def forward(params, x, key=None):
+        _channels(x, params["gamma"].shape[-1], "batch_norm_inference")
         scale, shift = affine(params)
         return x * scale + shift
 
     def inverse(params, y, key=None):
+        _channels(y, params["gamma"].shape[-1], "batch_norm_inference")
         scale, shift = affine(params)
         return (y - shift) / scale
 

@@ -17,7 +17,7 @@ forward pass and the very same key in the backward pass, so dropout masks are re
 from __future__ import annotations
 
 import functools
-import numbers
+import operator
 from typing import Any
 
 import jax
@@ -132,11 +132,15 @@ def anchor_interval(depth: int, checkpoint_every: int | None) -> int:
     """
     if checkpoint_every is None:
         return depth
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, numbers.Integral):
+    try:  # an int, a NumPy integer or a concrete integer jax.Array (not bool, float, tracer)
+        dtype = getattr(checkpoint_every, "dtype", None)
+        if isinstance(checkpoint_every, bool) or (dtype is not None and dtype.kind == "b"):
+            raise TypeError
+        checkpoint_every = operator.index(checkpoint_every)
+    except TypeError:
         raise TypeError(
             f"checkpoint_every must be an int or None, got {type(checkpoint_every).__name__}"
-        )
-    checkpoint_every = int(checkpoint_every)  # e.g. a NumPy integer
+        ) from None
     if checkpoint_every < 1 or depth % checkpoint_every:
         divisors = [d for d in range(1, depth + 1) if depth % d == 0]
         raise ValueError(

@@ -239,9 +239,11 @@ def test_sequence_errors():
         rj.sequence(rj.swap(), rj.swap()).forward((None,), (jnp.ones(2), jnp.ones(2)))
 
 
-def test_affine_rejects_nonpositive_bound():
-    with pytest.raises(ValueError, match="max_log_scale"):
-        rj.affine_coupling(affine_branch, affine_branch, max_log_scale=0.0)
+@pytest.mark.parametrize("bound", [0.0, -1.0, float("nan"), float("inf")])
+def test_affine_rejects_nonpositive_or_infinite_bound(bound):
+    """inf was accepted and made every output NaN (inf * tanh(raw / inf)); found by review."""
+    with pytest.raises(ValueError, match="max_log_scale must be finite and > 0"):
+        rj.affine_coupling(affine_branch, affine_branch, max_log_scale=bound)
 
 
 def test_bf16_branch_keeps_float32_stream():

@@ -120,6 +120,8 @@ def test_bad_shapes_and_permutations_are_rejected():
         layers.batch_pool().forward(None, jnp.ones((4, 4, 2)))
     with pytest.raises(ValueError, match="not a permutation"):
         layers.permute([0, 0, 1])
+    with pytest.raises(ValueError, match="not a permutation"):  # once failed only at forward
+        layers.permute([1.0, 0.0, 2.0])
     with pytest.raises(ValueError, match=r"layers.conv1x1: .* not a permutation"):
         layers.conv1x1([0, 0, 1])
     with pytest.raises(ValueError, match=r"conv1x1: expected 3 channels"):
@@ -335,3 +337,10 @@ def test_batch_norm_rejects_bad_settings():
         layers.batch_norm(scale_eps=0.0)
     with pytest.raises(ValueError, match="batch_norm: expected 3 channels"):
         layers.batch_norm().forward(bn_params(0, 3), jnp.ones((2, 4)))
+    # batch_norm_inference broadcast 3-channel statistics over a 1-channel input (found by review)
+    fixed = {**bn_params(0, 3), "mean": jnp.zeros(3), "var": jnp.ones(3)}
+    frozen = layers.batch_norm_inference()
+    with pytest.raises(ValueError, match="batch_norm_inference: expected 3 channels"):
+        frozen.forward(fixed, jnp.ones((2, 4, 4, 1)))
+    with pytest.raises(ValueError, match="batch_norm_inference: expected 3 channels"):
+        frozen.inverse(fixed, jnp.ones((2, 4)))
