@@ -166,7 +166,69 @@ def _unpack(bits: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.unpackbits(bits, count=math.prod(shape)).reshape(shape).astype(bool)
 
 
+_DERIVATIVE_FLOOR = 1e-20
+
+
+def _branch_derivative(spec: _TwoBranch, x: jax.Array, y: jax.Array, right: jax.Array) -> jax.Array:
+    """``f'(x)`` for a recovered ``x``, given the sign its branch fixes and ``|f'| >= 1e-20``.
+
+    Next to the minimum ``f'`` rounds to exactly 0 at a few float32 points; a second-order
+    derivative multiplies by ``f'`` and divides by it again (see :func:`_differentiable_recovery`),
+    so a zero there would silently drop ``f''``. On the left branch where ``y`` underflowed to 0
+    (``|f'(x)| < 1e-30``) the derivative is 0."""
+    dfx = spec.df(x)
+    floored = jnp.where(
+        right, jnp.maximum(dfx, _DERIVATIVE_FLOOR), jnp.minimum(dfx, -_DERIVATIVE_FLOOR)
+    )
+    # The floor must not hide f'' from a second-order grad: add a zero that carries df's tangent.
+    dfx = jax.lax.stop_gradient(floored) + (dfx - jax.lax.stop_gradient(dfx))
+    return jnp.where(jnp.logical_not(right) & (y == 0), 0.0, dfx)
+
+
+def _differentiable_recovery(spec: _TwoBranch) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """:func:`recover_input` with the implicit-function derivative ``dx/dy = 1 / f'(x)``.
+
+    Differentiating the Newton iterations themselves (what a second-order ``jax.grad`` would
+    otherwise do) is wrong: their ``log``/``sqrt``/``maximum`` guards give NaN in the left tail
+    and the iterates' derivative is not ``1/f'``. The divisor is :func:`_branch_derivative`, the
+    same value the first-order backward uses, so ``(dx/dy) (dy/dx) = 1`` exactly and the second
+    derivative is ``f''(x_rec)``; where that value is 0 (underflowed left tail) the tangent is 0.
+    A third derivative raises ``NotImplementedError``."""
+
+    @jax.custom_jvp
+    def recover(y, right):
+        return recover_input(spec, y, right)
+
+    @recover.defjvp
+    def recover_jvp(primals, tangents):
+        y, right = primals
+        x = recover(y, right)
+        return x, tangents[0] * _reciprocal_no_higher_order(_branch_derivative(spec, x, y, right))
+
+    return recover
+
+
+@jax.custom_jvp
+def _reciprocal_no_higher_order(dfx: jax.Array) -> jax.Array:
+    """``1 / f'`` (0 where ``f' = 0``) that refuses to be differentiated: that happens only
+    for third and higher derivatives of an inverted activation, where ``f''/f'^3`` overflows
+    float32 in the tails and would come out as NaN."""
+    nonzero = dfx != 0
+    return jnp.where(nonzero, 1.0 / jnp.where(nonzero, dfx, 1.0), 0.0)
+
+
+@_reciprocal_no_higher_order.defjvp
+def _reciprocal_jvp(primals, tangents):
+    raise NotImplementedError(
+        "revjax.activations: gelu/silu support first and second derivatives (jax.grad, grad "
+        "of grad, jax.jacrev of jax.grad); a third or higher derivative was requested. Use "
+        "jax.nn.gelu / jax.nn.silu for that."
+    )
+
+
 def _inverted(spec: _TwoBranch) -> Callable[[jax.Array], jax.Array]:
+    recover = _differentiable_recovery(spec)
+
     @jax.custom_vjp
     def activation(x):
         return spec.f(x.astype(jnp.float32)).astype(x.dtype)
@@ -177,9 +239,9 @@ def _inverted(spec: _TwoBranch) -> Callable[[jax.Array], jax.Array]:
 
     def bwd(residuals, g):
         y, bits = residuals
-        x = recover_input(spec, y, _unpack(bits, y.shape))
-        # y == 0 on the left branch: x is beyond float32's reach and f'(x) below 1e-30.
-        dfx = jnp.where(jnp.logical_not(_unpack(bits, y.shape)) & (y == 0), 0.0, spec.df(x))
+        right = _unpack(bits, y.shape)
+        y32 = y.astype(jnp.float32)
+        dfx = _branch_derivative(spec, recover(y32, right), y32, right)
         return ((g.astype(jnp.float32) * dfx).astype(g.dtype),)
 
     activation.defvjp(fwd, bwd)
@@ -193,23 +255,31 @@ def _check_float(x: jax.Array, name: str) -> jax.Array:
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"revjax.activations.{name}: expected a floating array, got {x.dtype}")
+    if jnp.finfo(x.dtype).bits > 32:
+        raise TypeError(
+            f"revjax.activations.{name}: computes and recovers in float32, so a {x.dtype} input "
+            f"would silently lose precision; use jax.nn.{name} for {x.dtype}"
+        )
     return x
 
 
 def gelu(x: jax.Array, approximate: bool = True) -> jax.Array:
     """``jax.nn.gelu`` (same ``approximate`` default) whose backward pass stores ``gelu(x)`` and
-    one bit per element instead of ``x``. Any shape and floating dtype; computes in float32.
+    one bit per element instead of ``x``. Any shape; float32, bfloat16 or float16 (computes in
+    float32; float64 raises ``TypeError``).
 
     Reverse mode only (a ``jax.custom_vjp``): ``jax.jvp``/``jax.jacfwd`` raise ``TypeError``, so
     forward-mode users (Moonwalk's ``dense`` fallback, ``method="forward"`` or
-    ``"projected_forward"``) should keep ``jax.nn.gelu``."""
+    ``"projected_forward"``) should keep ``jax.nn.gelu``. First and second derivatives (``grad``,
+    ``grad`` of ``grad``, ``jax.jacrev(jax.grad(...))``); a third raises
+    ``NotImplementedError``."""
     x = _check_float(x, "gelu")
     return (_GELU_TANH if approximate else _GELU_ERF)(x)
 
 
 def silu(x: jax.Array) -> jax.Array:
-    """``jax.nn.silu`` whose backward pass stores ``silu(x)`` and one bit per element. Reverse
-    mode only, like :func:`gelu`."""
+    """``jax.nn.silu`` whose backward pass stores ``silu(x)`` and one bit per element. Same
+    dtypes and derivative orders as :func:`gelu`."""
     return _SILU_FN(_check_float(x, "silu"))
 
 
@@ -220,8 +290,8 @@ def derivative_error(fn: str, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = spec.f(x32).astype(x.dtype)
     right = x32 >= spec.x_min
-    x_rec = recover_input(spec, y, right)
-    dfx = jnp.where(jnp.logical_not(right) & (y == 0), 0.0, spec.df(x_rec))
+    y32 = y.astype(jnp.float32)
+    dfx = _branch_derivative(spec, recover_input(spec, y32, right), y32, right)
     return jnp.abs(dfx - spec.df(x32))
 
 
