@@ -95,6 +95,9 @@ class Policy:
       stream_dtype: dtype of the residual stream. None resolves to float32 when
         ``compute_dtype`` is bfloat16/float16, or in exact mode without a compute dtype; to
         ``compute_dtype`` when that is 32/64-bit; and otherwise to the input stream's own dtype.
+        Branch outputs are cast to it before being added: with ``compute_dtype`` None a stream
+        narrower than the branches' outputs (bfloat16 with float32 params) rounds them, which is
+        accepted (the outputs' dtype is not known here), unlike the explicit narrower pair.
       matmul_precision: a ``jax.default_matmul_precision`` name (``"default"``, ``"high"``,
         ``"highest"``, ``"float32"``, ... or a ``lax.DotAlgorithmPreset`` name), or None to
         inherit the caller's.

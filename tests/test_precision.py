@@ -79,6 +79,24 @@ def test_unsupported_policies_are_rejected(kwargs, error, message):
         Policy(**kwargs)
 
 
+def test_a_narrow_stream_without_compute_dtype_rounds_branch_outputs_as_documented():
+    """Policy(stream_dtype=bfloat16) alone is accepted although the explicit pair float32
+    compute / bfloat16 stream is refused: without a compute dtype the branches' output dtype is
+    unknown at construction. Their float32 outputs are rounded into the bfloat16 stream (the
+    README's precision table says so); this pins it: the result is exactly the policy-free scan
+    of a bfloat16 input, and not the float32 stream's."""
+    block, params, x = small_stack()
+    narrow = rj.reversible_scan(block, params, x, policy=Policy(stream_dtype=jnp.bfloat16))
+    chex.assert_trees_all_equal_dtypes(narrow, (jnp.ones(1, BF16), jnp.ones(1, BF16)))
+    by_hand = plain_scan(block, params, jax.tree.map(lambda a: a.astype(BF16), x))
+    chex.assert_trees_all_equal(narrow, by_hand)
+    wide = rj.reversible_scan(block, params, x)
+    assert any(
+        not np.array_equal(np.asarray(a, np.float32), np.asarray(b))
+        for a, b in zip(narrow, wide, strict=True)
+    )
+
+
 def test_grid_range():
     assert exact_policy().grid_range == 2.0**12
     assert exact_policy(16).grid_range == 2.0**8
