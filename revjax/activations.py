@@ -138,7 +138,7 @@ _NEWTON_STEPS = 6
 _TAIL = -1e-2  # below this |y| on the left branch, Newton runs on log(-f)
 
 
-def recover_input(spec: _TwoBranch, y: jax.Array, right: jax.Array) -> jax.Array:
+def _recover_input(spec: _TwoBranch, y: jax.Array, right: jax.Array) -> jax.Array:
     """The ``x`` with ``f(x) = y`` on the branch ``right`` (``x >= x_min``), in float32."""
     y = y.astype(jnp.float32)
     sign = jnp.where(right, 1.0, -1.0)
@@ -186,7 +186,7 @@ def _branch_derivative(spec: _TwoBranch, x: jax.Array, y: jax.Array, right: jax.
 
 
 def _differentiable_recovery(spec: _TwoBranch) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """:func:`recover_input` with the implicit-function derivative ``dx/dy = 1 / f'(x)``.
+    """:func:`_recover_input` with the implicit-function derivative ``dx/dy = 1 / f'(x)``.
 
     Differentiating the Newton iterations themselves (what a second-order ``jax.grad`` would
     otherwise do) is wrong: their ``log``/``sqrt``/``maximum`` guards give NaN in the left tail
@@ -197,7 +197,7 @@ def _differentiable_recovery(spec: _TwoBranch) -> Callable[[jax.Array, jax.Array
 
     @jax.custom_jvp
     def recover(y, right):
-        return recover_input(spec, y, right)
+        return _recover_input(spec, y, right)
 
     @recover.defjvp
     def recover_jvp(primals, tangents):
@@ -291,7 +291,7 @@ def derivative_error(fn: str, x: jax.Array) -> jax.Array:
     y = spec.f(x32).astype(x.dtype)
     right = x32 >= spec.x_min
     y32 = y.astype(jnp.float32)
-    dfx = _branch_derivative(spec, recover_input(spec, y32, right), y32, right)
+    dfx = _branch_derivative(spec, _recover_input(spec, y32, right), y32, right)
     return jnp.abs(dfx - spec.df(x32))
 
 
@@ -301,4 +301,4 @@ MINIMA = {
     "silu": _SILU.x_min,
 }
 
-__all__ = ["MINIMA", "derivative_error", "gelu", "recover_input", "silu"]
+__all__ = ["MINIMA", "derivative_error", "gelu", "silu"]

@@ -51,6 +51,7 @@ SUITES: dict[str, list[list[str]]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m revjax bench [options]``; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m revjax bench", description=__doc__.splitlines()[0]
     )

@@ -97,3 +97,6 @@ def hoist_traced_constants(
         return _evaluate(inverse, in_tree, shared[n:], p, h, key)
 
     return Coupling(forward=free_forward, inverse=free_inverse), tuple(constants)
+
+
+__all__ = ["hoist_traced_constants"]

@@ -296,14 +296,27 @@ def render(rows: list[dict[str, Any]], title: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m revjax compare [options]``; returns the exit status (2 for a usage error)."""
     parser = argparse.ArgumentParser(
-        prog="python -m revjax compare", description=__doc__.splitlines()[0]
+        prog="python -m revjax compare",
+        description=__doc__.splitlines()[0].replace("``", ""),
     )
-    parser.add_argument("--model", choices=sorted(PROBLEMS), default="mlp")
-    parser.add_argument("--depth", type=int, default=16)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--methods", nargs="+", help="subset of methods (backprop always runs)")
+    parser.add_argument(
+        "--model", choices=sorted(PROBLEMS), default="mlp", help="network (default: mlp)"
+    )
+    parser.add_argument("--depth", type=int, default=16, help="layers / blocks L (default: 16)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32",
+        help="params, inputs and compute; errors are against float32 backprop (default: float32)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed steps per method (default: 5)"
+    )
+    parser.add_argument(
+        "--methods", nargs="+", metavar="METHOD",
+        help="subset of methods, backprop always runs; default: all that apply. One of: "
+        + ", ".join(["backprop", "checkpoint", "reversible", "anchored", *FORWARD_METHODS]),
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     try:

@@ -2,7 +2,7 @@
 
 A :class:`Coupling` is the unit that :func:`revjax.reversible_scan` stacks. It is a pair of pure
 functions ``forward(params, x) -> y`` and ``inverse(params, y) -> x`` with ``x`` and ``y`` pytrees
-of the same structure, shapes and dtypes, plus two optional fields:
+of the same structure, shapes and dtypes, plus optional fields:
 
 * ``backward(params, y, y_bar) -> (x, x_bar, params_bar)``: a *fused* reconstruct-and-vjp step.
   Given a layer's output and its cotangent it returns the layer's input, the input cotangent and
@@ -62,8 +62,10 @@ class Coupling(NamedTuple):
 
     ``backward`` (optional) is a fused ``(params, y, y_bar) -> (x, x_bar, params_bar)`` step,
     ``log_det`` (optional) returns ``log|det dy/dx|``, ``map_branches`` (optional) rebuilds the
-    coupling with wrapped branches and ``vijp_step`` (optional) is the Moonwalk forward step
-    ``(params, x, x_bar) -> (y, y_bar, params_bar)``; see the module docstring.
+    coupling with wrapped branches, ``vijp_step`` (optional) is the Moonwalk forward step
+    ``(params, x, x_bar) -> (y, y_bar, params_bar)`` and ``aux`` (optional) ``(params, x) ->
+    side`` is side information the inverse needs (batch statistics), which ``reversible_scan``
+    stores per layer and passes as ``inverse(..., aux=side)``; see the module docstring.
     """
 
     forward: Callable[..., PyTree]
@@ -137,6 +139,12 @@ def _check_like(name: str, half_name: str, out: PyTree, half: PyTree) -> None:
             raise ValueError(
                 f"{name} must return an array shaped like {half_name}: expected "
                 f"{_describe(half)}, got {_describe(out)}"
+            )
+        complex_out = jnp.issubdtype(jnp.result_type(o), jnp.complexfloating)
+        if complex_out and not jnp.issubdtype(jnp.result_type(h), jnp.complexfloating):
+            raise TypeError(
+                f"{name} returned {jnp.result_type(o)} for the real {jnp.result_type(h)} half "
+                f"{half_name}; casting it into the stream would drop the imaginary part"
             )
 
 
@@ -245,6 +253,41 @@ def _affine_rule(bound: float) -> _CombineRule:
     return _CombineRule(combine, uncombine, vjp, solve, check, log_det)
 
 
+def _flax_module_kind(fn: Any) -> str | None:
+    """``"nnx"`` / ``"linen"`` when ``fn`` is a Flax module (checked by its classes' modules, so
+    revjax's core does not import flax), else None."""
+    for cls in type(fn).__mro__:
+        module = getattr(cls, "__module__", "") or ""
+        if module.startswith("flax.nnx"):
+            return "nnx"
+        if module.startswith("flax.linen"):
+            return "linen"
+    return None
+
+
+def _check_branch_functions(kind: str, **branches: Any) -> None:
+    """Refuses branches that are not pure ``fn(params, half[, key])`` functions, at construction
+    (they would otherwise fail inside the first scan with an unrelated message)."""
+    for name, fn in branches.items():
+        flax = _flax_module_kind(fn)
+        if flax == "nnx":
+            raise TypeError(
+                f"{kind}: branch {name} is an nnx.Module ({type(fn).__name__}), which holds its "
+                "own parameters; a branch is a pure function fn(params, half[, key]). Decorate a "
+                "block class with @revjax.nnx.reversible and stack it with revjax.nnx.Stack"
+            )
+        if flax == "linen":
+            raise TypeError(
+                f"{kind}: branch {name} is a linen Module ({type(fn).__name__}), which needs its "
+                "params bound by apply; use revjax.linen.linen_coupling(f_module, g_module)"
+            )
+        if not callable(fn):
+            raise TypeError(
+                f"{kind}: branch {name} must be a function {name}(params, half[, key]), got "
+                f"{type(fn).__name__} {fn!r}"
+            )
+
+
 def _feistel_coupling(
     f: Callable,
     g: Callable,
@@ -255,7 +298,17 @@ def _feistel_coupling(
     """``y1 = combine(x1, f(x2)); y2 = combine(x2, g(y1))`` with a fused backward step."""
 
     def branch(fn, name, half_name, p, other, half, key):
-        out = call_with_key(fn, p, other, key=key)
+        try:
+            out = call_with_key(fn, p, other, key=key)
+        except Exception as err:  # say where, then re-raise the branch's own error unchanged
+            other_name = "x2" if name == "f" else "y1"
+            err.add_note(
+                f"revjax: raised by {kind}'s branch {name}(params_{name}, {other_name}) with "
+                f"{other_name} of shape {_describe(other)} and params_{name} of shape "
+                f"{_describe(p)}; its output is combined with {half_name} of shape "
+                f"{_describe(half)}"
+            )
+            raise
         rule.check(f"{kind}: {name}", half_name, out, half)
         return out
 
@@ -363,6 +416,7 @@ def additive_coupling(f: Callable, g: Callable) -> Coupling:
       Branch outputs are cast to the dtype of the half they are added to, so a float32 stream
       stays float32 when f and g compute in bfloat16. ``log|det J| = 0`` (volume preserving).
     """
+    _check_branch_functions("additive_coupling", f=f, g=g)
     block = _feistel_coupling(
         f,
         g,
@@ -392,6 +446,7 @@ def affine_coupling(f: Callable, g: Callable, *, max_log_scale: float = 2.0) -> 
 
       and ``log_det(params, x) = sum(s_f(x2)) + sum(s_g(y1))`` over all elements, in float32.
     """
+    _check_branch_functions("affine_coupling", f=f, g=g)
     if not 0 < max_log_scale < math.inf:  # inf would give inf * tanh(raw / inf) = NaN
         raise ValueError(
             f"affine_coupling: max_log_scale must be finite and > 0, got {max_log_scale}"
@@ -542,3 +597,12 @@ def swap() -> Coupling:
         lambda wrap: swap(),  # no branches to wrap
         backward,  # a permutation: the same formula maps (x, x_bar) to (y, y_bar)
     )
+
+
+__all__ = [
+    "Coupling",
+    "additive_coupling",
+    "affine_coupling",
+    "sequence",
+    "swap",
+]

@@ -117,3 +117,12 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int = 256) -> float:
     counts = np.bincount(np.asarray(tokens).ravel(), minlength=vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+__all__ = [
+    "Split",
+    "TextSplit",
+    "load_digits",
+    "load_stdlib_text",
+    "unigram_entropy",
+]

@@ -252,6 +252,14 @@ def compare_gradients(
         objective = lambda p, x_: loss(scan(block, p, x_, key=key, **options))
         return jax.jit(jax.grad(objective, argnums=(0, 1)))(params, x)
 
+    if not isinstance(methods, Mapping) or not all(
+        isinstance(o, Mapping) for o in methods.values()
+    ):
+        raise TypeError(
+            "compare_gradients: methods maps a name to reversible_scan options, e.g. "
+            "{'float32 stream': {}, 'anchors 8': {'checkpoint_every': 8}}; got "
+            f"{type(methods).__name__} {methods!r}"[:400]
+        )
     rows = []
     for name, options in methods.items():
         unknown = set(options) - {"policy", "checkpoint_every"}
@@ -284,4 +292,14 @@ COMPARISON_COLUMNS = [
     ("param_grad_error", "param grad rel. error", ".2e"),
     ("input_grad_error", "input grad rel. error", ".2e"),
     ("exact", "bitwise equal", ""),
+]
+
+
+__all__ = [
+    "COMPARISON_COLUMNS",
+    "bitwise_equal",
+    "compare_gradients",
+    "format_table",
+    "reconstruction_report",
+    "relative_error",
 ]

@@ -346,3 +346,19 @@ def layerwise_branch(block: Coupling) -> Callable[..., jax.Array]:
         return reversible_scan(block, params, h, key=key)
 
     return branch
+
+
+__all__ = [
+    "actnorm",
+    "batch_norm",
+    "batch_norm_inference",
+    "batch_pool",
+    "conv1x1",
+    "init_actnorm",
+    "init_conv1x1",
+    "layerwise_branch",
+    "leaky_relu",
+    "permute",
+    "squeeze",
+    "update_running_stats",
+]

@@ -37,11 +37,24 @@ def _apply(module: nn.Module, rng_collection: str):
     return branch
 
 
+def _check_modules(where: str, f: Any, g: Any) -> None:
+    for name, module in (("f", f), ("g", g)):
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"{where}: {name} must be a flax.linen.Module, got {type(module).__name__}; "
+                "for a pure function use revjax.additive_coupling"
+            )
+
+
 def linen_coupling(f: nn.Module, g: nn.Module, *, rng_collection: str = "dropout") -> Coupling:
     """The additive coupling ``y1 = x1 + f(x2)``, ``y2 = x2 + g(y1)`` of two Linen modules.
 
     ``params = (variables_f, variables_g)``, each a Linen variable dict ``{"params": ...}``.
+
+    Raises:
+      TypeError: ``f`` or ``g`` is not a ``flax.linen.Module``.
     """
+    _check_modules("linen_coupling", f, g)
     return additive_coupling(_apply(f, rng_collection), _apply(g, rng_collection))
 
 
@@ -54,9 +67,16 @@ def init_linen_stack(
 
     Raises:
       ValueError: ``depth`` is not a positive int.
-      TypeError: a branch has variable collections other than ``"params"``.
+      TypeError: a branch has variable collections other than ``"params"``, ``f``/``g`` is not
+        a Linen module, or ``x`` is not a pair.
     """
+    _check_modules("init_linen_stack", f, g)
     depth = positive_int(depth, "depth", "init_linen_stack")
+    if not (isinstance(x, tuple | list) and len(x) == 2):
+        raise TypeError(
+            "init_linen_stack: x must be the pair of halves (x1, x2) (arrays or shape structs), "
+            f"got {type(x).__name__}{f' of shape {x.shape}' if hasattr(x, 'shape') else ''}"
+        )
     x1, x2 = x
 
     def init_layer(layer_key):
@@ -73,3 +93,9 @@ def init_linen_stack(
                 "backward pass re-runs each branch and would update mutable state twice"
             )
     return variables
+
+
+__all__ = [
+    "init_linen_stack",
+    "linen_coupling",
+]

@@ -51,6 +51,11 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Compil
 def memory_of(compiled: jax.stages.Compiled) -> CompiledMemory:
     """The memory analysis of an already compiled executable (``jax.jit(f).lower(...).compile()``),
     for callers that also run it and should not compile twice."""
+    if not hasattr(compiled, "memory_analysis"):
+        raise TypeError(
+            "memory_of: expected a compiled executable, jax.jit(f).lower(*args).compile(), got "
+            f"{type(compiled).__name__}; for a function use compiled_memory(f, *args)"
+        )
     analysis = compiled.memory_analysis()
     if analysis is None:  # some backends do not implement it
         raise RuntimeError(f"XLA on {jax.default_backend()} returned no memory analysis")
@@ -73,3 +78,11 @@ def device_peak_bytes(device: jax.Device | None = None) -> int | None:
     if not stats:
         return None
     return stats.get("peak_bytes_in_use")
+
+
+__all__ = [
+    "CompiledMemory",
+    "compiled_memory",
+    "device_peak_bytes",
+    "memory_of",
+]

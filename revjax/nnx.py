@@ -318,6 +318,12 @@ class Stack(nnx.Module):
         rng_stream: str = "dropout",
         **kwargs: Any,
     ):
+        if not isinstance(block, type):
+            raise TypeError(
+                f"revjax.nnx.Stack: pass the block class, not an instance: Stack("
+                f"{type(block).__name__}, depth, *args, rngs=rngs) builds depth instances "
+                "itself, each with its own initialisation"
+            )
         if not getattr(block, "__revjax_reversible__", False):
             raise TypeError(
                 f"revjax.nnx.Stack: {getattr(block, '__name__', block)!r} is not a reversible "
@@ -495,3 +501,12 @@ def restore_state(node: Any, path: str | Path) -> None:
                 f"{current.dtype}{list(current.shape)} in the module"
             )
         var.set_value(jnp.asarray(value))
+
+
+__all__ = [
+    "Stack",
+    "check_block",
+    "restore_state",
+    "reversible",
+    "save_state",
+]

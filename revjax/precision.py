@@ -375,3 +375,12 @@ def apply_policy(block: Coupling, policy: Policy | None) -> Coupling:
             else lambda wrap: apply_policy(remap(wrap), precision_only),
         )
     return block
+
+
+__all__ = [
+    "Policy",
+    "apply_policy",
+    "exact_policy",
+    "round_to_grid",
+    "to_stream",
+]

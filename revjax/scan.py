@@ -45,6 +45,22 @@ def layer_key(key: Key | None, layer: jax.Array | int) -> Key | None:
     return None if key is None else jax.random.fold_in(key, layer)
 
 
+def check_key(key: Key | None, *, where: str) -> None:
+    """Refuses anything but None or one PRNG key: a typed key (``jax.random.key``) of shape
+    ``()`` or a raw ``uint32`` key (``jax.random.PRNGKey``: ``[2]``, or ``[4]`` for ``rbg``)."""
+    if key is None:
+        return
+    dtype, shape = getattr(key, "dtype", None), jnp.shape(key) if hasattr(key, "shape") else None
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype == jnp.uint32 and shape in ((2,), (4,))
+    if not ((typed and shape == ()) or raw):
+        got = f"{type(key).__name__} {key!r}" if dtype is None else f"{dtype}{list(shape)}"
+        raise TypeError(
+            f"{where}: key must be one PRNG key, jax.random.key(seed) or "
+            f"jax.random.PRNGKey(seed), or None; got {got}"
+        )
+
+
 def stack_depth(params: PyTree, *, where: str = "reversible_scan") -> int:
     """The number of layers ``L``: the common leading axis of every leaf of ``params``.
 
@@ -353,6 +369,7 @@ def prepare_stack(
         raise TypeError(f"{where}: policy must be a revjax.precision.Policy, got {policy!r}")
     depth = stack_depth(params, where=where)
     check_stream(x, where=where)
+    check_key(key, where=where)
     if not isinstance(block, Coupling):
         raise TypeError(f"{where}: block must be a revjax.Coupling, got {type(block).__name__}")
     block, x = apply_policy(block, policy), to_stream(x, policy)
@@ -459,13 +476,19 @@ def inverse_scan(
     ``reversible_scan(..., return_aux=True)`` returned.
 
     Raises:
-      ValueError: the block has side information and ``aux`` is missing.
+      ValueError: the block has side information and ``aux`` is missing, or ``aux`` is given
+        for a block without side information.
     """
     block, y, depth, _ = prepare_stack(block, params, y, key, policy, "inverse_scan")
     if block.aux is not None and aux is None:
         raise ValueError(
             "inverse_scan: this block's inverse needs side information from the forward pass "
             "(e.g. batch statistics); pass aux= from reversible_scan(..., return_aux=True)"
+        )
+    if block.aux is None and aux is not None:
+        raise ValueError(
+            "inverse_scan: aux= was given but this block has no side information (only blocks "
+            "such as layers.batch_norm do), so it would be ignored; drop aux="
         )
 
     def body(y_, inputs):
@@ -475,3 +498,10 @@ def inverse_scan(
 
     x, _ = lax.scan(body, y, (params, jnp.arange(depth), aux), reverse=True)
     return x
+
+
+__all__ = [
+    "inverse_scan",
+    "plain_scan",
+    "reversible_scan",
+]

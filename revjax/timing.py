@@ -27,3 +27,8 @@ def median_ms(fn: Callable[..., Any], *args: Any, repeats: int = 10, warmup: int
         jax.block_until_ready(fn(*args))
         times.append(1e3 * (time.perf_counter() - start))
     return statistics.median(times)
+
+
+__all__ = [
+    "median_ms",
+]

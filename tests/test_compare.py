@@ -162,3 +162,12 @@ def test_json_output_is_strict_when_a_method_diverges(capsys, monkeypatch):
 
     record = json.loads(capsys.readouterr().out, parse_constant=refuse)
     assert record["rows"] == [{"method": "reversible", "grad_error": None, "ms": None}]
+
+
+def test_cli_help_states_defaults_and_method_names(capsys):
+    with pytest.raises(SystemExit):
+        cli(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: mlp)", "(default: 16)", "(default: float32)", "(default: 5)"):
+        assert default in text
+    assert "anchored, moonwalk, mixed_moonwalk, forward, projected_forward" in text

@@ -253,3 +253,28 @@ def test_bf16_branch_keeps_float32_stream():
     x = (jnp.ones((2, 3), jnp.float32), jnp.ones((2, 3), jnp.float32))
     y = block.forward((None, None), x)
     chex.assert_trees_all_equal_dtypes(y, x)
+
+
+def test_branches_that_are_not_pure_functions_are_refused_at_construction():
+    """Used to fail at the first scan: 'int' object is not callable, an unhashable tracer
+    inside nnx.Linear, or linen's CallCompactUnboundModuleError."""
+    from flax import linen, nnx
+
+    f = lambda p, h: h * p
+    with pytest.raises(TypeError, match=r"additive_coupling: branch f must be a function.*int 3"):
+        rj.additive_coupling(3, f)
+    with pytest.raises(TypeError, match=r"affine_coupling: branch g must be a function"):
+        rj.affine_coupling(f, None)
+    module = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"branch f is an nnx.Module \(Linear\).*nnx.reversible"):
+        rj.additive_coupling(module, f)
+    with pytest.raises(TypeError, match=r"branch g is a linen Module \(Dense\).*linen_coupling"):
+        rj.additive_coupling(f, linen.Dense(4))
+
+
+def test_complex_branch_output_into_a_real_stream_is_refused():
+    """It was cast into the real stream, silently dropping the imaginary part."""
+    block = rj.additive_coupling(lambda p, h: h * (1 + 1j) * p, lambda p, h: h * p)
+    x = (jnp.ones((2, 3)), jnp.ones((2, 3)))
+    with pytest.raises(TypeError, match=r"f returned complex64 for the real float32 half x1"):
+        block.forward((1.0, 1.0), x)

@@ -159,3 +159,12 @@ def test_reconstruction_report_zero_input_reconstructed_as_nonzero():
     assert np.all(np.isinf(np.asarray(report["relative_error"])))
     np.testing.assert_array_equal(np.asarray(report["snr"]), 0.0)
     assert np.all(np.asarray(report["snr_db"]) == -np.inf)
+
+
+@pytest.mark.parametrize("methods", [["float32"], {"float32": "default"}])
+def test_compare_gradients_names_the_expected_methods_mapping(methods):
+    """A list of names used to fail with "'list' object has no attribute 'items'"."""
+    from revjax.diagnostics import compare_gradients
+
+    with pytest.raises(TypeError, match=r"methods maps a name to reversible_scan options"):
+        compare_gradients(*_reference_stack(jnp.float32, depth=2), methods)

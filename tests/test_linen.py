@@ -70,3 +70,14 @@ def test_mutable_collections_and_bad_depth_are_refused():
         init_linen_stack(Branch(), Branch(), jax.random.key(0), 0, x)
     variables = init_linen_stack(Branch(), Branch(), jax.random.key(0), np.int64(2), x)
     assert {leaf.shape[0] for leaf in jax.tree.leaves(variables)} == {2}
+
+
+def test_non_linen_branches_and_an_unpaired_x_are_refused():
+    f = lambda p, h: h
+    with pytest.raises(TypeError, match=r"linen_coupling: f must be a flax.linen.Module, got"):
+        linen_coupling(f, Branch())
+    with pytest.raises(TypeError, match=r"init_linen_stack: g must be a flax.linen.Module"):
+        init_linen_stack(Branch(), f, jax.random.key(0), 2, (jnp.ones((4, DIM)),) * 2)
+    # One array of two rows used to be unpacked silently as (x[0], x[1]).
+    with pytest.raises(TypeError, match=r"x must be the pair of halves.*shape \(2, 4\)"):
+        init_linen_stack(Branch(), Branch(), jax.random.key(0), 2, jnp.ones((2, 4)))

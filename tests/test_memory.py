@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from revjax.memory import compiled_memory, device_peak_bytes
+from revjax.memory import compiled_memory, device_peak_bytes, memory_of
 
 
 def test_argument_and_output_bytes_are_exact():
@@ -42,3 +42,10 @@ def test_accepts_jitted_functions_and_concrete_arrays():
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU has no allocator statistics")
 def test_device_peak_is_none_on_cpu():
     assert device_peak_bytes() is None
+
+
+def test_memory_of_wants_a_compiled_executable():
+    fn = jax.jit(lambda x: x * 2)
+    with pytest.raises(TypeError, match=r"memory_of: expected a compiled executable.*PjitFunction"):
+        memory_of(fn)  # was AttributeError: no attribute 'memory_analysis'
+    assert memory_of(fn.lower(jnp.ones(4)).compile()).output_bytes == 16

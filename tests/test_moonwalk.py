@@ -317,6 +317,10 @@ def test_dense_rejects_width_increase_and_singular_jacobians():
     jitted = jax.jit(lambda w_, x_, a_: mw.vijp(flat, w_, x_, a_))
     with pytest.raises(jax.errors.JaxRuntimeError, match=r"dense\('flat'\): the layer is not"):
         jax.block_until_ready(jitted(w, x, a))
+    # An all-zero Jacobian is singular (its ratio was 0/0 and reported as non-finite).
+    zero = mw.dense(lambda p, x: 0 * x, name="zero")
+    with pytest.raises(ValueError, match=r"dense\('zero'\): the layer is not submersive"):
+        jax.block_until_ready(mw.vijp(zero, None, x, a))
     # A NaN input is reported as such, not as a singular Jacobian.
     tanh = mw.dense(lambda p, x: jnp.tanh(x @ p), name="tanh")
     with pytest.raises(ValueError, match=r"dense\('tanh'\): the Jacobian has non-finite entries"):
@@ -338,6 +342,43 @@ def test_value_and_grad_argument_errors():
         mw.value_and_grad(layers, scalar_loss, method="moonwalk")(params, x, *args)
     with pytest.raises(ValueError, match="expects a tuple of 2 per-layer params"):
         mw.value_and_grad(layers, loss, method="backprop")(params[0], x, *args)
+    # Not a Layer (an nnx module, a coupling): named, instead of an AttributeError.
+    for where, call in [
+        ("moonwalk.stack", lambda: mw.stack(rj.swap())),
+        ("value_and_grad", lambda: mw.value_and_grad(rj.swap(), loss, method="backprop")),
+        ("moonwalk.vijp", lambda: mw.vijp(rj.swap(), None, x, x)),
+        (r"chain\('chain'\) item 1", lambda: mw.chain(layers[0], rj.swap())),
+    ]:
+        with pytest.raises(TypeError, match=rf"{where}: expected a revjax.moonwalk Layer"):
+            call()
+
+
+@pytest.mark.parametrize("method", ["moonwalk", "forward", "projected_forward"])
+def test_forward_mode_methods_explain_a_custom_vjp_inside(method):
+    """A branch with revjax.activations.gelu (a custom_vjp) cannot be JVP'd; JAX's bare
+    'can't apply forward-mode autodiff' now carries a note naming the method and the way out,
+    which works: mixed Moonwalk takes the same network."""
+    f = lambda p, h: rj.activations.gelu(h @ p)
+    layer = mw.stack(mw.from_coupling(rj.additive_coupling(f, f)))
+    params = (0.1 * normal(0, (3, 4, 4)), 0.1 * normal(1, (3, 4, 4)))
+    x = (normal(2, (2, 4)), normal(3, (2, 4)))
+    loss = lambda y: jnp.sum(y[0] ** 2, -1) + jnp.sum(y[1] ** 2, -1)
+    with pytest.raises(TypeError, match="forward-mode") as info:
+        mw.value_and_grad(layer, loss, method=method)(params, x, key=jax.random.key(0))
+    assert any(f"method={method!r}) differentiates" in n for n in info.value.__notes__)
+    _, grads = mw.value_and_grad(layer, loss, method="mixed_moonwalk")(params, x)
+    _, reference = mw.value_and_grad(layer, loss, method="backprop")(params, x)
+    assert float(relative_error(grads, reference)) <= 1e-5
+
+
+def test_revbackprop_through_a_shape_changing_coupling_is_refused_by_name():
+    squeeze = mw.from_coupling(rj.layers.squeeze())
+    x = normal(0, (2, 4, 4, 2))
+    loss = lambda y: jnp.sum(y**2, (1, 2, 3))
+    with pytest.raises(TypeError, match=r"maps \(2, 4, 4, 2\) to \(2, 2, 2, 8\)"):
+        mw.value_and_grad(squeeze, loss, method="revbackprop")(None, x)
+    value, _ = mw.value_and_grad(squeeze, loss, method="mixed_moonwalk")(None, x)
+    assert np.isclose(float(value), float(jnp.mean(loss(x))))
 
 
 # --- dtypes, pytree types and composition ---------------------------------------------------

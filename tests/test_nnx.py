@@ -322,6 +322,11 @@ def test_branch_changing_the_half_shape_names_block_and_branch():
         stack(inputs())
 
 
+def test_an_instance_instead_of_the_block_class_is_refused():
+    with pytest.raises(TypeError, match=r"pass the block class, not an instance: Stack\(Block,"):
+        rnnx.Stack(Block(DIM, rngs=nnx.Rngs(0)), 2, rngs=nnx.Rngs(0))  # was an AttributeError
+
+
 @pytest.mark.parametrize("depth", [0, -1, 2.0, True])
 def test_bad_depth(depth):
     with pytest.raises(ValueError, match="depth must be a positive int"):

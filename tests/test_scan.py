@@ -361,6 +361,48 @@ def test_non_coupling_block_is_rejected():
         rj.reversible_scan(lambda p, x: x, jnp.ones((2, 1)), jnp.ones(3))
 
 
+@pytest.mark.parametrize(
+    ("key", "got"),
+    [
+        (3, "got int 3"),
+        (jax.random.split(jax.random.key(0), 3), r"got key<fry>\[3\]"),
+        (jnp.ones(2), r"got float32\[2\]"),
+    ],
+)
+def test_bad_key_is_rejected_by_name(key, got):
+    """An int key used to fail inside jax.random with 'invalid PRNG key data'."""
+    block = mlp_coupling()
+    params = init_mlp_stack(jax.random.key(0), 2, 4, 8)
+    x = (jnp.ones((2, 4)), jnp.ones((2, 4)))
+    with pytest.raises(TypeError, match=rf"reversible_scan: key must be one PRNG key.*{got}"):
+        rj.reversible_scan(block, params, x, key=key)
+    for good in (jax.random.key(1), jax.random.PRNGKey(1)):  # typed and raw keys both work
+        assert rj.reversible_scan(block, params, x, key=good)[0].shape == (2, 4)
+
+
+def test_inverse_scan_refuses_aux_for_a_block_without_side_information():
+    """aux= was silently ignored for such a block."""
+    block = mlp_coupling()
+    params = init_mlp_stack(jax.random.key(0), 2, 4, 8)
+    y = (jnp.ones((2, 4)), jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match="inverse_scan: aux= was given but this block has no"):
+        rj.inverse_scan(block, params, y, aux=jnp.ones(2))
+
+
+def test_an_error_inside_a_branch_is_annotated_with_where_and_shapes():
+    """Halves of different widths fail in the user's matmul; the error now says which branch
+    of which coupling, at which shapes (as a note: the branch's own exception is kept)."""
+    f = lambda p, h: jnp.tanh(h @ p)
+    params = (jnp.ones((3, 4, 4)), jnp.ones((3, 4, 4)))
+    with pytest.raises(TypeError, match="dot_general") as info:
+        rj.reversible_scan(rj.additive_coupling(f, f), params, (jnp.ones((2, 4)), jnp.ones((2, 5))))
+    assert any(
+        "additive_coupling's branch f(params_f, x2) with x2 of shape (2, 5) and params_f of "
+        "shape (4, 4); its output is combined with x1 of shape (2, 4)" in note
+        for note in getattr(info.value, "__notes__", [])
+    )
+
+
 # --- anchors (checkpoint_every) ------------------------------------------------------------
 
 

@@ -250,3 +250,19 @@ def resume(
     optimizer = make_optimizer(model, config)
     restore_state((model, optimizer), checkpoint)
     return model, optimizer, int(optimizer.step[...])
+
+
+__all__ = [
+    "VOCAB_SIZE",
+    "History",
+    "LMConfig",
+    "eval_step",
+    "evaluate",
+    "functional_train_step",
+    "make_model",
+    "make_optimizer",
+    "resume",
+    "sample_batch",
+    "train_lm",
+    "train_step",
+]

@@ -121,3 +121,12 @@ def residual_mlp_loss(activation: Any = jax.nn.gelu, *, checkpoint_policy: Any =
         return jnp.sum(y**2)
 
     return loss
+
+
+__all__ = [
+    "init_mlp",
+    "init_mlp_stack",
+    "mlp",
+    "mlp_coupling",
+    "residual_mlp_loss",
+]

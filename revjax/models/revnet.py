@@ -269,3 +269,14 @@ def revnet_logits(
     features = features.reshape(-1, x.shape[0], *features.shape[1:])  # (phases, N, h, w, C)
     pooled = jnp.mean(features, axis=(0, 2, 3))
     return pooled @ params["head"]["w"] + params["head"]["b"]
+
+
+__all__ = [
+    "conv3x3",
+    "conv_branch",
+    "init_revnet",
+    "revnet_block",
+    "revnet_features",
+    "revnet_features_inverse",
+    "revnet_logits",
+]

@@ -232,6 +232,11 @@ class ReversibleTransformer(nnx.Module):
         self.head = nnx.Linear(dim, vocab_size, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+            raise TypeError(
+                "ReversibleTransformer: tokens must be integer ids in [0, vocab_size), got "
+                f"{jnp.result_type(tokens)}{list(jnp.shape(tokens))}"
+            )
         length = tokens.shape[-1]
         if length > self.max_len:
             raise ValueError(
@@ -254,3 +259,12 @@ def next_token_loss(
         )
     logits = model(tokens[:, :-1], key=key)
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+__all__ = [
+    "CausalSelfAttention",
+    "FeedForward",
+    "ReversibleTransformer",
+    "TransformerBlock",
+    "next_token_loss",
+]

@@ -12,10 +12,11 @@ from jax.flatten_util import ravel_pytree
 
 from revjax._validate import positive_int
 from revjax.diagnostics import relative_error
-from revjax.moonwalk.layers import Layer, chain
+from revjax.moonwalk.layers import Layer, chain, check_layer
 
 PyTree = Any
 METHODS = ("backprop", "revbackprop", "moonwalk", "mixed_moonwalk", "forward", "projected_forward")
+FORWARD_MODE_METHODS = ("moonwalk", "forward", "projected_forward")  # JVP through the network
 
 
 def _check_per_example(shape: tuple[int, ...], batch: int) -> None:
@@ -112,7 +113,12 @@ def value_and_grad(
             f"value_and_grad: with_drift=True needs a Moonwalk method (a forward vijp sweep), "
             f"got method={method!r}"
         )
-    net = layers if isinstance(layers, Layer) else chain(*layers)
+    if isinstance(layers, Layer):
+        net = layers
+    elif isinstance(layers, list | tuple) and not hasattr(layers, "_fields"):  # no NamedTuple
+        net = chain(*layers)
+    else:
+        net = check_layer(layers, "value_and_grad")  # raises, naming what was given
     mean_loss = lambda y, *args: jnp.mean(loss_fn(y, *args))
 
     def backprop(params, x, *args, key=None):
@@ -121,11 +127,6 @@ def value_and_grad(
     def revbackprop(params, x, *args, key=None):
         return jax.value_and_grad(lambda p: mean_loss(net.reversible_forward(p, x), *args))(params)
 
-    def finish(loss, grads, h_end, h_y):
-        if not with_drift:
-            return loss, grads
-        return loss, grads, relative_error(h_end, h_y)
-
     def moonwalk(params, x, *args, key=None):
         forward_x = lambda x_: net.forward(params, x_)
         h0 = input_cotangent_by_jvps(forward_x, loss_fn, x, *args, chunk_size=chunk_size)
@@ -133,14 +134,14 @@ def value_and_grad(
         if not with_drift:
             return mean_loss(y, *args), grads
         loss, h_y = jax.value_and_grad(mean_loss)(y, *args)
-        return finish(loss, grads, h_end, h_y)
+        return loss, grads, relative_error(h_end, h_y)
 
     def mixed_moonwalk(params, x, *args, key=None):
         y, residuals = net.save_forward(params, x)
         loss, h_y = jax.value_and_grad(mean_loss)(y, *args)
         _, h0 = net.pull(params, residuals, y, h_y)
         _, h_end, grads = net.step(params, x, h0)
-        return finish(loss, grads, h_end, h_y)
+        return (loss, grads, relative_error(h_end, h_y)) if with_drift else (loss, grads)
 
     def like_params(grads, params):  # JVPs come out in the loss's dtype
         return jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, params)
@@ -180,6 +181,25 @@ def value_and_grad(
     def value_and_grad_fn(params, x, *loss_args, key=None):
         out = jax.eval_shape(lambda p, x_: loss_fn(net.forward(p, x_), *loss_args), params, x)
         _check_per_example(out.shape, jax.tree.leaves(x)[0].shape[0])
-        return implementation(params, x, *loss_args, key=key)
+        try:
+            return implementation(params, x, *loss_args, key=key)
+        except TypeError as err:
+            if method in FORWARD_MODE_METHODS and "forward-mode" in str(err):
+                err.add_note(
+                    f"revjax.moonwalk.value_and_grad(method={method!r}) differentiates the "
+                    "network in forward mode (JVPs), and a jax.custom_vjp inside it (e.g. "
+                    "revjax.activations.gelu/silu, or reversible_scan in a branch) has no "
+                    "forward-mode rule: use jax.nn activations in those layers, or "
+                    "method='mixed_moonwalk', whose input gradient comes from a reverse pass."
+                )
+            raise
 
     return value_and_grad_fn
+
+
+__all__ = [
+    "FORWARD_MODE_METHODS",
+    "METHODS",
+    "input_cotangent_by_jvps",
+    "value_and_grad",
+]

@@ -62,9 +62,19 @@ class Layer(NamedTuple):
         return self.revforward(params, x)
 
 
+def check_layer(layer: Any, where: str) -> Layer:
+    """``layer`` if it is a Moonwalk :class:`Layer`, else a ``TypeError`` saying how to get one."""
+    if not isinstance(layer, Layer):
+        raise TypeError(
+            f"{where}: expected a revjax.moonwalk Layer (from moonwalk.from_coupling, dense, "
+            f"leaky_relu, submersive_linear, chain or stack), got {type(layer).__name__}"
+        )
+    return layer
+
+
 def vijp(layer: Layer, params: PyTree, x: PyTree, cotangent: PyTree) -> PyTree:
     """The output cotangent ``b`` with ``b J = cotangent``, ``J = d forward / dx`` at ``x``."""
-    return layer.step(params, x, cotangent)[1]
+    return check_layer(layer, "moonwalk.vijp").step(params, x, cotangent)[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,6 +126,16 @@ def _reversible_single(block: Coupling, params: PyTree, x: PyTree) -> PyTree:
     """One coupling through :func:`reversible_scan` (a stack of ``L = 1``). A parameter-free
     block (an invertible activation, a squeeze) gets a zero-size dummy layer axis, since
     ``reversible_scan`` reads ``L`` from the params."""
+    out = jax.eval_shape(lambda p, x_: block.forward(p, x_), params, x)
+    if jax.tree.map(lambda a: (a.shape, a.dtype), out) != jax.tree.map(
+        lambda a: (jnp.shape(a), jnp.result_type(a)), x
+    ):
+        raise TypeError(
+            "method='revbackprop' runs couplings through reversible_scan, whose stream keeps "
+            "its shape from layer to layer; this block maps "
+            f"{jax.tree.map(jnp.shape, x)} to {jax.tree.map(lambda a: a.shape, out)} (e.g. a "
+            "squeeze). Use method='backprop' or 'mixed_moonwalk' for a network with it."
+        )
     if jax.tree.leaves(params):
         return reversible_scan(block, jax.tree.map(lambda a: jnp.asarray(a)[None], params), x)
     free = Coupling(
@@ -249,12 +269,12 @@ def submersive_linear(name: str = "submersive_linear") -> Layer:
 # Dense fallback: the explicit per-example Jacobian.
 
 
-def _raise_if_singular(ratio, *, name: str, tolerance: float):
+def _raise_if_singular(ratio, finite, *, name: str, tolerance: float):
     import numpy as np
 
-    ratio = np.asarray(ratio)
-    if not np.all(np.isfinite(ratio)):
-        rows = np.flatnonzero(~np.isfinite(ratio)).tolist()
+    ratio, finite = np.asarray(ratio), np.asarray(finite)
+    if not np.all(finite):
+        rows = np.flatnonzero(~finite).tolist()
         raise ValueError(
             f"dense({name!r}): the Jacobian has non-finite entries at batch rows {rows[:8]} (a "
             "NaN or inf in the input, the params or the layer), so the vijp is undefined"
@@ -304,7 +324,10 @@ def dense(
         jac = jax.vmap(jax.jacfwd(per_row, argnums=1), in_axes=(None, 0))(params, x)
         solve_dtype = jnp.promote_types(jac.dtype, jnp.float32)
         u, s, vt = jnp.linalg.svd(jac.astype(solve_dtype), full_matrices=False)
-        jax.debug.callback(_raise_if_singular, s[:, -1] / s[:, 0], name=name, tolerance=tolerance)
+        largest = s[:, 0]  # an all-zero Jacobian has ratio 0 (singular), not 0/0
+        ratio = jnp.where(largest > 0, s[:, -1] / jnp.where(largest > 0, largest, 1), 0.0)
+        finite = jnp.all(jnp.isfinite(jac), axis=(1, 2))
+        jax.debug.callback(_raise_if_singular, ratio, finite, name=name, tolerance=tolerance)
         coefficients = jnp.einsum("bn,bkn->bk", x_bar.astype(solve_dtype), vt) / s
         y_bar = jnp.einsum("bk,bjk->bj", coefficients, u).astype(y.dtype)
         return y, y_bar, pullback(y_bar)[0]
@@ -336,8 +359,7 @@ def chain(*layers: Layer, name: str = "chain") -> Layer:
     if not layers:
         raise ValueError(f"chain({name!r}) needs at least one layer")
     for i, layer in enumerate(layers):
-        if not isinstance(layer, Layer):
-            raise TypeError(f"chain({name!r}): item {i} is a {type(layer).__name__}, not a Layer")
+        check_layer(layer, f"chain({name!r}) item {i}")
     n = len(layers)
     keep_output = [
         layers[i].needs_output and i < n - 1 and not layers[i + 1].reconstructs for i in range(n)
@@ -404,7 +426,7 @@ def stack(layer: Layer, name: str | None = None) -> Layer:
     one layer's working set whatever ``L``. Mixed Moonwalk stores the stacked residuals (and the
     per-layer outputs only if the layer needs them and cannot reconstruct them).
     """
-    name = name or f"stack({layer.name})"
+    name = name or f"stack({check_layer(layer, 'moonwalk.stack').name})"
     keep_output = layer.needs_output and not layer.reconstructs
 
     def forward(params, x):
@@ -460,3 +482,17 @@ def stack(layer: Layer, name: str | None = None) -> Layer:
         needs_output=layer.needs_output,
         revforward=revforward,
     )
+
+
+__all__ = [
+    "Layer",
+    "chain",
+    "dense",
+    "from_coupling",
+    "init_submersive_linear",
+    "leaky_relu",
+    "stack",
+    "submersive_linear",
+    "submersive_weight",
+    "vijp",
+]
