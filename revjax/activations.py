@@ -185,7 +185,9 @@ def _branch_derivative(spec: _TwoBranch, x: jax.Array, y: jax.Array, right: jax.
     return jnp.where(jnp.logical_not(right) & (y == 0), 0.0, dfx)
 
 
-def _differentiable_recovery(spec: _TwoBranch) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def _differentiable_recovery(
+    spec: _TwoBranch, second_order: bool = True
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """:func:`_recover_input` with the implicit-function derivative ``dx/dy = 1 / f'(x)``.
 
     Differentiating the Newton iterations themselves (what a second-order ``jax.grad`` would
@@ -193,7 +195,9 @@ def _differentiable_recovery(spec: _TwoBranch) -> Callable[[jax.Array, jax.Array
     and the iterates' derivative is not ``1/f'``. The divisor is :func:`_branch_derivative`, the
     same value the first-order backward uses, so ``(dx/dy) (dy/dx) = 1`` exactly and the second
     derivative is ``f''(x_rec)``; where that value is 0 (underflowed left tail) the tangent is 0.
-    A third derivative raises ``NotImplementedError``."""
+    A third derivative raises ``NotImplementedError``, and so does a second one when
+    ``second_order`` is False (float16 activations: the cotangent of the saved output, about
+    ``f''/f'``, overflows float16's range of 65504 next to the minimum)."""
 
     @jax.custom_jvp
     def recover(y, right):
@@ -201,6 +205,12 @@ def _differentiable_recovery(spec: _TwoBranch) -> Callable[[jax.Array, jax.Array
 
     @recover.defjvp
     def recover_jvp(primals, tangents):
+        if not second_order:
+            raise NotImplementedError(
+                f"revjax.activations ({spec.name}): second derivatives of a float16 activation "
+                "are not supported (the saved output's cotangent, about f''/f', overflows "
+                "float16 next to the minimum); use bfloat16 or float32, or jax.nn"
+            )
         y, right = primals
         x = recover(y, right)
         return x, tangents[0] * _reciprocal_no_higher_order(_branch_derivative(spec, x, y, right))
@@ -227,7 +237,10 @@ def _reciprocal_jvp(primals, tangents):
 
 
 def _inverted(spec: _TwoBranch) -> Callable[[jax.Array], jax.Array]:
-    recover = _differentiable_recovery(spec)
+    recover_any, recover_first_order = (
+        _differentiable_recovery(spec),
+        _differentiable_recovery(spec, second_order=False),
+    )
 
     @jax.custom_vjp
     def activation(x):
@@ -241,6 +254,7 @@ def _inverted(spec: _TwoBranch) -> Callable[[jax.Array], jax.Array]:
         y, bits = residuals
         right = _unpack(bits, y.shape)
         y32 = y.astype(jnp.float32)
+        recover = recover_first_order if y.dtype == jnp.float16 else recover_any
         dfx = _branch_derivative(spec, recover(y32, right), y32, right)
         return ((g.astype(jnp.float32) * dfx).astype(g.dtype),)
 
@@ -272,7 +286,7 @@ def gelu(x: jax.Array, approximate: bool = True) -> jax.Array:
     forward-mode users (Moonwalk's ``dense`` fallback, ``method="forward"`` or
     ``"projected_forward"``) should keep ``jax.nn.gelu``. First and second derivatives (``grad``,
     ``grad`` of ``grad``, ``jax.jacrev(jax.grad(...))``); a third raises
-    ``NotImplementedError``."""
+    ``NotImplementedError``, as does a second for float16 (it overflows float16's range)."""
     x = _check_float(x, "gelu")
     return (_GELU_TANH if approximate else _GELU_ERF)(x)
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -254,14 +255,15 @@ def _affine_rule(bound: float) -> _CombineRule:
 
 
 def _flax_module_kind(fn: Any) -> str | None:
-    """``"nnx"`` / ``"linen"`` when ``fn`` is a Flax module (checked by its classes' modules, so
-    revjax's core does not import flax), else None."""
-    for cls in type(fn).__mro__:
-        module = getattr(cls, "__module__", "") or ""
-        if module.startswith("flax.nnx"):
-            return "nnx"
-        if module.startswith("flax.linen"):
-            return "linen"
+    """``"nnx"`` / ``"linen"`` when ``fn`` is a Flax module instance, else None. Flax is looked
+    up only if already imported (an object cannot be a module of an unimported library), so
+    revjax's core does not import it; flax's function wrappers (``nnx.jit(f)``) are not
+    modules and pass."""
+    nnx, linen = sys.modules.get("flax.nnx"), sys.modules.get("flax.linen")
+    if nnx is not None and isinstance(fn, nnx.Module):
+        return "nnx"
+    if linen is not None and isinstance(fn, linen.Module):
+        return "linen"
     return None
 
 

@@ -506,6 +506,7 @@ def restore_state(node: Any, path: str | Path) -> None:
 __all__ = [
     "Stack",
     "check_block",
+    "draws_random",
     "restore_state",
     "reversible",
     "save_state",

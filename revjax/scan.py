@@ -503,5 +503,6 @@ def inverse_scan(
 __all__ = [
     "inverse_scan",
     "plain_scan",
+    "reverse_sweep",
     "reversible_scan",
 ]

@@ -270,6 +270,10 @@ def test_branches_that_are_not_pure_functions_are_refused_at_construction():
         rj.additive_coupling(module, f)
     with pytest.raises(TypeError, match=r"branch g is a linen Module \(Dense\).*linen_coupling"):
         rj.additive_coupling(f, linen.Dense(4))
+    # Flax's function wrappers are not modules: nnx.jit(f) is a valid pure branch.
+    block = rj.additive_coupling(nnx.jit(f), f)
+    x = (jnp.ones((2, 3)), jnp.ones((2, 3)))
+    np.testing.assert_allclose(block.forward((2.0, 2.0), x)[1], 7.0)
 
 
 def test_complex_branch_output_into_a_real_stream_is_refused():

@@ -1,5 +1,6 @@
 """moonwalk: vijp inverts vjp per layer type; every method matches jax.grad; memory; bad input."""
 
+import collections
 import itertools
 
 import jax
@@ -351,6 +352,11 @@ def test_value_and_grad_argument_errors():
     ]:
         with pytest.raises(TypeError, match=rf"{where}: expected a revjax.moonwalk Layer"):
             call()
+    # Any other iterable of layers is a chain, as before (a NamedTuple of layers included).
+    Net = collections.namedtuple("Net", [f"layer{i}" for i in range(len(layers))])
+    for sequence in (list(layers), tuple(layers), Net(*layers), (layer for layer in layers)):
+        _, grads = mw.value_and_grad(sequence, loss, method="backprop")(params, x, *args)
+        assert len(grads) == len(layers)
 
 
 @pytest.mark.parametrize("method", ["moonwalk", "forward", "projected_forward"])
@@ -375,7 +381,7 @@ def test_revbackprop_through_a_shape_changing_coupling_is_refused_by_name():
     squeeze = mw.from_coupling(rj.layers.squeeze())
     x = normal(0, (2, 4, 4, 2))
     loss = lambda y: jnp.sum(y**2, (1, 2, 3))
-    with pytest.raises(TypeError, match=r"maps \(2, 4, 4, 2\) to \(2, 2, 2, 8\)"):
+    with pytest.raises(TypeError, match=r"maps float32\[2, 4, 4, 2\] to float32\[2, 2, 2, 8\]"):
         mw.value_and_grad(squeeze, loss, method="revbackprop")(None, x)
     value, _ = mw.value_and_grad(squeeze, loss, method="mixed_moonwalk")(None, x)
     assert np.isclose(float(value), float(jnp.mean(loss(x))))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -11,6 +11,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from revjax._validate import positive_int
+from revjax.coupling import Coupling
 from revjax.diagnostics import relative_error
 from revjax.moonwalk.layers import Layer, chain, check_layer
 
@@ -115,10 +116,11 @@ def value_and_grad(
         )
     if isinstance(layers, Layer):
         net = layers
-    elif isinstance(layers, list | tuple) and not hasattr(layers, "_fields"):  # no NamedTuple
-        net = chain(*layers)
-    else:
+    elif isinstance(layers, Coupling) or not isinstance(layers, Iterable):
+        # A Coupling is a NamedTuple, so it would otherwise be taken for a list of layers.
         net = check_layer(layers, "value_and_grad")  # raises, naming what was given
+    else:
+        net = chain(*layers)
     mean_loss = lambda y, *args: jnp.mean(loss_fn(y, *args))
 
     def backprop(params, x, *args, key=None):

@@ -127,14 +127,13 @@ def _reversible_single(block: Coupling, params: PyTree, x: PyTree) -> PyTree:
     block (an invertible activation, a squeeze) gets a zero-size dummy layer axis, since
     ``reversible_scan`` reads ``L`` from the params."""
     out = jax.eval_shape(lambda p, x_: block.forward(p, x_), params, x)
-    if jax.tree.map(lambda a: (a.shape, a.dtype), out) != jax.tree.map(
-        lambda a: (jnp.shape(a), jnp.result_type(a)), x
-    ):
+    describe = lambda tree: jax.tree.map(lambda a: f"{jnp.result_type(a)}{list(a.shape)}", tree)
+    if describe(out) != describe(x):
         raise TypeError(
             "method='revbackprop' runs couplings through reversible_scan, whose stream keeps "
-            "its shape from layer to layer; this block maps "
-            f"{jax.tree.map(jnp.shape, x)} to {jax.tree.map(lambda a: a.shape, out)} (e.g. a "
-            "squeeze). Use method='backprop' or 'mixed_moonwalk' for a network with it."
+            "its shape and dtype from layer to layer; this block maps "
+            f"{describe(x)} to {describe(out)} (e.g. a squeeze). Use method='backprop' or "
+            "'mixed_moonwalk' for a network with it."
         )
     if jax.tree.leaves(params):
         return reversible_scan(block, jax.tree.map(lambda a: jnp.asarray(a)[None], params), x)
