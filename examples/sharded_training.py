@@ -40,6 +40,25 @@ from revjax.models.lm_training import sample_batch
 from revjax.models.transformer import ReversibleTransformer, next_token_loss
 
 
+def _mesh_shape(parser: argparse.ArgumentParser, mesh: str, batch: int) -> tuple[int, int]:
+    """``(data, model)`` from ``--mesh D,M``; exits with a usage error naming ``--mesh`` or
+    ``--batch`` when the mesh is malformed, needs more devices than there are, or does not
+    divide the batch (JAX would fail later, and less clearly)."""
+    parts = mesh.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        parser.error(f"--mesh takes two positive ints DATA,MODEL (e.g. 2,4), got {mesh!r}")
+    data, model_axis = (int(p) for p in parts)
+    if data * model_axis > jax.device_count():
+        parser.error(
+            f"--mesh {data},{model_axis} needs {data * model_axis} devices, there are "
+            f"{jax.device_count()} (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N "
+            "simulates N)"
+        )
+    if batch % data:
+        parser.error(f"--batch {batch} must be divisible by the data axis of --mesh ({data})")
+    return data, model_axis
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mesh", default="2,4", help="devices along (data, model)")
@@ -61,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
             process_id=args.process_id,
         )
 
-    data, model_axis = map(int, args.mesh.split(","))
+    data, model_axis = _mesh_shape(parser, args.mesh, args.batch)
     mesh = jax.make_mesh((data, model_axis), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     with jax.set_mesh(mesh):
         model = ReversibleTransformer(

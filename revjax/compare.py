@@ -226,9 +226,11 @@ def compare(
                 raise ValueError(f"compare: {m} for {model} at L = {depth}: {unavailable[m]}")
         unknown = [m for m in methods if m not in available]
         if unknown:
+            offered = sorted({name.split(" ")[0] for name in names})
+            not_offered = f" ({', '.join(unavailable)} not offered)" if unavailable else ""
             raise ValueError(
                 f"compare: unknown methods {unknown} for {model}; choose from "
-                f"{sorted({name.split(' ')[0] for name in names} | set(unavailable))}"
+                f"{offered}{not_offered}"
             )
         names = list(dict.fromkeys(["backprop", *(available[m] for m in methods)]))
         skipped = []
@@ -314,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--methods", nargs="+", metavar="METHOD",
-        help="subset of methods, backprop always runs; default: all that apply. One of: "
-        + ", ".join(["backprop", "checkpoint", "reversible", "anchored", *FORWARD_METHODS]),
+        help="subset of methods, backprop always runs; default: all that apply. "
+        "All models: backprop, checkpoint, reversible; mlp and transformer: anchored; mlp: "
+        + ", ".join(FORWARD_METHODS) + "; revnet: across_stages",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)

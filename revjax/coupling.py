@@ -51,6 +51,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 Key = Any
@@ -123,6 +124,11 @@ def _describe(tree: PyTree) -> str:
     return str(jax.tree.map(lambda a: f"{jnp.shape(a)}", tree))
 
 
+def _type_name(value: Any) -> str:
+    """``"array"`` for any JAX/NumPy array (a tracer under jit included), else the type's name."""
+    return "array" if isinstance(value, jax.Array | np.ndarray) else type(value).__name__
+
+
 def _check_like(name: str, half_name: str, out: PyTree, half: PyTree) -> None:
     """Raises unless ``out`` has exactly the structure and leaf shapes of ``half``.
 
@@ -155,7 +161,7 @@ def _split_halves(x: PyTree, where: str) -> tuple[PyTree, PyTree]:
     if not (type(x) is tuple and len(x) == 2):
         raise TypeError(
             f"{where}: a Feistel coupling acts on a tuple of two halves (x1, x2); got "
-            f"{type(x).__name__} {_describe(x)}"
+            f"{_type_name(x)} {_describe(x)}"
             + ("; pass tuple(x)" if isinstance(x, tuple | list) and len(x) == 2 else "")
         )
     return x[0], x[1]
@@ -165,7 +171,7 @@ def _split_params(params: PyTree, where: str) -> tuple[PyTree, PyTree]:
     if not (isinstance(params, tuple | list) and len(params) == 2):
         raise TypeError(
             f"{where}: params must be a pair (params_f, params_g), one per branch; got "
-            f"{type(params).__name__} {_describe(params)}"
+            f"{_type_name(params)} {_describe(params)}"
         )
     return params[0], params[1]
 
@@ -309,6 +315,12 @@ def _feistel_coupling(
                 f"{other_name} of shape {_describe(other)} and params_{name} of shape "
                 f"{_describe(p)}; its output is combined with {half_name} of shape "
                 f"{_describe(half)}"
+                + (
+                    ", and with a PRNG key as third argument because key= was given (a branch "
+                    "without randomness may take and ignore it: fn(params, half, key=None))"
+                    if key is not None
+                    else ""
+                )
             )
             raise
         rule.check(f"{kind}: {name}", half_name, out, half)

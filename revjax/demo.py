@@ -198,12 +198,19 @@ def run(
 def main(argv: list[str] | None = None) -> None:
     """``python -m revjax demo [options]``; ``--help`` lists them."""
     parser = argparse.ArgumentParser(
-        prog="python -m revjax demo", description=__doc__.splitlines()[0]
+        prog="python -m revjax demo", description=__doc__.splitlines()[0].replace("``", "")
     )
-    parser.add_argument("--depth", type=int, default=8, help="layers trained")
-    parser.add_argument("--deep", type=int, default=64, help="second depth for the memory column")
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--depth", type=int, default=8, help="layers trained (default: 8)")
+    parser.add_argument(
+        "--deep", type=int, default=64, help="second depth for the memory column (default: 64)"
+    )
+    parser.add_argument("--epochs", type=int, default=12, help="training epochs (default: 12)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of split, init, shuffling (default: 0)",
+    )
     parser.add_argument("--json", default=None, help="also write the table and run time here")
     args = parser.parse_args(argv)
     for name in ("depth", "deep", "epochs"):

@@ -169,14 +169,16 @@ def reconstruction_report(
     input reconstructed as nonzero gives error inf and SNR 0 (-inf dB). Norms are over all
     stream leaves jointly, in float32; the
     stream and the block compute in the policy's dtypes (or whatever dtypes the caller gives
-    them), so a bfloat16 stream shows its drift here. ``steps[l] = L - l`` counts the inverse
-    steps behind ``x_rec_l`` since the last exact restart (the output, or an anchor).
+    them), so a bfloat16 stream shows its drift here. ``steps[l]`` counts the inverse steps behind
+    ``x_rec_l`` since the last exact restart: ``L - l`` from the output without anchors; with
+    ``checkpoint_every=k``, the distance to the next anchor above (e.g. ``[3, 2, 1, 3, 2, 1]``
+    for ``L = 6, k = 3``).
 
     Returns:
       A dict of ``(L,)`` arrays: ``layer``, ``steps``, ``relative_error``, ``snr``, ``snr_db``.
     """
     block, x, depth, _ = prepare_stack(block, params, x, key, policy, "reconstruction_report")
-    every = anchor_interval(depth, checkpoint_every)
+    every = anchor_interval(depth, checkpoint_every, "reconstruction_report")
     layers = jnp.arange(depth)
 
     def forward(x_, inputs):

@@ -244,7 +244,16 @@ def conv1x1(permutation: Any = None) -> Coupling:
         upper = jnp.triu(params["upper"], 1) + jnp.diag(jnp.exp(params["log_scale"]))
         return lower, upper
 
+    def check_permutation_fits(params):
+        c = params["log_scale"].shape[-1]
+        if perm is not None and perm.size != c:
+            raise ValueError(
+                f"conv1x1: permutation has {perm.size} entries but the params have {c} "
+                "channels (log_scale's length)"
+            )
+
     def weight(params):
+        check_permutation_fits(params)
         lower, upper = factors(params)
         w = lower @ upper
         return w if perm is None else w[perm]  # rows permuted: (P W)[i] = W[perm[i]]
@@ -255,6 +264,7 @@ def conv1x1(permutation: Any = None) -> Coupling:
 
     def inverse(params, y, key=None):
         _channels(y, params["log_scale"].shape[-1], "conv1x1")
+        check_permutation_fits(params)
         lower, upper = factors(params)
         rows = y.reshape(-1, y.shape[-1]).T  # x P L U = y  <=>  U^T L^T P^T x^T = y^T
         z = solve_triangular(upper.T, rows, lower=True)

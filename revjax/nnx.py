@@ -331,10 +331,8 @@ class Stack(nnx.Module):
             )
         depth = positive_int(depth, "depth", f"revjax.nnx.Stack({block.__name__})")
         _check_method(method)
-        try:  # refuse a bad anchor interval now, not at the first call
-            anchor_interval(depth, checkpoint_every)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"revjax.nnx.Stack({block.__name__}): {err}") from None
+        # Refuse a bad anchor interval now, not at the first call.
+        anchor_interval(depth, checkpoint_every, f"revjax.nnx.Stack({block.__name__})")
         if policy is not None and not isinstance(policy, Policy):
             raise TypeError(
                 f"revjax.nnx.Stack({block.__name__}): policy must be a revjax.precision.Policy "
@@ -446,7 +444,10 @@ def _named(where: str):
                 "; reversible_scan has a custom reverse-mode rule only: for jvp/jacfwd use "
                 'nnx.view(model, method="backprop") (the twin with the same parameters)'
             )
-        raise type(err)(f"{where}: {err}{hint}") from err
+        named = type(err)(f"{where}: {err}{hint}")
+        for note in getattr(err, "__notes__", ()):  # e.g. the coupling's note naming the branch
+            named.add_note(note)
+        raise named from err
 
 
 def _check_method(method: Any) -> None:

@@ -139,12 +139,16 @@ def check_block(block: Coupling, params: PyTree, x: PyTree, key: Key | None, *, 
         )
 
 
-def anchor_interval(depth: int, checkpoint_every: int | None) -> int:
+def anchor_interval(
+    depth: int, checkpoint_every: int | None, where: str = "reversible_scan"
+) -> int:
     """The number of layers between stored anchors: ``checkpoint_every``, or ``depth`` (one
     segment, nothing stored but the output) when it is None.
 
     Raises:
-      ValueError: ``checkpoint_every`` is not a positive integer dividing ``depth``.
+      TypeError: ``checkpoint_every`` is not an integer (bool, float); the message starts with
+        ``where``.
+      ValueError: ``checkpoint_every`` is not a positive integer dividing ``depth``; likewise.
     """
     if checkpoint_every is None:
         return depth
@@ -155,13 +159,14 @@ def anchor_interval(depth: int, checkpoint_every: int | None) -> int:
         checkpoint_every = operator.index(checkpoint_every)
     except TypeError:
         raise TypeError(
-            f"checkpoint_every must be an int or None, got {type(checkpoint_every).__name__}"
+            f"{where}: checkpoint_every must be an int or None, got "
+            f"{type(checkpoint_every).__name__}"
         ) from None
     if checkpoint_every < 1 or depth % checkpoint_every:
         divisors = [d for d in range(1, depth + 1) if depth % d == 0]
         raise ValueError(
-            f"checkpoint_every={checkpoint_every} must be a positive divisor of the number of "
-            f"layers L={depth}; valid values: {divisors}"
+            f"{where}: checkpoint_every={checkpoint_every} must be a positive divisor of the "
+            f"number of layers L={depth}; valid values: {divisors}"
         )
     return checkpoint_every
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -84,6 +85,21 @@ def test_bad_arguments():
         compare("mlp", 4, methods="reversible")
     with pytest.raises(ValueError, match="repeats must be a positive int"):
         compare("mlp", 4, repeats=0)
+    # revnet offers across_stages, not anchored; the list named methods revnet does not run.
+    with pytest.raises(
+        ValueError, match=r"\['anchored'\] for revnet; choose from \[(.*)\]"
+    ) as info:
+        compare("revnet", 2, methods=["anchored"])
+    offered = re.search(r"choose from \[(.*?)\]", str(info.value)).group(1)
+    assert "'across_stages'" in offered and "moonwalk" not in offered, offered
+    assert "moonwalk" in str(info.value).split("]")[-1]  # listed as not offered, apart
+
+
+def test_cli_help_lists_methods_per_model(capsys):
+    with pytest.raises(SystemExit):
+        cli(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "revnet: across_stages" in text and "mlp and transformer: anchored" in text
 
 
 def test_method_selection_by_short_or_full_label():

@@ -220,8 +220,11 @@ def test_affine_branch_must_return_pair():
 
 def test_stream_must_be_a_pair():
     block = rj.additive_coupling(dense, dense)
-    with pytest.raises(TypeError, match=r"tuple of two halves"):
+    with pytest.raises(TypeError, match=r"tuple of two halves \(x1, x2\); got array \(2, 4\)"):
         block.forward((None, None), jnp.ones((2, 4)))
+    # Under jit the array is a tracer: still called an array, not DynamicJaxprTracer.
+    with pytest.raises(TypeError, match=r"tuple of two halves \(x1, x2\); got array \(2, 4\)"):
+        jax.jit(lambda x: block.forward((None, None), x))(jnp.ones((2, 4)))
     # A list pair would come back as a tuple and break a scan's carry later: refused up front.
     with pytest.raises(TypeError, match=r"got list .*; pass tuple\(x\)"):
         block.forward((None, None), [jnp.ones((2, 4)), jnp.ones((2, 4))])

@@ -1,6 +1,7 @@
 """The demo trains all three methods to the same accuracy and reports flat reversible memory."""
 
 import json
+import re
 
 import pytest
 
@@ -32,6 +33,13 @@ def test_cli_usage(capsys):
     assert main(["nonsense"]) == 2
     captured = capsys.readouterr()
     assert "unknown command 'nonsense'" in captured.err and captured.out == ""
+    # Subcommand help: plain text (no reST backticks) and every option's default.
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "``" not in text
+    for option in ("--depth", "--deep", "--epochs", "--seed"):
+        assert re.search(rf"{option} \S+ [^-]*\(default: \d+\)", text), (option, text)
 
 
 @pytest.mark.parametrize(

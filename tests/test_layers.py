@@ -126,6 +126,11 @@ def test_bad_shapes_and_permutations_are_rejected():
         layers.conv1x1([0, 0, 1])
     with pytest.raises(ValueError, match=r"conv1x1: expected 3 channels"):
         layers.conv1x1().forward(layers.init_conv1x1(jax.random.key(0), 3), jnp.ones((2, 4)))
+    # A permutation of the wrong length failed inside dot_general / a reshape.
+    four = layers.init_conv1x1(jax.random.key(0), 4)
+    for run in (layers.conv1x1([1, 0]).forward, layers.conv1x1([1, 0]).inverse):
+        with pytest.raises(ValueError, match=r"conv1x1: permutation has 2 entries but .* 4 chan"):
+            run(four, jnp.ones((2, 4)))
 
 
 def test_layerwise_chain_loses_snr_much_faster_than_couplings():

@@ -13,6 +13,7 @@ from revjax import moonwalk as mw
 from revjax.diagnostics import relative_error
 from revjax.memory import compiled_memory
 from revjax.models.mlp import init_mlp_stack, mlp, mlp_coupling
+from revjax.moonwalk.gradients import first_coupled_example
 
 
 def normal(seed, shape, scale=1.0):
@@ -255,17 +256,53 @@ def test_drift_witnesses_the_sweeps_round_off_amplification(method):
         assert float(drift) >= error, (depth, slope, error, drift)
 
 
-def test_pure_moonwalk_needs_losses_that_do_not_couple_examples():
-    """Documented limitation (README, value_and_grad): the input gradient by JVPs assumes
-    example b's loss depends on example b only. A loss that subtracts the batch mean breaks it:
-    pure Moonwalk is then wrong (measured relative error 0.96), mixed Moonwalk is not."""
+def test_pure_moonwalk_refuses_losses_and_layers_that_couple_examples():
+    """Pure Moonwalk's input gradient by JVPs assumes example b's loss depends on example b
+    only. A loss subtracting the batch mean broke it silently (measured relative error 0.96
+    before the check); now probe JVPs find the coupling and it raises, eagerly and under jit,
+    naming mixed Moonwalk, which is right on the same loss."""
     layers, params, x, _, _ = submersive_mlp(widths=(6, 4, 3), batch=5)
     coupled = lambda y: jnp.sum((y - y.mean(0)) ** 2, axis=-1)
     _, reference = mw.value_and_grad(layers, coupled, method="backprop")(params, x)
-    _, pure = mw.value_and_grad(layers, coupled, method="moonwalk")(params, x)
     _, mixed = mw.value_and_grad(layers, coupled, method="mixed_moonwalk")(params, x)
     assert float(relative_error(mixed, reference)) <= 1e-5
-    assert float(relative_error(pure, reference)) >= 0.1
+    pure = mw.value_and_grad(layers, coupled, method="moonwalk")
+    message = r"loss of example \d+ depends on the input of another example.*mixed_moonwalk"
+    for fn in (pure, jax.jit(pure)):
+        with pytest.raises((ValueError, jax.errors.JaxRuntimeError), match=message):
+            jax.block_until_ready(fn(params, x))
+    # A coupling inside a layer (a batch mean subtracted from the activations) and pairings of
+    # examples 1, 2 or 4 apart in the loss are caught too.
+    centred = mw.chain(mw.dense(lambda p, a: a - a.mean(0), name="centre"), *layers)
+    independent = lambda y: 0.5 * jnp.sum(y**2, axis=-1)
+    with pytest.raises((ValueError, jax.errors.JaxRuntimeError), match=message):
+        jax.block_until_ready(
+            mw.value_and_grad(centred, independent, method="moonwalk")(((), *params), x)
+        )
+    for shift in (1, 2, 4):  # 2 and 4 pair examples of the same parity, missed by a parity check
+        paired = lambda y, s=shift: jnp.sum(y * jnp.roll(y, s, axis=0), axis=-1)
+        with pytest.raises((ValueError, jax.errors.JaxRuntimeError), match=message):
+            jax.block_until_ready(mw.value_and_grad(layers, paired, method="moonwalk")(params, x))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5, 8])
+def test_coupling_check_passes_independent_examples_and_catches_every_pair(batch):
+    """No false alarm: independent examples give exactly zero cross-example tangents, at any
+    batch size (a batch of 1 has nothing to couple), also with a non-finite loss (NaN tangents
+    are not taken for coupling). And one example's loss reading any other example is found."""
+    layers, params, x, _, _ = submersive_mlp(widths=(6, 4, 3), batch=batch)
+    net = mw.chain(*layers)
+    forward = lambda x_: net.forward(params, x_)
+    loss = lambda y: 0.5 * jnp.sum(y**2, axis=-1)
+    assert int(first_coupled_example(forward, loss, x)) == -1
+    assert int(first_coupled_example(forward, lambda y: loss(y) * jnp.nan, x)) == -1
+    _, reference = mw.value_and_grad(layers, loss, method="backprop")(params, x)
+    _, pure = jax.jit(mw.value_and_grad(layers, loss, method="moonwalk"))(params, x)
+    assert float(relative_error(pure, reference)) <= 1e-5
+    # Every ordered pair is caught, with the index of the example whose loss reads another's.
+    for reader, read in itertools.permutations(range(batch), 2):
+        leak = lambda y, r=reader, a=read: loss(y) + jnp.zeros(batch).at[r].set(jnp.sum(y[a]))
+        assert int(first_coupled_example(forward, leak, x, chunk_size=1)) == reader
 
 
 def test_pure_moonwalk_input_jvps_run_chunk_size_at_a_time():
@@ -339,8 +376,12 @@ def test_value_and_grad_argument_errors():
     with pytest.raises(ValueError, match="needs key="):
         mw.value_and_grad(layers, loss, method="projected_forward")(params, x, *args)
     scalar_loss = lambda y, t: jnp.sum((y - t) ** 2)
-    with pytest.raises(ValueError, match=r"shape \(batch,\) = \(3,\); got shape \(\)"):
+    with pytest.raises(ValueError, match=r"shape \(batch,\) = \(3,\).*got shape \(\) \(a scalar"):
         mw.value_and_grad(layers, scalar_loss, method="moonwalk")(params, x, *args)
+    # One example without its batch axis: its width (6) was taken for the batch, unexplained.
+    per_example = lambda y, t: jnp.sum((y - t) ** 2, axis=-1)
+    with pytest.raises(ValueError, match=r"= \(6,\), batch being x's leading axis.*leading batch"):
+        mw.value_and_grad(layers, per_example, method="moonwalk")(params, x[0], args[0][0])
     with pytest.raises(ValueError, match="expects a tuple of 2 per-layer params"):
         mw.value_and_grad(layers, loss, method="backprop")(params[0], x, *args)
     # Not a Layer (an nnx module, a coupling): named, instead of an AttributeError.

@@ -248,6 +248,18 @@ def test_eval_mode_turns_dropout_off_and_keeps_the_method():
     assert max_relative_error(grads, nnx.grad(loss_of)(twin, x, None)) <= 1e-5
 
 
+def test_the_twin_shares_parameters_not_modes():
+    """README: a view taken before ``model.eval()`` keeps its dropout on until ``twin.eval()``."""
+    stack, x = make_stack(0.5), inputs()
+    twin = nnx.view(stack, method="backprop")
+    stack.eval()
+    y_eval = stack(x)
+    y_twin = twin(x, key=jax.random.key(0))  # dropout still on in the twin
+    assert float(jnp.max(jnp.abs(y_twin[0] - y_eval[0]))) > 0.1
+    twin.eval()
+    assert max_relative_error(twin(x), y_eval) <= 1e-5
+
+
 def test_forward_mode_in_eval_mode_points_to_the_twin():
     """Eval mode keeps the reversible method, whose custom_vjp has no forward-mode rule: the
     error says which view supports jvp, and that view does."""
@@ -320,6 +332,23 @@ def test_branch_changing_the_half_shape_names_block_and_branch():
     stack = rnnx.Stack(Widening, 2, DIM, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"Stack\(Widening\).*f must return.*\(6, 8\).*\(6, 9\)"):
         stack(inputs())
+
+
+def test_an_exception_inside_a_branch_keeps_the_note_naming_the_branch():
+    """Stack re-raises with its own name in front; the coupling's note (branch and shapes)
+    was left on ``__cause__`` only, so ``str``/logs lost it."""
+
+    @rnnx.reversible
+    class Linear(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f, self.g = nnx.Linear(dim, dim, rngs=rngs), nnx.Linear(dim, dim, rngs=rngs)
+
+    stack = rnnx.Stack(Linear, 2, DIM, rngs=nnx.Rngs(0))
+    halves = (jnp.ones((BATCH, DIM + 1)), jnp.ones((BATCH, DIM + 1)))  # Linear expects DIM
+    with pytest.raises(TypeError, match=r"^Stack\(Linear\): dot_general") as info:
+        stack(halves)
+    notes = getattr(info.value, "__notes__", [])
+    assert any("branch f" in note and f"({BATCH}, {DIM + 1})" in note for note in notes), notes
 
 
 def test_an_instance_instead_of_the_block_class_is_refused():

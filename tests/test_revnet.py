@@ -152,3 +152,14 @@ def test_bad_inputs_are_refused_with_the_expected_values():
     assert revnet_logits(params, np.ones((2, 8, 8, 1))).shape == (2, 10)
     flat = init_revnet(jax.random.key(0), stages=0, in_channels=3)
     assert revnet_logits(flat, jnp.ones((2, 8, 8, 3))).shape == (2, 10)
+    # Sizes are checked at construction (blocks=0 failed only at the first call, stages=-1 with
+    # an IndexError, hidden=0 built empty weights).
+    for kwargs, message in [
+        ({"stages": -1}, "stages \\(or 0 for no trunk\\) must be a positive int, got -1"),
+        ({"blocks": 0}, "blocks must be a positive int, got 0"),
+        ({"hidden": 0}, "hidden must be a positive int, got 0"),
+        ({"in_channels": 2.0}, "in_channels must be a positive int, got 2.0"),
+        ({"num_classes": 0}, "num_classes must be a positive int, got 0"),
+    ]:
+        with pytest.raises(ValueError, match=rf"init_revnet: {message}"):
+            init_revnet(jax.random.key(0), **kwargs)

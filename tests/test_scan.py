@@ -1,5 +1,6 @@
 """reversible_scan: gradients equal plain backprop, keys replay, vmap/jit, memory, bad input."""
 
+import re
 from typing import NamedTuple
 
 import chex
@@ -380,6 +381,22 @@ def test_bad_key_is_rejected_by_name(key, got):
         assert rj.reversible_scan(block, params, x, key=good)[0].shape == (2, 4)
 
 
+def test_unstacked_params_with_a_shared_first_axis_run_as_that_many_layers():
+    """Documented, not detectable (README, Errors): one layer's params whose leaves share a
+    first dimension are taken as that many stacked layers."""
+    f = lambda p, h: jnp.tanh(h * p["s"] + p["b"])
+    one_layer = {"s": jnp.arange(1.0, 5.0), "b": jnp.zeros(4)}  # meant: one layer, width 4
+    block, x = rj.additive_coupling(f, f), (jnp.ones((2, 4)), jnp.ones((2, 4)))
+    as_scan = rj.reversible_scan(block, (one_layer, one_layer), x)
+    four_layers = x
+    for layer in range(4):
+        p = jax.tree.map(lambda a, layer=layer: a[layer], one_layer)
+        four_layers = block.forward((p, p), four_layers)
+    np.testing.assert_allclose(as_scan[0], four_layers[0], rtol=1e-6)
+    intended = block.forward((one_layer, one_layer), x)
+    assert float(jnp.max(jnp.abs(as_scan[0] - intended[0]))) > 0.1
+
+
 def test_inverse_scan_refuses_aux_for_a_block_without_side_information():
     """aux= was silently ignored for such a block."""
     block = mlp_coupling()
@@ -399,6 +416,14 @@ def test_an_error_inside_a_branch_is_annotated_with_where_and_shapes():
     assert any(
         "additive_coupling's branch f(params_f, x2) with x2 of shape (2, 5) and params_f of "
         "shape (4, 4); its output is combined with x1 of shape (2, 4)" in note
+        for note in getattr(info.value, "__notes__", [])
+    )
+    # A key= given to branches that take none: the note says why a third argument arrived.
+    x = (jnp.ones((2, 4)), jnp.ones((2, 4)))
+    with pytest.raises(TypeError, match="positional argument") as info:
+        rj.reversible_scan(rj.additive_coupling(f, f), params, x, key=jax.random.key(0))
+    assert any(
+        "with a PRNG key as third argument because key= was given" in note
         for note in getattr(info.value, "__notes__", [])
     )
 
@@ -466,8 +491,9 @@ def test_anchor_memory_grows_as_depth_over_k():
 )
 def test_bad_anchor_interval_is_rejected(every, error, message):
     params, x = init_mlp_stack(jax.random.key(0), DEPTH, 8, 16), stream(width=8)
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=r"^reversible_scan: checkpoint_every") as info:
         rj.reversible_scan(mlp_coupling(), params, x, checkpoint_every=every)
+    assert re.search(message, str(info.value)), str(info.value)
 
 
 @pytest.mark.parametrize("every", [np.int64(4), jnp.int32(4)])

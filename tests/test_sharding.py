@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -144,6 +145,31 @@ def test_example_script_trains_on_a_2d_mesh():
     assert report["up_kernel_per_device"] == [layers, dim, hidden // 4]
     losses = report["losses"]
     assert max(losses[-3:]) < losses[0] - 1.0  # it trains (starts near log 256 = 5.5)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--mesh", "8"], "--mesh takes two positive ints DATA,MODEL"),
+        (["--mesh", "2,0"], "--mesh takes two positive ints"),
+        (["--mesh", "2,4"], r"--mesh 2,4 needs 8 devices, there are 1 .*device_count=N"),
+        (["--mesh", "3,1", "--batch", "16"], "--batch 16 must be divisible by .* --mesh \\(3\\)"),
+    ],
+)
+def test_example_script_names_a_bad_mesh(argv, message):
+    """Each once failed inside JAX (an unpacking error, a device-count or IndivisibleError);
+    run in a subprocess with the default single CPU device, so --mesh 3,1 fits but the batch
+    does not divide."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "sharded_training.py"
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    if argv[1] == "3,1":
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=3"
+    proc = subprocess.run(
+        [sys.executable, str(script), *argv],
+        capture_output=True, text=True, timeout=300, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.search(message, proc.stderr), proc.stderr[-2000:]
 
 
 def test_example_script_runs_as_two_processes(tmp_path):

@@ -66,6 +66,11 @@ def test_bad_sizes():
         small_model()(tokens(1, 40))
     with pytest.raises(TypeError, match=r"tokens must be integer ids.*got float32\[1, 8\]"):
         small_model()(tokens(1, 8).astype(jnp.float32))  # was "indices must have an integer type"
+    with pytest.raises(
+        ValueError, match=r"\(batch, length\) or \(length,\) ids, got shape \(2, 3, 4\)"
+    ):
+        small_model()(jnp.zeros((2, 3, 4), jnp.int32))  # was "too many values to unpack"
+    assert small_model()(jnp.zeros((8,), jnp.int32)).shape == (8, 256)  # one unbatched sequence
 
 
 def test_more_bad_settings_are_refused():

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from revjax._validate import positive_int
 from revjax.coupling import Coupling, additive_coupling
 from revjax.layers import batch_pool, squeeze
 from revjax.scan import inverse_scan, plain_scan, reverse_sweep, reversible_scan
@@ -76,9 +77,22 @@ def init_revnet(
     With ``downsample="squeeze"`` stage ``s`` has ``in_channels * 4^(s+1)`` channels (two halves
     of half that each); with ``"batch_pool"`` every stage has ``4 in_channels`` (the first stage
     squeezes, later ones pool 2x2 phases into the batch). Pass the same ``downsample`` to
-    :func:`revnet_logits`.
+    :func:`revnet_logits`. ``stages=0`` is allowed (no trunk: pooling and the head only).
+
+    Raises:
+      ValueError: ``stages`` not a non-negative int; ``in_channels``, ``blocks``, ``hidden`` or
+        ``num_classes`` not a positive int; an unknown ``downsample``.
     """
     _check_downsample(downsample)
+    if stages != 0:
+        stages = positive_int(stages, "stages (or 0 for no trunk)", "init_revnet")
+    for name, value in [
+        ("in_channels", in_channels),
+        ("blocks", blocks),
+        ("hidden", hidden),
+        ("num_classes", num_classes),
+    ]:
+        positive_int(value, name, "init_revnet")
     keys = jax.random.split(key, stages + 1)
     stage_params, channels = [], in_channels
     for s in range(stages):

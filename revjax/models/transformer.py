@@ -179,7 +179,8 @@ class TransformerBlock(nnx.Module):
 
 
 class ReversibleTransformer(nnx.Module):
-    """Byte/token-level causal language model: ``tokens (B, T) int -> logits (B, T, vocab)``.
+    """Byte/token-level causal language model: ``tokens (B, T) int -> logits (B, T, vocab)``
+    (or one unbatched sequence ``(T,) -> (T, vocab)``).
 
     Args:
       vocab_size, dim, depth, heads: sizes; ``hidden`` defaults to ``4 * dim``.
@@ -236,6 +237,11 @@ class ReversibleTransformer(nnx.Module):
             raise TypeError(
                 "ReversibleTransformer: tokens must be integer ids in [0, vocab_size), got "
                 f"{jnp.result_type(tokens)}{list(jnp.shape(tokens))}"
+            )
+        if jnp.ndim(tokens) not in (1, 2):  # (length,) is one unbatched sequence, e.g. vmapped
+            raise ValueError(
+                "ReversibleTransformer: tokens must be (batch, length) or (length,) ids, got "
+                f"shape {jnp.shape(tokens)}"
             )
         length = tokens.shape[-1]
         if length > self.max_len:

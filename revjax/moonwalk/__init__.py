@@ -30,6 +30,11 @@ by layer and stores nothing per layer. Per layer type (``revjax.moonwalk.layers`
 **Getting h_0.** *Pure-forward Moonwalk* uses forward mode only: with per-example losses, one
 JVP per input coordinate (all examples at once) gives ``h_0``; cost ``d`` forward passes for a
 per-example input of size ``d``, instead of ``P`` (the parameter count) for exact forward mode.
+``2 ceil(log2 B)`` more JVPs for a batch of ``B`` check the premise: each sets its tangent in
+one subset of the examples only (for each bit of the example index, those with it set and
+those with it clear, so every two examples are split by some subset). With independent
+examples the loss tangents outside the subset are exactly zero; a nonzero one (a batch mean in
+the loss, batch statistics in a layer) raises instead of returning a wrong gradient.
 *Mixed Moonwalk* runs a reverse pass for ``h_0`` alone, which needs much less than backprop's
 residuals: no ``K_i`` terms, so a linear layer needs only its weights, a leaky ReLU one bit per
 element (the sign of its input, packed 8 per byte) and a coupling nothing at all (its input is

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
@@ -22,10 +23,82 @@ FORWARD_MODE_METHODS = ("moonwalk", "forward", "projected_forward")  # JVP throu
 
 def _check_per_example(shape: tuple[int, ...], batch: int) -> None:
     if shape != (batch,):
-        raise ValueError(
-            f"loss_fn must return per-example losses of shape (batch,) = ({batch},); got shape "
-            f"{shape}"
+        hint = (
+            " (a scalar: return one loss per example, without a mean or sum over the batch; "
+            "and x needs a leading batch axis, which is taken to be its first axis)"
+            if shape == ()
+            else ""
         )
+        raise ValueError(
+            f"loss_fn must return per-example losses of shape (batch,) = ({batch},), batch "
+            f"being x's leading axis; got shape {shape}{hint}"
+        )
+
+
+def _raise_if_examples_coupled(first: Any) -> None:
+    first = np.atleast_1d(np.asarray(first))  # one entry per vmapped call
+    bad = first[first >= 0]
+    if bad.size:
+        raise ValueError(
+            f"value_and_grad(method='moonwalk'): the loss of example {int(bad.min())} depends on "
+            "the input of another example (a batch mean or batch statistics inside loss_fn or a "
+            "layer), but pure Moonwalk's input gradient by JVPs assumes each example's loss "
+            "depends on that example only, so its gradient would be wrong; use "
+            "method='mixed_moonwalk', which has no such restriction"
+        )
+
+
+def _separating_masks(batch: int) -> np.ndarray:
+    """``(2 ceil(log2 batch), batch)`` bool masks such that for any two examples ``a != b`` one
+    mask holds ``a`` and not ``b``: the examples whose index has bit ``k`` set, and those whose
+    index has it clear, for each bit ``k`` (two indices differ in some bit)."""
+    index = np.arange(batch)
+    bits = [(index >> k) & 1 == 1 for k in range(max(batch - 1, 0).bit_length())]
+    return np.array([m for bit in bits for m in (bit, ~bit)], dtype=bool).reshape(-1, batch)
+
+
+def first_coupled_example(
+    forward: Callable[[PyTree], PyTree],
+    loss_fn: Callable[..., jax.Array],
+    x: PyTree,
+    *loss_args,
+    chunk_size: int | None = None,
+) -> jax.Array:
+    """Index of the first example whose loss responds to another example's input, else -1.
+
+    Each probe is one JVP with a fixed pseudo-random tangent set in a subset ``S`` of the
+    examples only. With examples that do not interact, forward mode carries exact zeros through
+    each example's own arithmetic, so the loss tangents outside ``S`` are exactly 0; a nonzero
+    one (compared as ``|t| > 0``, so a NaN from a non-finite network is not taken for coupling)
+    means that example's loss depends on an example in ``S``. The subsets are, for each bit of
+    the example index, the examples with the bit set and those with it clear: any two examples
+    differ in some bit, so every dependence between two examples is caught, for
+    ``2 ceil(log2 batch)`` JVPs (``chunk_size`` at a time) beyond the ``d`` of the input
+    gradient (none for a batch of 1).
+    """
+    batch = jax.tree.leaves(x)[0].shape[0]
+    masks = _separating_masks(batch)
+    if not masks.size:
+        return jnp.int32(-1)
+    leaves, treedef = jax.tree.flatten(x)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    probe = [
+        jax.random.normal(k, a.shape, jnp.float32).astype(a.dtype)
+        for k, a in zip(keys, leaves, strict=True)
+    ]
+
+    def outside_responses(inside):  # |loss tangent| > 0 for the examples outside the subset
+        expand = lambda a: inside.reshape((batch,) + (1,) * (a.ndim - 1))
+        tangent = treedef.unflatten([jnp.where(expand(a), a, 0).astype(a.dtype) for a in probe])
+        t = jax.jvp(lambda x_: loss_fn(forward(x_), *loss_args), (x,), (tangent,))[1]
+        return (jnp.abs(t) > 0) & ~inside
+
+    responding = lax.map(outside_responses, jnp.asarray(masks), batch_size=chunk_size)
+    coupled = jnp.any(responding, axis=0)
+    # A min-reduction, not argmax: on a batch-sharded mesh it is one all-reduce of a scalar
+    # rather than an all-gather of the per-example flags.
+    first = jnp.min(jnp.where(coupled, jnp.arange(batch), batch))
+    return jnp.where(first < batch, first, -1)
 
 
 def input_cotangent_by_jvps(
@@ -43,9 +116,18 @@ def input_cotangent_by_jvps(
     (all ``d`` when None), so the JVPs' live tangents take ``chunk_size / d`` of the memory.
 
     The assumption is load-bearing: a loss or a layer that couples examples (a batch mean
-    inside the loss, batch-statistics normalisation) makes ``h_0`` silently wrong; use
-    ``mixed_moonwalk`` there.
+    inside the loss, batch-statistics normalisation) would make ``h_0`` wrong, so
+    :func:`first_coupled_example` checks it (``2 ceil(log2 batch)`` more JVPs) and a coupling
+    raises at run time;
+    use ``mixed_moonwalk`` there.
+
+    Raises:
+      ValueError: (at run time, through ``jax.debug.callback``; under ``jax.jit`` wrapped in
+        ``jax.errors.JaxRuntimeError`` with the same message) an example's loss responds to
+        another example's input.
     """
+    first = first_coupled_example(forward, loss_fn, x, *loss_args, chunk_size=chunk_size)
+    jax.debug.callback(_raise_if_examples_coupled, first)
     batch = jax.tree.leaves(x)[0].shape[0]
     first, unravel = ravel_pytree(jax.tree.map(lambda a: a[0], x))
 
@@ -81,7 +163,8 @@ def value_and_grad(
         their mean. Per-example losses are what pure-forward Moonwalk needs to get every
         example's input gradient from one JVP per input coordinate: with ``"moonwalk"``,
         example ``b``'s loss must depend on example ``b`` only (no batch mean inside
-        ``loss_fn``, no layer mixing examples), else the gradient is silently wrong.
+        ``loss_fn``, no layer mixing examples), else it would be wrong; a run-time check
+        (:func:`first_coupled_example`) raises ``ValueError`` then.
       method: ``"backprop"`` (``jax.grad``), ``"revbackprop"`` (``reversible_scan``; couplings
         only), ``"moonwalk"`` (input gradient by JVPs, then the vijp forward sweep),
         ``"mixed_moonwalk"`` (input gradient by a reverse pass storing only residuals, then the
@@ -202,6 +285,7 @@ def value_and_grad(
 __all__ = [
     "FORWARD_MODE_METHODS",
     "METHODS",
+    "first_coupled_example",
     "input_cotangent_by_jvps",
     "value_and_grad",
 ]
