@@ -3,7 +3,8 @@
 16 residual blocks ``h + gelu(h W1 + b1) W2 + b2`` in a ``lax.scan``
 (``revjax.models.mlp.residual_mlp_loss``; width 256, hidden 1024, batch 512, float32): compiled
 temp memory of the gradient on any backend, and on GPU/TPU the median step time of 10 runs
-(DESIGN.md section 4: no CPU timings).
+(DESIGN.md section 4: no CPU timings). The JSON is rewritten after every variant, marked
+``complete`` only at the end.
 
     python benchmarks/bench_activations.py          # writes activations_<backend>.json
 """
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import ResultFile, environment
 from revjax import activations
 from revjax.memory import compiled_memory
 from revjax.models.mlp import init_mlp, residual_mlp_loss
@@ -62,33 +63,36 @@ def derivative_recovery() -> list[dict]:
     return out
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     params, x = inputs()
     timed = jax.default_backend() != "cpu"
-    rows = []
-    for name, (activation, policy) in VARIANTS.items():
+    env = environment()
+    payload = {
+        "benchmark": "activations",
+        "env": env,
+        "config": {"depth": DEPTH, "width": WIDTH, "hidden": HIDDEN, "batch": BATCH},
+        "rows": [],
+        "derivative_recovery": [],
+    }
+    result = ResultFile(f"activations_{env['backend']}.json", payload, args.out)
+    for name, (activation, policy) in VARIANTS.items():  # written after every variant
         fn = jax.jit(jax.grad(residual_mlp_loss(activation, checkpoint_policy=policy)))
-        rows.append(
+        payload["rows"].append(
             {
                 "variant": name,
                 "temp_mib": compiled_memory(fn, params, x).temp_mib,
                 "ms": median_ms(fn, params, x) if timed else None,
             }
         )
-        print(rows[-1], flush=True)
-    env = environment()
-    payload = {
-        "benchmark": "activations",
-        "env": env,
-        "config": {"depth": DEPTH, "width": WIDTH, "hidden": HIDDEN, "batch": BATCH},
-        "rows": rows,
-        "derivative_recovery": derivative_recovery(),
-    }
-    path = write_json(f"activations_{env['backend']}.json", payload, args.out)
+        print(payload["rows"][-1], flush=True)
+        result.save()
+    payload["derivative_recovery"] = derivative_recovery()
+    path = result.finish()
     print(f"wrote {path}")
+    return payload
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ is not recorded: it is a process-wide high-water mark that cannot be reset, so a
 large method every later row would report that method's peak.) Exact
 forward mode costs one JVP per parameter, so it is run only on the ``--size cpu`` networks (a
 few thousand parameters per layer); there the script also reports pure-forward Moonwalk's
-speed-up over it at 6 and 60 layers (the paper reports 27x and 110x on a CIFAR RevNet).
+speed-up over it at 6 and 60 layers (the paper reports 27x and 110x on a CIFAR RevNet). The
+JSON is rewritten after every (network, depth), marked ``complete`` only at the end.
 
     python benchmarks/bench_moonwalk.py --size cpu
     python benchmarks/bench_moonwalk.py --size gpu
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import ResultFile, environment
 from revjax import moonwalk as mw
 from revjax.diagnostics import relative_error
 from revjax.memory import compiled_memory
@@ -124,31 +125,33 @@ def speedups(size: dict) -> list[dict]:
     return out
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     size = SIZES[args.size]
     timed = jax.default_backend() != "cpu"
-    rows = [
-        row
-        for network in NETWORKS
-        for depth in size["depths"]
-        for row in measure(network, depth, size, timed)
-    ]
     env = environment()
     payload = {
         "benchmark": "moonwalk",
         "env": env,
         "size": size,
         "slope": SLOPE,
-        "rows": rows,
-        "moonwalk_vs_forward_mode": speedups(size) if size["forward"] else None,
+        "rows": [],
+        "moonwalk_vs_forward_mode": None,
         "note": "times are wall-clock on this backend; on CPU they are indicative only",
     }
-    path = write_json(f"moonwalk_{args.size}_{env['backend']}.json", payload, args.out)
+    result = ResultFile(f"moonwalk_{args.size}_{env['backend']}.json", payload, args.out)
+    for network in NETWORKS:
+        for depth in size["depths"]:  # written after every (network, depth): see ResultFile
+            payload["rows"] += measure(network, depth, size, timed)
+            result.save()
+    if size["forward"]:
+        payload["moonwalk_vs_forward_mode"] = speedups(size)
+    path = result.finish()
     print(f"wrote {path}")
+    return payload
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Network: L additive couplings of GELU-MLP branches, each half of the stream ``wi
 hidden ``hidden``, ``rows`` rows, float32 parameters and stream. For each method and depth it
 records the compiled temp memory of the gradient step (XLA memory analysis), the median step
 time (GPU only; CPU timings are recorded but not claims), and the gradient's relative error
-against plain backprop at JAX's default matmul precision and at ``highest``.
+against plain backprop at JAX's default matmul precision and at ``highest``. The JSON is
+rewritten after every depth, marked ``complete`` only at the end.
 
     python benchmarks/bench_scan.py --size cpu      # small, minutes on a laptop CPU
     python benchmarks/bench_scan.py --size gpu      # N=8192, width 1024, hidden 4096, L in {8,32}
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import ResultFile, environment
 from revjax import reversible_scan
 from revjax.diagnostics import format_table, relative_error
 from revjax.memory import compiled_memory
@@ -54,8 +55,12 @@ def grad_fn(method):
 
 def run(size: str, out_dir: Path | None, dtype: str = "float32") -> dict:
     cfg = {**SIZES[size], "dtype": dtype}
-    rows = []
-    for depth in cfg["depths"]:
+    env = environment()
+    payload = {"benchmark": "bench_scan", "size": size, "config": cfg, "env": env, "rows": []}
+    suffix = "" if dtype == "float32" else f"_{dtype}"
+    result = ResultFile(f"scan_{size}_{env['backend']}{suffix}.json", payload, out_dir)
+    rows = payload["rows"]
+    for depth in cfg["depths"]:  # written after every depth: see ResultFile
         k_p, k_1, k_2 = jax.random.split(jax.random.key(depth), 3)
         params = init_mlp_stack(k_p, depth, cfg["width"], cfg["hidden"], dtype=dtype)
         x = (
@@ -90,15 +95,8 @@ def run(size: str, out_dir: Path | None, dtype: str = "float32") -> dict:
                     ),
                 }
             )
-    payload = {
-        "benchmark": "bench_scan",
-        "size": size,
-        "config": cfg,
-        "env": environment(),
-        "rows": rows,
-    }
-    suffix = "" if dtype == "float32" else f"_{dtype}"
-    path = write_json(f"scan_{size}_{payload['env']['backend']}{suffix}.json", payload, out_dir)
+        result.save()
+    path = result.finish()
     print(
         format_table(
             rows,

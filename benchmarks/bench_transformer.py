@@ -20,6 +20,11 @@ gallops/bisects from there: two compiles when the line is exact.
     python benchmarks/bench_transformer.py --size cpu    # memory only
     python benchmarks/bench_transformer.py --size gpu    # width 1024, seq 2048, timings
     python benchmarks/bench_transformer.py --size smoke  # tiny; the GPU size's code path
+    python benchmarks/bench_transformer.py --size gpu --budget-s 540  # stop in time, keep rows
+
+``--budget-s S`` bounds the whole run (GPU path): every child's timeout is cut to the time left,
+and when too little is left the run stops starting children, writes the JSON it has (marked
+incomplete) and exits with status 1.
 
 Writes ``transformer_<size>_<backend>.json`` to ``--out`` (default ``benchmarks/results``).
 """
@@ -30,6 +35,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,7 +47,13 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import affine_guess, budget_bytes, deepest_fitting, environment, write_json
+from benchmarks.common import (
+    ResultFile,
+    affine_guess,
+    budget_bytes,
+    deepest_fitting,
+    environment,
+)
 from revjax.memory import CompiledMemory, compiled_memory, device_peak_bytes, memory_of
 from revjax.models.lm_training import functional_train_step
 from revjax.models.transformer import ReversibleTransformer
@@ -50,11 +62,18 @@ from revjax.timing import median_ms
 METHODS = ("reversible", "backprop", "checkpoint")
 SIZES = {
     "cpu": dict(dim=64, heads=4, seq=256, batch=8, depths=(4, 16), max_depth=16384, time=False),
-    "gpu": dict(dim=1024, heads=16, seq=2048, batch=8, depths=(4, 12), max_depth=1024, time=True),
+    # Plain backprop holds every block's float32 attention scores: ~58 GiB at L = 8, ~84 GiB
+    # (more than an 80 GB H100) at L = 12.
+    "gpu": dict(dim=1024, heads=16, seq=2048, batch=8, depths=(4, 8), max_depth=1024, time=True),
     # Tiny, with the GPU size's code path (child processes), for checking it on any machine.
     "smoke": dict(dim=16, heads=2, seq=16, batch=2, depths=(1, 2), max_depth=64, time=True),
 }
-CHILD_TIMEOUT_S = 300
+#: Longest a child process may run: a row (compile, warm-up, 10 timed steps) or a search.
+CHILD_TIMEOUT_S = {"probe": 300, "row": 300, "deepest": 600}
+#: With ``--budget-s``: seconds kept back for writing the JSON and exiting, and the least time
+#: worth giving a child (with less left, the run stops and writes what it has).
+RESERVE_S, MIN_CHILD_S = 10.0, 20.0
+_clock = time.monotonic  # the clock of --budget-s (a fake one in the tests)
 
 
 def build(size: dict, depth: int, method: str) -> tuple[Callable, Any]:
@@ -126,7 +145,7 @@ def run_row(size: dict, depth: int, method: str, budget: int) -> dict:
     }
 
 
-def in_child(size_name: str, task: list[str], budget_gib: float, timeout: int) -> dict:
+def in_child(size_name: str, task: list[str], budget_gib: float, timeout: float) -> dict:
     """Run ``task`` (``probe``, ``row METHOD DEPTH`` or ``deepest METHOD KNOWN_JSON``) in a
     fresh process and return its JSON answer; an out-of-memory, crash or timeout comes back as
     ``{"failed": reason}``, never raised."""
@@ -135,7 +154,7 @@ def in_child(size_name: str, task: list[str], budget_gib: float, timeout: int) -
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"failed": f"timeout after {timeout} s"}
+        return {"failed": f"timeout after {timeout:.0f} s"}
     for line in reversed(done.stdout.splitlines()):  # the answer, even if teardown failed
         if line.startswith("{"):
             try:
@@ -164,13 +183,41 @@ def child_task(size: dict, task: list[str], budget: int) -> dict:
     return answer | {"env": environment(), "budget_bytes": budget}
 
 
+class Deadline:
+    """The time left of ``budget_s`` seconds from now (no limit when None), as child timeouts."""
+
+    def __init__(self, budget_s: float | None, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.end = None if budget_s is None else clock() + budget_s
+
+    def timeout(self, kind: str) -> float | None:
+        """Timeout for a child of ``kind`` (its usual limit, cut to the time left less
+        ``RESERVE_S``), or None when less than ``MIN_CHILD_S`` would be left for it."""
+        usual = CHILD_TIMEOUT_S[kind]
+        if self.end is None:
+            return usual
+        left = self.end - self.clock() - RESERVE_S
+        return min(usual, left) if left >= MIN_CHILD_S else None
+
+
+class OutOfTime(Exception):
+    """The ``--budget-s`` budget is spent: stop starting child processes."""
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--budget-gib", type=float, default=4.0, help="memory budget on CPU")
+    parser.add_argument(
+        "--budget-s", type=float, default=None,
+        help="seconds the whole run may take (GPU path): children are stopped in time and the "
+        "JSON written with what was measured (default: no limit)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--task", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.budget_s is not None and not args.budget_s > 0:
+        parser.error(f"--budget-s must be > 0 seconds, got {args.budget_s}")
     size = SIZES[args.size]
     if args.task:  # a child process of in_child
         print(json.dumps(child_task(size, args.task, budget_bytes(args.budget_gib))), flush=True)
@@ -178,12 +225,19 @@ def main(argv: list[str] | None = None) -> dict | None:
     # GPU size: every compile and run happens in a child process, so this one never initialises
     # a JAX backend (which would hold device memory) and each timed row has its own peak.
     isolated = size["time"]
+    deadline = Deadline(args.budget_s, _clock)
 
-    def child(task: list[str], timeout: int = CHILD_TIMEOUT_S) -> dict:
+    def child(task: list[str]) -> dict:
+        timeout = deadline.timeout(task[0])
+        if timeout is None:
+            raise OutOfTime
         return in_child(args.size, task, args.budget_gib, timeout)
 
     if isolated:
-        probe = child(["probe"])
+        try:
+            probe = child(["probe"])
+        except OutOfTime:
+            probe = {"failed": f"--budget-s {args.budget_s} leaves no time"}
         if "failed" in probe:
             sys.exit(f"error: the probe process failed: {probe['failed']}")  # exit status 1
         env, budget = probe["env"], probe["budget_bytes"]
@@ -198,8 +252,23 @@ def main(argv: list[str] | None = None) -> dict | None:
         "rows": [],
         "deepest_depth": {},
         "env": env,
-        "complete": False,
     }
+    result = ResultFile(name, payload, args.out)
+    try:
+        _measure(size, payload, result, isolated, child, budget)
+    except OutOfTime:
+        payload["stopped"] = f"time budget spent (--budget-s {args.budget_s:g})"
+        path = result.finish(complete=False)
+        print(f"stopped: {payload['stopped']}; wrote {path} with what was measured", flush=True)
+        return payload
+    path = result.finish()
+    print(f"wrote {path}")
+    return payload
+
+
+def _measure(size, payload, result, isolated, child, budget) -> None:
+    """Every row, then every deepest-depth search, into ``payload``; the JSON is rewritten after
+    each. ``child`` raises :class:`OutOfTime` when the time budget is spent."""
     for method in METHODS:
         for depth in size["depths"]:
             if isolated:
@@ -211,22 +280,19 @@ def main(argv: list[str] | None = None) -> dict | None:
                 row = {"method": method, "depth": depth, **compiled_bytes(size, depth, method)}
             payload["rows"].append(row)
             print(row, flush=True)
-            write_json(name, payload, args.out)
+            result.save()
     for method in METHODS:
         known = {r["depth"]: r["total"] for r in payload["rows"]
                  if r["method"] == method and "total" in r}  # fmt: skip
         if isolated:
-            answer = child(["deepest", method, json.dumps(known)], timeout=600)
+            answer = child(["deepest", method, json.dumps(known)])
             payload["deepest_depth"][method] = answer.get("deepest", answer.get("failed"))
         else:
             payload["deepest_depth"][method] = deepest(size, method, budget, known)
         print("deepest trainable depth:", method, payload["deepest_depth"][method], flush=True)
-        write_json(name, payload, args.out)
-    payload["complete"] = True
-    path = write_json(name, payload, args.out)
-    print(f"wrote {path}")
-    return payload
+        result.save()
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    sys.exit(0 if result is None or result["complete"] else 1)  # 1: stopped by --budget-s

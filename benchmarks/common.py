@@ -30,6 +30,8 @@ def environment() -> dict[str, Any]:
         "jaxlib": getattr(jax.lib, "__version__", None) or jax.__version__,
         "flax": flax.__version__,
         "python": platform.python_version(),
+        # None: JAX's default, which on a GPU rounds float32 matmul inputs TF32-like.
+        "default_matmul_precision": jax.config.jax_default_matmul_precision,
     }
 
 
@@ -43,6 +45,27 @@ def write_json(name: str, payload: dict[str, Any], out_dir: Path | None = None) 
     partial.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(partial, path)
     return path
+
+
+class ResultFile:
+    """A result JSON rewritten after every unit of work (:meth:`save`), so a run stopped by a
+    timeout or a crash keeps what it measured. ``payload["complete"]`` stays false until
+    :meth:`finish`; ``benchmarks/report.py`` and ``plots.py`` mark such a file as a partial run.
+    """
+
+    def __init__(self, name: str, payload: dict[str, Any], out_dir: Path | None = None):
+        self.name, self.out_dir = name, out_dir
+        self.payload = payload
+        payload["complete"] = False
+
+    def save(self) -> Path:
+        """Write the payload as it is now (still marked incomplete unless :meth:`finish` ran)."""
+        return write_json(self.name, self.payload, self.out_dir)
+
+    def finish(self, complete: bool = True) -> Path:
+        """Write the payload a last time, marked ``complete`` (default: the run did it all)."""
+        self.payload["complete"] = complete
+        return self.save()
 
 
 def budget_bytes(budget_gib: float) -> int:

@@ -19,7 +19,8 @@ gradients + temps; an optimiser would add its state) is within the budget, found
 :func:`benchmarks.common.deepest_fitting` from the line through the L = 128 and 256
 footprints. The two methods with groups of k ~ sqrt(L) layers are searched over perfect
 squares L = k^2 (k the largest divisor of L not above sqrt(L) makes their footprint jump
-between neighbouring L, e.g. k = 1 for a prime L).
+between neighbouring L, e.g. k = 1 for a prime L). The JSON is rewritten after every row and
+every search, marked ``complete`` only at the end.
 
     python benchmarks/memory_depth.py     # writes memory_depth_<backend>.json and .png
 """
@@ -40,11 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
     RESULTS,
+    ResultFile,
     affine_guess,
     budget_bytes,
     deepest_fitting,
     environment,
-    write_json,
 )
 from revjax import moonwalk as mw
 from revjax.compare import anchor_interval_for
@@ -164,8 +165,25 @@ def main(argv=None) -> dict:
         "--budget-gib", type=float, default=1.0, help="memory budget where JAX reports no limit"
     )
     args = parser.parse_args(argv)
-    rows = []
-    for depth in DEPTHS:
+    budget = budget_bytes(args.budget_gib)
+    env = environment()
+    payload = {
+        "benchmark": "memory_depth",
+        "config": {
+            "width": WIDTH,
+            "hidden": HIDDEN,
+            "batch": BATCH,
+            "dtype": "float32",
+            "param_bytes_per_layer": param_bytes_per_layer(),
+        },
+        "rows": [],
+        "budget_bytes": budget,
+        "deepest_depth": {},
+        "env": env,
+    }
+    result = ResultFile(f"memory_depth_{env['backend']}.json", payload, args.out)
+    rows = payload["rows"]
+    for depth in DEPTHS:  # written after every row and every search: see ResultFile
         for method in METHODS:
             mem = memory(method, depth)
             rows.append(
@@ -177,27 +195,12 @@ def main(argv=None) -> dict:
                 }
             )
             print(rows[-1], flush=True)
-    budget = budget_bytes(args.budget_gib)
-    deepest_depth = {}
+            result.save()
     for method in METHODS:
-        deepest_depth[method] = deepest(method, budget)
-        print("deepest within budget:", method, deepest_depth[method], flush=True)
-    env = environment()
-    payload = {
-        "benchmark": "memory_depth",
-        "config": {
-            "width": WIDTH,
-            "hidden": HIDDEN,
-            "batch": BATCH,
-            "dtype": "float32",
-            "param_bytes_per_layer": param_bytes_per_layer(),
-        },
-        "rows": rows,
-        "budget_bytes": budget,
-        "deepest_depth": deepest_depth,
-        "env": env,
-    }
-    path = write_json(f"memory_depth_{env['backend']}.json", payload, args.out)
+        payload["deepest_depth"][method] = deepest(method, budget)
+        print("deepest within budget:", method, payload["deepest_depth"][method], flush=True)
+        result.save()
+    path = result.finish()
     plot(rows, Path(args.out or RESULTS) / f"memory_depth_{env['backend']}.png")
     print(f"wrote {path}")
     return payload

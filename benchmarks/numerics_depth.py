@@ -18,6 +18,10 @@ jitted gradient steps, reported as a ratio to plain backprop of the bf16-stream 
     python benchmarks/numerics_depth.py --size cpu    # batch 64, width 256, hidden 1024
     python benchmarks/numerics_depth.py --size gpu    # batch 8192, width 1024, hidden 4096
     python benchmarks/numerics_depth.py --size gpu --depths 128 256 --append  # a split run
+
+The JSON is rewritten after every depth. ``--append`` adds this run's depths to the earlier
+run's JSON in ``--out`` (an error if there is none); ``complete`` is true when every depth that
+the runs set out to measure has its rows.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, environment, write_json
+from benchmarks.common import RESULTS, ResultFile, environment
 from revjax import reversible_scan
 from revjax.coupling import Coupling
 from revjax.diagnostics import bitwise_equal, format_table, relative_error
@@ -261,8 +265,14 @@ def main(argv=None) -> None:
     env = environment()
     name = f"numerics_depth_{args.size}_{env['backend']}"
     earlier = None
-    if args.append and (Path(args.out or RESULTS) / f"{name}.json").exists():
-        earlier = earlier_run(Path(args.out or RESULTS) / f"{name}.json", size, env)
+    if args.append:
+        earlier_path = Path(args.out or RESULTS) / f"{name}.json"
+        if not earlier_path.exists():  # else this run would pass for the whole measurement
+            raise SystemExit(
+                f"numerics_depth: --append needs the earlier run's {earlier_path}, which does "
+                f"not exist (run without --append first, with the same --size and --out)"
+            )
+        earlier = earlier_run(earlier_path, size, env)
     payload = {
         "benchmark": "numerics_depth",
         "env": env,
@@ -271,20 +281,21 @@ def main(argv=None) -> None:
         "network": "additive GELU-MLP couplings, bf16 params and compute, "
         "weights ~ N(0, (0.5/sqrt(width))^2)",
         "rows": [],
-        "complete": False,
     }
     if earlier is not None:  # rows of the depths this run does not measure
-        kept = [r for r in earlier["rows"] if r["depth"] not in size["depths"]]
-        payload["rows"] = kept
-        payload["size"] = size | {"depths": sorted({r["depth"] for r in kept} | {*size["depths"]})}
+        payload["rows"] = [r for r in earlier["rows"] if r["depth"] not in size["depths"]]
+        # The depths both runs set out to measure, measured or not: the earlier run may have
+        # stopped before its last depths, and those stay missing until a run measures them.
+        wanted = {*earlier["size"]["depths"], *size["depths"]}
+        payload["size"] = size | {"depths": sorted(wanted)}
         payload["appended_to"] = earlier["env"]["date"]
+    result = ResultFile(f"{name}.json", payload, args.out)
     for depth in size["depths"]:  # written after every depth: a crash keeps what was measured
         payload["rows"] = sorted(
             payload["rows"] + measure(depth, size, timed, budget), key=lambda r: r["depth"]
         )
-        write_json(f"{name}.json", payload, args.out)
-    payload["complete"] = earlier is None or earlier["complete"]
-    path = write_json(f"{name}.json", payload, args.out)
+        result.save()
+    path = result.finish(complete=is_complete(payload))
     rows = payload["rows"]
     plot(
         rows,
@@ -293,6 +304,13 @@ def main(argv=None) -> None:
     )
     print(table(rows))
     print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+def is_complete(payload: dict) -> bool:
+    """Whether every depth in ``payload["size"]["depths"]`` (all that this run and the runs it
+    was appended to set out to measure) has its rows: ``measure`` returns a depth's rows all at
+    once, so a depth with any row is done."""
+    return set(payload["size"]["depths"]) <= {r["depth"] for r in payload["rows"]}
 
 
 def earlier_run(path: Path, size: dict, env: dict) -> dict:

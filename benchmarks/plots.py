@@ -3,7 +3,8 @@
     python benchmarks/plots.py        # writes <result>.png next to each result it knows
 
 ``python -m revjax bench`` runs it after the benchmarks. Each plot states the device and date
-of its measurement in its title.
+of its measurement in its title, and "PARTIAL RUN" for a result whose run stopped early
+(``complete`` false: it draws what was measured).
 """
 
 from __future__ import annotations
@@ -67,11 +68,14 @@ def plot_scan(payload: dict, ax) -> None:
     ax.set_ylabel("step time (ms)")
 
 
+#: Result file -> plot. Every benchmark's GPU-size result (``*_gpu_gpu.json``) is drawn like its
+#: CPU one; the CPU size's scan timings are not (CPU times are not claims, DESIGN.md section 4).
 PLOTS: dict[str, Callable] = {
     "train_lm_cpu.json": plot_train_lm,
     "transformer_cpu_cpu.json": plot_transformer,
     "transformer_gpu_gpu.json": plot_transformer,
     "moonwalk_cpu_cpu.json": plot_moonwalk,
+    "moonwalk_gpu_gpu.json": plot_moonwalk,
     "scan_gpu_gpu.json": plot_scan,
     "scan_gpu_gpu_bfloat16.json": plot_scan,
 }
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         payload = json.loads(path.read_text())
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         plot(payload, ax)
-        ax.set_title(f"{path.stem} ({_where(payload['env'])})", fontsize=9)
+        partial = "" if payload.get("complete", True) else "PARTIAL RUN, "
+        ax.set_title(f"{path.stem} ({partial}{_where(payload['env'])})", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()

@@ -75,11 +75,11 @@ def render_scan(payload: dict, filename: str) -> str:
         ],
     )
     return (
-        f"Gradient step of L additive GELU-MLP couplings, {cfg['rows']} rows, halves "
-        f"{cfg['width']} wide, hidden {cfg['hidden']}, {dtype} parameters, stream and compute. "
-        f"Measured on {_where(env)} by `benchmarks/bench_scan.py --size {payload['size']} "
-        f"--dtype {dtype}` (`benchmarks/results/{filename}`); time is the median of "
-        f"{cfg['repeats']} runs.\n\n{table}"
+        f"{_partial(payload)}Gradient step of L additive GELU-MLP couplings, {cfg['rows']} "
+        f"rows, halves {cfg['width']} wide, hidden {cfg['hidden']}, {dtype} parameters, stream "
+        f"and compute. Measured on {_where(env)} by `benchmarks/bench_scan.py --size "
+        f"{payload['size']} --dtype {dtype}` (`benchmarks/results/{filename}`); time is the "
+        f"median of {cfg['repeats']} runs.\n\n{table}"
     )
 
 
@@ -254,13 +254,15 @@ def render_transformer(payload: dict, filename: str) -> str:
     cap = cfg["max_depth"]
     found = {m: d for m, d in payload["deepest_depth"].items() if isinstance(d, int)}
     if payload["deepest_depth"]:
-        deepest = ", ".join(
-            f"{m} {'>= ' if d >= cap else ''}{d}" if m in found else f"{m}: {d}"
-            for m, d in payload["deepest_depth"].items()
-        )
+        deepest = "; ".join(
+            [", ".join(f"{m} {'>= ' if d >= cap else ''}{d}" for m, d in found.items())
+             + " blocks"] * bool(found)
+            + [f"{m}: search failed ({d})" for m, d in payload["deepest_depth"].items()
+               if m not in found]
+        )  # fmt: skip
         text += (
             f"\n\nDeepest model whose compiled training step (state donated) fits in "
-            f"{payload['budget_bytes'] / 2**30:.1f} GiB, searched up to {cap}: {deepest} blocks"
+            f"{payload['budget_bytes'] / 2**30:.1f} GiB, searched up to {cap}: {deepest}"
         )
         rev = found.get("reversible")
         ratios = [f"{rev / d:.1f}x deeper than {m}" for m, d in found.items()
@@ -283,15 +285,16 @@ def render_memory_depth(payload: dict, filename: str) -> str:
     methods = list(dict.fromkeys(r["method"] for r in payload["rows"]))
     depths = sorted({r["depth"] for r in payload["rows"]})
     temp = {(r["method"], r["depth"]): r["temp_mib"] for r in payload["rows"]}
-    rows = [{"L": d, **{m: temp[(m, d)] for m in methods}} for d in depths]
+    rows = [{"L": d, **{m: temp.get((m, d)) for m in methods}} for d in depths]  # partial: -
     table = format_table(rows, [("L", "L", "d")] + [(m, m, ".2f") for m in methods])
     return (
-        f"Compiled temp memory (MiB) of the gradient of L additive GELU-MLP couplings, halves "
-        f"{cfg['width']} wide, hidden {cfg['hidden']}, batch {cfg['batch']}, {cfg['dtype']}; "
+        f"{_partial(payload)}Compiled temp memory (MiB) of the gradient of L additive GELU-MLP "
+        f"couplings, halves {cfg['width']} wide, hidden {cfg['hidden']}, batch {cfg['batch']}, "
+        f"{cfg['dtype']}; "
         f"anchors and nested groups every k layers, k the largest divisor of L not above "
         f"sqrt(L). Measured on {_where(env)} by `benchmarks/memory_depth.py` "
         f"(`benchmarks/results/{filename}`, plot alongside as PNG).\n\n{table}"
-        + (_render_deepest_depth(payload) if "deepest_depth" in payload else "")
+        + (_render_deepest_depth(payload) if payload.get("deepest_depth") else "")
     )
 
 
@@ -299,14 +302,16 @@ def _render_deepest_depth(payload: dict) -> str:
     """The deepest stack per method within the memory budget, and what each layer costs."""
     deepest, rows = payload["deepest_depth"], payload["rows"]
     footprint = {(r["method"], r["depth"]): r["footprint_mib"] for r in rows}
-    base = deepest["backprop"]
+    base = deepest.get("backprop")  # a partial run may lack searches or depths: "-" there
     table = format_table(
         [
             {
                 "method": m,
                 "deepest": d,
-                "ratio": d / base,
-                "per_layer": (footprint[(m, 256)] - footprint[(m, 128)]) / 128,
+                "ratio": d / base if base else None,
+                "per_layer": (footprint[(m, 256)] - footprint[(m, 128)]) / 128
+                if (m, 256) in footprint and (m, 128) in footprint
+                else None,
             }
             for m, d in deepest.items()
         ],
@@ -435,6 +440,7 @@ def render_numerics_depth_summary(payload: dict, filename: str) -> str:
     anchored = [r for r in err.values() if ", k=" in r["method"]]
     ks = sorted({int(r["method"].split("k=")[1]) for r in anchored})
     exact = [d for d in depths if ("exact", d) in err and err[("exact", d)]["bitwise_equal"]]
+    inexact = [err[("exact", d)] for d in depths if ("exact", d) in err and d not in exact]
     overflow = [r["depth"] for r in rows if r["method"] == "exact" and r["overflow"]]
     better = (
         f"a float32 stream is {_span(ratios, lambda x: f'{x:.0f}')} times better than a bf16 "
@@ -450,12 +456,41 @@ def render_numerics_depth_summary(payload: dict, filename: str) -> str:
         f"Anchors every {_series([str(k) for k in ks]).replace(' and ', ' or ')} layers keep the "
         f"float32-stream error between {_num(min(r['grad_rel_err'] for r in anchored))} and "
         f"{_num(max(r['grad_rel_err'] for r in anchored))} at every depth up to "
-        f"{max(r['depth'] for r in anchored)}, for `L / k` streams of memory. Exact mode is "
-        f"bitwise exact whenever its range can hold the stream (up to L = {exact[-1]} here, with "
-        f'fewer fraction bits as the stream grows) and says "overflow" when not'
-        + (f" (L = {_series([str(d) for d in overflow])})" if overflow else "")
+        f"{max(r['depth'] for r in anchored)}, for `L / k` streams of memory. "
+        + _exact_mode_summary(exact, inexact, overflow, payload["env"])
         + f". All {_source(payload['env'], 'numerics_depth.py', filename)}."
     )
+
+
+def _exact_mode_summary(exact: list[int], inexact: list[dict], overflow: list[int], env) -> str:
+    """What exact mode did: bitwise equal to backprop at the depths ``exact``; ``inexact`` are
+    its measured rows that were not (on a GPU the two gradients' matmuls need not round alike,
+    so bitwise equality is not guaranteed there); ``overflow``: the depths its range could not
+    hold the stream."""
+    at = lambda depths: _series([f"L = {d}" for d in depths])
+    overflowed = f" (L = {_series([str(d) for d in overflow])})" if overflow else ""
+    if exact and not inexact:
+        return (
+            f"Exact mode is bitwise exact whenever its range can hold the stream (up to "
+            f"L = {exact[-1]} here, with fewer fraction bits as the stream grows) and says "
+            f'"overflow" when not{overflowed}'
+        )
+    if not inexact:
+        return f'Exact mode gave no gradient at any depth ("overflow"{overflowed} or out of memory)'
+    worst = max(inexact, key=lambda r: r["grad_rel_err"])
+    if exact:
+        text = f"Exact mode is bitwise exact at {at(exact)} but not at "
+    else:
+        text = (
+            f"Exact mode was not bitwise equal to plain backprop at any depth on {env['device']} "
+            f"({env['backend']}), where the two gradients' matmuls need not round alike: not at "
+        )
+    text += (
+        f"{at([r['depth'] for r in inexact])} (largest relative error "
+        f"{_num(worst['grad_rel_err'])}, at L = {worst['depth']})"
+    )
+    return text + (f'; it says "overflow" where its range cannot hold the stream{overflowed}'
+                   if overflow else "")  # fmt: skip
 
 
 def render_revnet_memory(payload: dict, filename: str) -> str:
@@ -532,8 +567,8 @@ def render_activation_times(payload: dict, filename: str) -> str:
          ("ms", "gradient step ms", ".2f")],
     )  # fmt: skip
     return (
-        f"Gradient of {cfg['depth']} residual MLP blocks (width {cfg['width']}, hidden "
-        f"{cfg['hidden']}, batch {cfg['batch']}, float32), "
+        f"{_partial(payload)}Gradient of {cfg['depth']} residual MLP blocks (width "
+        f"{cfg['width']}, hidden {cfg['hidden']}, batch {cfg['batch']}, float32), "
         f"{_source(payload['env'], 'bench_activations.py', filename)}; time is the median of "
         f"jitted gradient steps.\n\n{table}"
     )
@@ -654,13 +689,30 @@ RENDERERS = {
     "activation_recovery": ("activations_cpu.json", render_activation_recovery),
     "activation_memory": ("activations_cpu.json", render_activation_memory),
     "scan_summary": (
-        ("scan_gpu_gpu.json", "scan_gpu_gpu_bfloat16.json", "gemm_count_cpu.json"),
+        # The matmul counts of the GPU's HLO where count_gemms.py ran there, else the CPU's.
+        (
+            "scan_gpu_gpu.json",
+            "scan_gpu_gpu_bfloat16.json",
+            ("gemm_count_gpu.json", "gemm_count_cpu.json"),
+        ),
         render_scan_summary,
     ),
 }
 """Marker name -> (result file, renderer). A renderer gets the parsed JSON and the file's name;
 with a tuple of files it gets ``{name: parsed JSON}`` and the tuple, and runs only when all
-exist."""
+exist. A tuple inside that tuple lists alternatives, the first that exists taken."""
+
+
+def _resolve(filename: str | tuple) -> str | tuple[str, ...] | None:
+    """``filename`` with every tuple of alternatives replaced by the first that exists in
+    ``RESULTS`` (None when none does)."""
+    if isinstance(filename, str):
+        return filename
+    chosen = tuple(
+        n if isinstance(n, str) else next((a for a in n if (RESULTS / a).exists()), None)
+        for n in filename
+    )
+    return None if None in chosen else chosen
 
 
 def _load(filename: str | tuple[str, ...]) -> dict | None:
@@ -672,12 +724,32 @@ def _load(filename: str | tuple[str, ...]) -> dict | None:
     return payloads[filename] if isinstance(filename, str) else payloads
 
 
+def _render_block(render, payload: dict, filename: str | tuple[str, ...]) -> str:
+    """``render(payload, filename)``, marked as a partial run when any of its files is one (a
+    run stopped early: ``complete`` false); a summary that needs what a partial run did not
+    measure says so instead of failing."""
+    by_name = {filename: payload} if isinstance(filename, str) else payload
+    partial = [n for n, p in by_name.items() if not p.get("complete", True)]
+    if not partial:
+        return render(payload, filename)
+    try:
+        block = render(payload, filename)
+    except (KeyError, IndexError, ValueError, StopIteration, ZeroDivisionError):
+        files = ", ".join(f"`benchmarks/results/{n}`" for n in partial)
+        return (
+            f"**Partial run** ({files} stopped early): it did not measure what this summary "
+            f"needs; rerun its benchmark to complete it."
+        )
+    return block if block.startswith("**Partial run**") else _partial({"complete": False}) + block
+
+
 def render_readme(text: str) -> str:
     for name, (filename, render) in RENDERERS.items():
-        payload = _load(filename)
+        filename = _resolve(filename)
+        payload = None if filename is None else _load(filename)
         if payload is None:
             continue
-        block = render(payload, filename)
+        block = _render_block(render, payload, filename)
         pattern = re.compile(
             rf"(<!-- results:{name} -->\n)(?:.*?\n)?(<!-- /results:{name} -->)", re.S
         )

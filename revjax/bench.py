@@ -41,6 +41,7 @@ SUITES: dict[str, list[list[str]]] = {
     "gpu": [
         ["bench_scan.py", "--size", "gpu", "--dtype", "float32"],
         ["bench_scan.py", "--size", "gpu", "--dtype", "bfloat16"],
+        ["count_gemms.py"],  # on the GPU's HLO: cuBLAS calls, for the scan summary
         ["numerics_depth.py", "--size", "gpu"],
         ["bench_moonwalk.py", "--size", "gpu"],
         ["bench_activations.py"],

@@ -62,3 +62,108 @@ def test_a_script_past_its_timeout_is_killed_with_its_children(tmp_path, capsys,
     assert "timed out after 1 s" in capsys.readouterr().err
     time.sleep(5)  # past the moment the orphaned child would have written the marker
     assert not marker.exists()
+
+
+def test_the_gpu_suite_counts_gemms_and_names_only_existing_scripts(tmp_path, capsys):
+    """The GPU suite measures the matmul counts its scan summary quotes (on the GPU's HLO), and
+    every script either suite names exists."""
+    assert bench.main(["--size", "gpu", "--only", "count_gemms.py", "--out", str(tmp_path),
+                       "--list"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.strip().splitlines() == [f"count_gemms.py --out {tmp_path}"]
+    for suite in bench.SUITES.values():
+        for name, *_ in suite:
+            assert (bench.ROOT / "benchmarks" / name).is_file(), name
+
+
+def test_the_environment_records_the_matmul_precision():
+    """GPU float32 matmuls round TF32-like at JAX's default precision, so every result says
+    which precision was in effect (None: JAX's default)."""
+    from benchmarks.common import environment
+
+    env = environment()
+    assert env["default_matmul_precision"] == jax.config.jax_default_matmul_precision
+    with jax.default_matmul_precision("bfloat16"):
+        assert environment()["default_matmul_precision"] == "bfloat16"
+    assert json.loads(json.dumps(env)) == env  # stored as JSON as it is
+
+
+# Every benchmark rewrites its JSON after each unit of work, marked incomplete until the end, so
+# a run stopped by a timeout keeps what it measured (benchmarks.common.ResultFile).
+
+
+class Stop(Exception):
+    """Stands for the timeout that kills a benchmark mid-run."""
+
+
+def _stop_after(n: int, fn):
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        if len(calls) == n:
+            raise Stop
+        calls.append(args)
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def test_bench_moonwalk_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch):
+    from benchmarks import bench_moonwalk, report
+
+    def measure(network, depth, size, timed):
+        return [{"network": network, "depth": depth, "method": m, "params": 1, "ms": None,
+                 "temp_mib": depth / 4, "footprint_mib": depth, "grad_error": 0.0,
+                 "drift": None} for m in ("backprop", "moonwalk")]  # fmt: skip
+
+    monkeypatch.setattr(bench_moonwalk, "measure", _stop_after(2, measure))
+    with pytest.raises(Stop):
+        bench_moonwalk.main(["--size", "gpu", "--out", str(tmp_path)])
+    name = f"moonwalk_gpu_{jax.default_backend()}.json"
+    partial = json.loads((tmp_path / name).read_text())
+    assert not partial["complete"] and len(partial["rows"]) == 4
+    text = report.render_moonwalk(partial, name)
+    assert text.startswith("**Partial run**") and "| 12 |" in text
+
+    monkeypatch.setattr(bench_moonwalk, "measure", measure)
+    done = bench_moonwalk.main(["--size", "gpu", "--out", str(tmp_path)])
+    assert done["complete"] and json.loads((tmp_path / name).read_text())["complete"]
+    assert len(done["rows"]) == 2 * 2 * len(bench_moonwalk.DEPTHS)
+
+
+def test_bench_activations_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from benchmarks import bench_activations, report
+
+    memory = lambda fn, params, x: SimpleNamespace(temp_mib=10.0)
+    monkeypatch.setattr(bench_activations, "compiled_memory", _stop_after(2, memory))
+    with pytest.raises(Stop):
+        bench_activations.main(["--out", str(tmp_path)])
+    name = f"activations_{jax.default_backend()}.json"
+    partial = json.loads((tmp_path / name).read_text())
+    assert not partial["complete"] and len(partial["rows"]) == 2
+    assert partial["derivative_recovery"] == []
+    assert report.render_activation_times(partial, name).startswith("**Partial run**")
+    # The prose that needs every variant says the run is partial instead of failing.
+    block = report._render_block(report.render_activation_memory, partial, name)
+    assert block.startswith("**Partial run**") and name in block
+
+    monkeypatch.setattr(bench_activations, "compiled_memory", memory)
+    monkeypatch.setattr(bench_activations, "derivative_recovery", lambda: [])
+    assert bench_activations.main(["--out", str(tmp_path)])["complete"]
+    assert len(json.loads((tmp_path / name).read_text())["rows"]) == len(bench_activations.VARIANTS)
+
+
+def test_bench_scan_keeps_the_depths_of_a_stopped_run(tmp_path, monkeypatch):
+    from benchmarks import bench_scan, report
+
+    tiny = {"rows": 4, "width": 4, "hidden": 8, "depths": [8, 16], "repeats": 1}
+    monkeypatch.setitem(bench_scan.SIZES, "cpu", tiny)
+    monkeypatch.setattr(bench_scan, "init_mlp_stack", _stop_after(1, bench_scan.init_mlp_stack))
+    with pytest.raises(Stop):
+        bench_scan.run("cpu", tmp_path)
+    name = f"scan_cpu_{jax.default_backend()}.json"
+    partial = json.loads((tmp_path / name).read_text())
+    assert not partial["complete"]
+    assert {r["depth"] for r in partial["rows"]} == {8} and len(partial["rows"]) == 4
+    assert report.render_scan(partial, name).startswith("**Partial run**")

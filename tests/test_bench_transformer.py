@@ -88,7 +88,11 @@ def test_gpu_orchestration_records_failures_as_rows_and_renders(tmp_path, monkey
         "reversible": 7, "backprop": 7, "checkpoint": "timeout after 600 s"
     }  # fmt: skip
     text = report.render_transformer(payload, "transformer_smoke_gpu.json")
-    assert "out of memory" in text and "checkpoint: timeout after 600 s" in text
+    assert "out of memory" in text
+    assert (
+        "reversible 7, backprop 7 blocks; checkpoint: search failed (timeout after 600 s)" in text
+    )
+    assert "600 s blocks" not in text
     assert "reversible 1.0x deeper than backprop" in text
     import matplotlib
 
@@ -110,3 +114,62 @@ def test_gpu_rows_are_timed_only_when_their_footprint_fits(monkeypatch):
     assert timed["ms"] > 0 and timed["tokens_per_s"] > 0
     skipped = bench.run_row(size, 1, "reversible", budget=1)
     assert "ms" not in skipped and "exceeds the memory budget" in skipped["not_run"]
+
+
+def test_the_gpu_size_fits_backprop_in_an_h100():
+    """Plain backprop holds every block's float32 attention scores: at the GPU size its
+    compiled step is ~58 GiB at L = 8 but ~84 GiB at L = 12, more than an 80 GB H100 has. The
+    footprint is compiled on this machine (CPU), nothing allocated."""
+    from benchmarks.bench_transformer import compiled_bytes
+
+    size = SIZES["gpu"]
+    assert max(size["depths"]) == 8
+    total = compiled_bytes(size, max(size["depths"]), "backprop")["total"]
+    assert 50 * 2**30 < total < 64 * 2**30, total / 2**30
+
+
+def test_budget_s_cuts_child_timeouts_and_stops_in_time(tmp_path, monkeypatch):
+    """With ``--budget-s`` every child's timeout is cut to the time left (less a reserve for
+    writing), and when too little is left the run stops, keeping its rows, marked incomplete.
+    A fake clock advances by each fake child's run time (100 s, or its whole timeout)."""
+    import json
+
+    from benchmarks import bench_transformer as bench
+
+    now, calls = [0.0], []
+    env = {"backend": "gpu", "device": "fake", "jax": "0", "date": "today"}
+
+    def fake_child(size_name, task, budget_gib, timeout):
+        calls.append((task[0], now[0], timeout))
+        now[0] += min(100.0, timeout)
+        if task[0] == "probe":
+            return {"env": env, "budget_bytes": 2**30}
+        return {"temp": 1, "total": 2, "ms": 1.0, "tokens_per_s": 1.0, "peak_bytes": 3}
+
+    monkeypatch.setattr(bench, "in_child", fake_child)
+    monkeypatch.setattr(bench, "_clock", lambda: now[0])
+    payload = bench.main(["--size", "smoke", "--out", str(tmp_path), "--budget-s", "350"])
+    assert [(kind, start, timeout) for kind, start, timeout in calls] == [
+        ("probe", 0.0, 300),  # its usual limit: 340 s are left
+        ("row", 100.0, 240.0),
+        ("row", 200.0, 140.0),
+        ("row", 300.0, 40.0),  # then 0 s left (less the reserve): no more children
+    ]
+    assert all(start + timeout <= 350 - bench.RESERVE_S for _, start, timeout in calls)
+    written = json.loads((tmp_path / "transformer_smoke_gpu.json").read_text())
+    assert written["rows"] == payload["rows"] and len(written["rows"]) == 3
+    assert not written["complete"] and not payload["complete"]
+    assert "--budget-s 350" in written["stopped"] and written["deepest_depth"] == {}
+    # Without a budget every child gets its usual limit.
+    assert bench.Deadline(None).timeout("deepest") == bench.CHILD_TIMEOUT_S["deepest"]
+
+
+def test_a_run_stopped_by_its_budget_exits_with_status_1(tmp_path):
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_transformer.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--size", "smoke", "--budget-s", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1 and "--budget-s 1.0 leaves no time" in done.stderr

@@ -52,3 +52,33 @@ def test_footprint_counts_parameters_and_gradients():
         - bench.memory("reversible", 128).footprint_bytes
     )
     assert grow == 128 * 2 * bench.param_bytes_per_layer()
+
+
+def test_a_stopped_run_keeps_its_rows_and_renders_as_partial(tmp_path, monkeypatch):
+    """The JSON is rewritten after every row and search (complete only at the end), and the
+    README renderer shows a partial file with "-" for what it lacks."""
+    import json
+    from types import SimpleNamespace
+
+    from benchmarks import report
+
+    def memory(method, depth):  # affine footprints, no compile
+        if (method, depth) == ("reversible", 16):
+            raise KeyboardInterrupt  # the timeout strikes mid-depth
+        return SimpleNamespace(temp_mib=depth / 8, footprint_bytes=2**20 * (1 + depth))
+
+    monkeypatch.setattr(bench, "memory", memory)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--out", str(tmp_path)])
+    name = f"memory_depth_{jax.default_backend()}.json"
+    partial = json.loads((tmp_path / name).read_text())
+    assert not partial["complete"] and partial["deepest_depth"] == {}
+    assert [(r["method"], r["depth"]) for r in partial["rows"][-3:]] == [
+        (m, 16) for m in bench.METHODS[:3]
+    ]
+    text = report.render_memory_depth(partial, name)
+    assert text.startswith("**Partial run**")
+    assert "| 16 | 2.00 | 2.00 | 2.00 | - | - | - |" in text
+    assert "Deepest stack" not in text  # no search ran
+    partial["deepest_depth"] = {"checkpoint": 100}  # a search done, backprop's not
+    assert "| checkpoint | 100 | - | - |" in report.render_memory_depth(partial, name)

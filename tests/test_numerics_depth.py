@@ -81,3 +81,50 @@ def test_append_merges_a_split_run_and_refuses_a_different_one(tmp_path, monkeyp
     monkeypatch.setitem(bench.SIZES, "tiny", {**TINY, "width": 16, "depths": [2]})
     with pytest.raises(SystemExit, match="--append"):
         bench.main(["--size", "tiny", "--out", str(tmp_path), "--append"])
+
+
+def _fake_measure(depth, size, timed, budget=None):
+    """One row per depth, in the shape ``measure`` writes (no compile: fast)."""
+    return [{"depth": depth, "method": "f32 stream", "stream_peak": 1.0, "fraction_bits": None,
+             "reference": "backprop", "grad_rel_err": 1e-3, "bitwise_equal": False,
+             "step_ms": None, "time_vs_bf16_backprop": None, "overflow": False}]  # fmt: skip
+
+
+def test_append_without_an_earlier_run_is_refused(tmp_path, monkeypatch):
+    """Else the appended part alone would be written as the whole, complete measurement."""
+    monkeypatch.setattr(bench, "measure", _fake_measure)
+    monkeypatch.setitem(bench.SIZES, "tiny", {**TINY, "depths": [2, 4]})
+    missing = tmp_path / f"numerics_depth_tiny_{jax.default_backend()}.json"
+    with pytest.raises(SystemExit, match="--append needs the earlier run's") as stop:
+        bench.main(["--size", "tiny", "--depths", "4", "--out", str(tmp_path), "--append"])
+    assert str(missing) in str(stop.value) and stop.value.code != 0
+    assert not missing.exists()
+
+
+def test_append_completes_a_run_that_stopped_early(tmp_path, monkeypatch):
+    """A run stopped after its first depth (the GPU's per-call time limit) is completed by
+    appending the depths it missed: ``complete`` turns true exactly when every depth the runs
+    set out to measure has its rows."""
+    monkeypatch.setitem(bench.SIZES, "tiny", {**TINY, "depths": [2, 4, 8]})
+    path = tmp_path / f"numerics_depth_tiny_{jax.default_backend()}.json"
+    calls = []
+
+    def stopped(depth, *args, **kwargs):  # the timeout strikes during the second depth
+        calls.append(depth)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return _fake_measure(depth, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--size", "tiny", "--out", str(tmp_path)])
+    first = json.loads(path.read_text())
+    assert not first["complete"] and {r["depth"] for r in first["rows"]} == {2}
+    monkeypatch.setattr(bench, "measure", _fake_measure)
+    bench.main(["--size", "tiny", "--depths", "4", "--out", str(tmp_path), "--append"])
+    second = json.loads(path.read_text())
+    assert second["size"]["depths"] == [2, 4, 8]  # 8 is still wanted, though never measured
+    assert not second["complete"] and {r["depth"] for r in second["rows"]} == {2, 4}
+    bench.main(["--size", "tiny", "--depths", "8", "--out", str(tmp_path), "--append"])
+    third = json.loads(path.read_text())
+    assert third["complete"] and [r["depth"] for r in third["rows"]] == [2, 4, 8]

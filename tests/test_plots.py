@@ -27,3 +27,27 @@ def test_every_image_in_the_readme_exists():
     assert len(images) >= 6
     for image in images:
         assert (root / image).is_file(), image
+
+
+def test_gpu_results_are_plotted_like_cpu_ones_and_partial_runs_say_so(tmp_path, monkeypatch):
+    """Every CPU-size result with a plot has its GPU-size twin plotted too; a result whose run
+    stopped early (``complete`` false) is drawn with "PARTIAL RUN" in its title."""
+    import json
+
+    for name in plots.PLOTS:
+        if name.endswith("_cpu_cpu.json"):
+            assert name.replace("_cpu_cpu.json", "_gpu_gpu.json") in plots.PLOTS, name
+    payload = json.loads((plots.RESULTS / "moonwalk_cpu_cpu.json").read_text())
+    payload["env"] |= {"backend": "gpu", "device": "NVIDIA H100 80GB HBM3"}
+    payload["rows"] = [r for r in payload["rows"] if r["depth"] <= 12]  # stopped at L = 12
+    payload["complete"] = False
+    (tmp_path / "moonwalk_gpu_gpu.json").write_text(json.dumps(payload))
+    titles = []
+    close = plots.plt.close
+    monkeypatch.setattr(plots.plt, "close", lambda fig: titles.append(fig.axes[0].get_title())
+                        or close(fig))  # fmt: skip
+    written = plots.main(["--results", str(tmp_path), "--out", str(tmp_path)])
+    assert [p.name for p in written] == ["moonwalk_gpu_gpu.png"]
+    assert titles == [
+        f"moonwalk_gpu_gpu (PARTIAL RUN, NVIDIA H100 80GB HBM3, {payload['env']['date']})"
+    ]

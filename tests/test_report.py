@@ -1,0 +1,96 @@
+"""benchmarks/report.py: renderers on results a GPU run may produce (synthetic JSON)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import report
+
+NUMERICS = "numerics_depth_cpu_cpu.json"
+GPU_ENV = {"backend": "gpu", "device": "NVIDIA H100 80GB HBM3", "jax": "0.11.2", "date": "today"}
+
+
+def _numerics(**exact_row) -> dict:
+    """The committed CPU error-vs-depth result with every measured exact-mode row changed."""
+    payload = json.loads((report.RESULTS / NUMERICS).read_text())
+    for r in payload["rows"]:
+        if r["method"] == "exact" and not r["overflow"]:
+            r |= exact_row
+    return payload
+
+
+def test_the_numerics_summary_says_when_exact_mode_was_not_bitwise():
+    """On a GPU exact mode's gradient need not be bitwise equal to backprop's at any depth; the
+    summary then says so, with the largest error, instead of raising IndexError."""
+    payload = _numerics(bitwise_equal=False, grad_rel_err=3e-7) | {"env": GPU_ENV}
+    worst = next(r for r in payload["rows"] if r["method"] == "exact" and r["depth"] == 64)
+    worst["grad_rel_err"] = 4.2e-6
+    text = report.render_numerics_depth_summary(payload, "numerics_depth_gpu_gpu.json")
+    assert "Exact mode was not bitwise equal to plain backprop at any depth on NVIDIA H100" in text
+    assert "not at L = 8, L = 16, L = 32, L = 64 and L = 128" in text
+    assert "(largest relative error 4.2e-6, at L = 64)" in text
+    assert '"overflow" where its range cannot hold the stream (L = 256)' in text
+    assert "bitwise exact whenever" not in text
+
+
+def test_the_numerics_summary_names_the_depths_where_exact_mode_was_bitwise():
+    payload = _numerics()
+    deep = next(r for r in payload["rows"] if r["method"] == "exact" and r["depth"] == 128)
+    deep |= {"bitwise_equal": False, "grad_rel_err": 1e-7}
+    text = report.render_numerics_depth_summary(payload, NUMERICS)
+    assert "bitwise exact at L = 8, L = 16, L = 32 and L = 64 but not at L = 128" in text
+    # The committed (all bitwise) result keeps its sentence.
+    complete = report.render_numerics_depth_summary(_numerics(), NUMERICS)
+    assert "bitwise exact whenever its range can hold the stream (up to L = 128 here" in complete
+
+
+def _results_with(tmp_path, monkeypatch, *names: str) -> Path:
+    for name in names:
+        shutil.copy(report.RESULTS / name, tmp_path / name)
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    return tmp_path
+
+
+def test_the_scan_summary_prefers_gpu_matmul_counts(tmp_path, monkeypatch):
+    """The GPU timings are explained by the GPU's HLO where count_gemms.py ran there; the
+    CPU's counts are the fallback, and the text says which it used."""
+    results = _results_with(
+        tmp_path, monkeypatch, "scan_gpu_gpu.json", "scan_gpu_gpu_bfloat16.json",
+        "gemm_count_cpu.json",
+    )  # fmt: skip
+    readme = "<!-- results:scan_summary -->\n<!-- /results:scan_summary -->\n"
+    on_cpu = report.render_readme(readme)
+    assert "counted on cpu by" in on_cpu and "`benchmarks/results/gemm_count_cpu.json`" in on_cpu
+    gpu = {"benchmark": "count_gemms", "env": GPU_ENV,
+           "matmuls_per_layer": {"checkpoint": 20, "reversible": 22}}  # fmt: skip
+    (results / "gemm_count_gpu.json").write_text(json.dumps(gpu))
+    on_gpu = report.render_readme(readme)
+    assert "counted on gpu by" in on_gpu and "`benchmarks/results/gemm_count_gpu.json`" in on_gpu
+    assert "22 matmuls per layer" in on_gpu and "against 20 for checkpointing" in on_gpu
+    assert "gemm_count_cpu.json" not in on_gpu
+
+
+def test_a_partial_file_is_marked_and_a_summary_it_cannot_feed_says_so(tmp_path, monkeypatch):
+    """A run stopped early (``complete`` false): the blocks it feeds say "Partial run", and a
+    summary needing rows it never measured says so instead of failing."""
+    results = _results_with(
+        tmp_path, monkeypatch, "scan_gpu_gpu.json", "scan_gpu_gpu_bfloat16.json",
+        "gemm_count_cpu.json",
+    )  # fmt: skip
+    bf16 = json.loads((results / "scan_gpu_gpu_bfloat16.json").read_text())
+    bf16["rows"] = [r for r in bf16["rows"] if r["depth"] == 8]  # stopped before L = 32
+    bf16["complete"] = False
+    (results / "scan_gpu_gpu_bfloat16.json").write_text(json.dumps(bf16))
+    readme = "".join(f"<!-- results:{n} -->\n<!-- /results:{n} -->\n"
+                     for n in ("scan", "scan_bf16", "scan_summary"))  # fmt: skip
+    text = report.render_readme(readme)
+    scan, bf16_block, summary = text.split("<!-- /results:")[:3]
+    assert "Partial run" not in scan  # the float32 file is complete
+    assert "**Partial run**" in bf16_block and "| reversible | 8 |" in bf16_block
+    assert "| reversible | 32 |" not in bf16_block
+    assert "**Partial run** (`benchmarks/results/scan_gpu_gpu_bfloat16.json` stopped" in summary
