@@ -126,6 +126,9 @@ def test_the_gpu_size_fits_backprop_in_an_h100():
     assert max(size["depths"]) == 8
     total = compiled_bytes(size, max(size["depths"]), "backprop")["total"]
     assert 50 * 2**30 < total < 64 * 2**30, total / 2**30
+    # The depth it replaced: L = 12 does not fit 80 GB (the README quotes about 84 GiB).
+    too_deep = compiled_bytes(size, 12, "backprop")["total"]
+    assert 80 * 2**30 < too_deep < 88 * 2**30, too_deep / 2**30
 
 
 def test_budget_s_cuts_child_timeouts_and_stops_in_time(tmp_path, monkeypatch):

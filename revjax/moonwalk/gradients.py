@@ -118,16 +118,15 @@ def input_cotangent_by_jvps(
     The assumption is load-bearing: a loss or a layer that couples examples (a batch mean
     inside the loss, batch-statistics normalisation) would make ``h_0`` wrong, so
     :func:`first_coupled_example` checks it (``2 ceil(log2 batch)`` more JVPs) and a coupling
-    raises at run time;
-    use ``mixed_moonwalk`` there.
+    raises at run time; use ``mixed_moonwalk`` there.
 
     Raises:
       ValueError: (at run time, through ``jax.debug.callback``; under ``jax.jit`` wrapped in
         ``jax.errors.JaxRuntimeError`` with the same message) an example's loss responds to
         another example's input.
     """
-    first = first_coupled_example(forward, loss_fn, x, *loss_args, chunk_size=chunk_size)
-    jax.debug.callback(_raise_if_examples_coupled, first)
+    coupled_at = first_coupled_example(forward, loss_fn, x, *loss_args, chunk_size=chunk_size)
+    jax.debug.callback(_raise_if_examples_coupled, coupled_at)
     batch = jax.tree.leaves(x)[0].shape[0]
     first, unravel = ravel_pytree(jax.tree.map(lambda a: a[0], x))
 
