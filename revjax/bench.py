@@ -54,9 +54,12 @@ SUITES: dict[str, list[list[str]]] = {
 def main(argv: list[str] | None = None) -> int:
     """``python -m revjax bench [options]``; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m revjax bench", description=__doc__.splitlines()[0]
+        prog="python -m revjax bench", description=__doc__.splitlines()[0].replace("``", "")
     )
-    parser.add_argument("--size", choices=sorted(SUITES), default="cpu")
+    parser.add_argument(
+        "--size", choices=sorted(SUITES), default="cpu",
+        help="cpu: the CPU sizes; gpu: the accelerator sizes, needs a GPU or TPU (default: cpu)",
+    )  # fmt: skip
     parser.add_argument("--list", action="store_true", help="print the commands only")
     parser.add_argument(
         "--force", action="store_true", help="run the GPU sizes even without an accelerator"

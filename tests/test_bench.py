@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -25,6 +26,19 @@ def test_only_runs_the_named_scripts_into_out_and_leaves_the_readme(tmp_path, ca
     assert record["env"]["backend"] == jax.default_backend()
     assert README.read_text() == readme
     assert not list(tmp_path.glob("bench_suite_*.json"))  # a partial run records no total
+
+
+def test_help_is_plain_text_with_every_option_explained(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "``" not in text
+    assert re.search(r"--size \{cpu,gpu\} cpu: .* \(default: cpu\)", text), text
+    for option in ("--list", "--force", "--only", "--out", "--timeout"):
+        # The option, its metavar(s), then help text (an option without help is followed by
+        # the next option or by the end of the usage line, never by a lowercase word).
+        pattern = rf"{option}(?: [A-Z]+| \[[A-Z]+ \.\.\.\])* [a-z]"
+        assert re.search(pattern, text), (option, text)
 
 
 def test_unknown_scripts_are_refused(capsys):
