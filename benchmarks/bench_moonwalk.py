@@ -43,6 +43,7 @@ from revjax.models.mlp import init_mlp_stack, mlp_coupling
 from revjax.timing import median_ms
 
 DEPTHS = [6, 12, 24, 60]
+TIMED_RUNS = 10  # every time is a median of this many runs after warm-up (DESIGN.md)
 SLOPE = 0.9  # leaky ReLU slope of the submersive network (module doc)
 SIZES = {
     "cpu": {"batch": 16, "width": 8, "hidden": 16, "depths": DEPTHS, "forward": True},
@@ -119,8 +120,9 @@ def speedups(size: dict) -> list[dict]:
         times = {}
         for method in ("moonwalk", "forward"):
             fn = jax.jit(mw.value_and_grad(net, loss, method=method))
-            times[method] = median_ms(fn, params, x, repeats=5)
-        out.append({"depth": depth, **times, "speedup": times["forward"] / times["moonwalk"]})
+            times[method] = median_ms(fn, params, x, repeats=TIMED_RUNS)
+        speedup = times["forward"] / times["moonwalk"]
+        out.append({"depth": depth, **times, "speedup": speedup, "repeats": TIMED_RUNS})
         print(out[-1], flush=True)
     return out
 

@@ -165,8 +165,11 @@ def render_moonwalk(payload: dict, filename: str) -> str:
     )
     speed = payload.get("moonwalk_vs_forward_mode")
     if speed:
+        runs = speed[0].get("repeats")  # older files did not record it
+        median = f", median of {runs} runs" if runs else ""
+        caveat = "; on a CPU for orientation only" if env["backend"] == "cpu" else ""
         text += "\n\nPure-forward Moonwalk vs exact forward mode on the RevNet (wall time on " + (
-            f"{env['backend']}): "
+            f"{env['backend']}{median}{caveat}): "
             + "; ".join(
                 f"L = {r['depth']}: {r['moonwalk']:.1f} ms vs {r['forward']:.1f} ms, "
                 f"{r['speedup']:.0f}x faster"

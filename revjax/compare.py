@@ -198,7 +198,7 @@ def compare(
     depth: int,
     dtype: str = "float32",
     *,
-    repeats: int = 5,
+    repeats: int = 10,
     methods: list[str] | None = None,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         help="params, inputs and compute; errors are against float32 backprop (default: float32)",
     )  # fmt: skip
     parser.add_argument(
-        "--repeats", type=int, default=5, help="timed steps per method (default: 5)"
+        "--repeats", type=int, default=10, help="timed steps per method (default: 10)"
     )
     parser.add_argument(
         "--methods", nargs="+", metavar="METHOD",

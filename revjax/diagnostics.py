@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -10,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from revjax._tree_metrics import bitwise_equal, float32_leaves, relative_error, relative_norm
 from revjax.coupling import Coupling, call_with_key, with_aux
 from revjax.precision import Policy
 from revjax.scan import (
@@ -22,110 +22,6 @@ from revjax.scan import (
 )
 
 PyTree = Any
-
-
-def _float32_leaves(tree: PyTree, fn: str) -> list[jax.Array]:
-    """The leaves of ``tree`` as float32 arrays; complex leaves are refused (their imaginary part
-    would be dropped silently)."""
-    leaves = jax.tree.leaves(tree)
-    for leaf in leaves:
-        if jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
-            raise TypeError(f"{fn}: complex leaves are not supported (got {jnp.result_type(leaf)})")
-    return [jnp.asarray(leaf, jnp.float32) for leaf in leaves]
-
-
-def _power_of_two_scale(leaves: list[jax.Array]) -> jax.Array:
-    """The int32 exponent ``e`` of the largest power of two ``2^e <= max |leaf|``, clipped to
-    [-126, 126] so that ``2^e`` and ``2^-e`` are normal float32 numbers (XLA on CPU flushes a
-    subnormal reciprocal to zero). Dividing by ``2^e`` is exact and leaves every entry below 4
-    in magnitude."""
-    peak = functools.reduce(
-        jnp.maximum, [jnp.max(jnp.abs(v), initial=0.0) for v in leaves], jnp.float32(0.0)
-    )
-    _, exponent = jnp.frexp(peak)
-    return jnp.clip(exponent - 1, -126, 126)
-
-
-def _scaled_norm(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """``(n, e)`` with ``||leaves|| = n * 2^e``: the Euclidean norm of all leaves jointly, taken
-    after an exact power-of-two rescaling so that neither overflow (|v| > 1e19) nor underflow
-    (|v| < 1e-19) of the squares distorts it."""
-    exponent = _power_of_two_scale(leaves)
-    scale = jnp.ldexp(jnp.float32(1.0), exponent)
-    total = sum((jnp.sum(jnp.square(v / scale)) for v in leaves), jnp.float32(0.0))
-    return jnp.sqrt(total), exponent
-
-
-def _relative_norm(approx: list[jax.Array], reference: list[jax.Array]) -> jax.Array:
-    """``||approx - reference|| / ||reference||`` of float32 leaf lists, robust to the extremes:
-    inf when only the reference is zero, 0 when both are, NaN when any entry is NaN or inf."""
-    # Both operands are divided by one common power of two 2^c first (exact), so that their
-    # difference cannot overflow; then ||diff|| = d * 2^(d_exp + c), ||reference|| = r * 2^r_exp.
-    common_exp = _power_of_two_scale([*approx, *reference])
-    common = jnp.ldexp(jnp.float32(1.0), common_exp)
-    diff = [a / common - r / common for a, r in zip(approx, reference, strict=True)]
-    diff_norm, diff_exp = _scaled_norm(diff)
-    ref_norm, ref_exp = _scaled_norm(reference)
-    ratio = diff_norm / jnp.where(ref_norm > 0, ref_norm, 1.0)
-    # ldexp applies the exponent difference once: inf only if the true ratio exceeds float32.
-    error = jnp.ldexp(ratio, diff_exp + common_exp - ref_exp)
-    error = jnp.where(ref_norm > 0, error, jnp.where(diff_norm > 0, jnp.inf, 0.0))
-    finite = functools.reduce(
-        jnp.logical_and, [jnp.all(jnp.isfinite(v)) for v in [*approx, *reference]], jnp.bool_(True)
-    )
-    return jnp.where(finite, error, jnp.nan)
-
-
-def relative_error(approx: PyTree, reference: PyTree) -> jax.Array:
-    """``||approx - reference|| / ||reference||`` over all leaves jointly, in float32.
-
-    The norm is the Euclidean norm of every leaf flattened and concatenated; both pytrees must
-    have the same structure and shapes (real dtypes: complex leaves raise ``TypeError``). Every
-    norm is taken after an exact power-of-two rescaling, so huge values (|g| > 1e19, whose
-    squares overflow float32) and tiny ones (whose squares underflow) still give the right
-    answer. Returns ``inf`` when the reference is zero and the approximation is not, 0 when both
-    are zero (also for pytrees without leaves), and NaN when either holds a NaN or inf (never a
-    misleading 0).
-    """
-    if jax.tree.structure(approx) != jax.tree.structure(reference):
-        raise ValueError(
-            "relative_error: pytrees differ in structure: "
-            f"{jax.tree.structure(approx)} vs {jax.tree.structure(reference)}"
-        )
-    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(approx)]
-    leaves = zip(paths, jax.tree.leaves(approx), jax.tree.leaves(reference), strict=True)
-    for path, x, y in leaves:
-        if jnp.shape(x) != jnp.shape(y):  # broadcasting would give a meaningless number
-            raise ValueError(
-                f"relative_error: leaf {path or '(root)'} has shape {jnp.shape(x)} in approx "
-                f"but {jnp.shape(y)} in reference"
-            )
-    return _relative_norm(
-        _float32_leaves(approx, "relative_error"), _float32_leaves(reference, "relative_error")
-    )
-
-
-def bitwise_equal(a: PyTree, b: PyTree) -> jax.Array:
-    """Whether two pytrees have the same structure, shapes, dtypes and bit patterns (a boolean
-    scalar; usable under ``jit``).
-
-    Stricter than ``array_equal``: ``+0.0`` and ``-0.0`` differ, and a NaN equals a NaN with the
-    same payload. This is the check behind every "bitwise" claim of revjax.
-    """
-    if jax.tree.structure(a) != jax.tree.structure(b):
-        return jnp.bool_(False)
-    same = [jnp.bool_(True)]
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        x, y = jnp.asarray(x), jnp.asarray(y)
-        if x.shape != y.shape or x.dtype != y.dtype:
-            return jnp.bool_(False)
-        if jnp.issubdtype(x.dtype, jnp.complexfloating):  # compare both parts' bits
-            x, y = jnp.stack([x.real, x.imag]), jnp.stack([y.real, y.imag])
-        if jnp.issubdtype(x.dtype, jnp.floating):
-            bits = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
-            x, y = lax.bitcast_convert_type(x, bits), lax.bitcast_convert_type(y, bits)
-        same.append(jnp.array_equal(x, y))
-    return functools.reduce(jnp.logical_and, same)
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
@@ -201,9 +97,9 @@ def reconstruction_report(
 
     _, inputs_rec = lax.scan(backward, y, (params, layers, outputs_exact, aux), reverse=True)
     error = jax.vmap(
-        lambda rec, exact: _relative_norm(
-            _float32_leaves(rec, "reconstruction_report"),
-            _float32_leaves(exact, "reconstruction_report"),
+        lambda rec, exact: relative_norm(
+            float32_leaves(rec, "reconstruction_report"),
+            float32_leaves(exact, "reconstruction_report"),
         )
     )(inputs_rec, inputs_exact)
     # snr = 1 / error^2 (inf when exact, 0 for a zero input reconstructed as nonzero, NaN when

@@ -124,10 +124,10 @@ def init_actnorm(x: jax.Array, eps: float = 1e-6) -> dict[str, jax.Array]:
     return {"log_scale": log_scale, "bias": -mean * jnp.exp(log_scale)}
 
 
-def _batch_moments(x: jax.Array, eps: float) -> dict[str, jax.Array]:
+def _batch_moments(x: jax.Array) -> dict[str, jax.Array]:
+    """Per-channel (last axis) batch ``mean`` and biased ``var``, each ``(C,)``."""
     axes = tuple(range(x.ndim - 1))
-    var = jnp.var(x, axis=axes)
-    return {"mean": jnp.mean(x, axis=axes), "var": var, "std": jnp.sqrt(var + eps)}
+    return {"mean": jnp.mean(x, axis=axes), "var": jnp.var(x, axis=axes)}
 
 
 def _bn_scale(gamma: jax.Array, scale_eps: float) -> jax.Array:
@@ -140,8 +140,9 @@ def batch_norm(eps: float = 1e-5, scale_eps: float = 1e-2) -> Coupling:
     + beta`` with the batch's per-channel ``mean`` and ``std = sqrt(var + eps)``.
 
     Params ``{"gamma": (C,), "beta": (C,)}``. The output's batch statistics no longer reveal
-    the input's, so the block has side information, ``aux = {"mean", "std"}`` per channel,
-    which :func:`revjax.reversible_scan` stores (``2 C`` numbers per layer) and hands to the
+    the input's, so the block has side information, ``aux = {"mean", "var"}`` per channel
+    (``std`` is recomputed from ``var``, bit for bit as in the forward pass), which
+    :func:`revjax.reversible_scan` stores (``2 C`` numbers per layer) and hands to the
     inverse. ``forward`` recomputes them from ``x``, so gradients flow through the batch
     statistics exactly as in ordinary batch norm. Running statistics are not state of this
     layer: get the batch statistics with ``reversible_scan(..., return_aux=True)`` and update
@@ -157,21 +158,23 @@ def batch_norm(eps: float = 1e-5, scale_eps: float = 1e-2) -> Coupling:
 
     def forward(params, x, key=None):
         _channels(x, params["gamma"].shape[-1], "batch_norm")
-        moments = _batch_moments(x, eps)
+        moments = _batch_moments(x)
         scale = _bn_scale(params["gamma"], scale_eps)
-        return (x - moments["mean"]) / moments["std"] * scale + params["beta"]
+        return (x - moments["mean"]) / std(moments) * scale + params["beta"]
 
     def inverse(params, y, key=None, *, aux):
         _channels(y, params["gamma"].shape[-1], "batch_norm")
         scale = _bn_scale(params["gamma"], scale_eps)
-        return (y - params["beta"]) / scale * aux["std"] + aux["mean"]
+        return (y - params["beta"]) / scale * std(aux) + aux["mean"]
+
+    def std(moments):
+        return jnp.sqrt(moments["var"] + eps)
 
     def side(params, x, key=None):
-        return jax.tree.map(lax.stop_gradient, _batch_moments(x, eps))
+        return jax.tree.map(lax.stop_gradient, _batch_moments(x))
 
     def log_det(params, x, key=None):
-        moments = _batch_moments(x, eps)
-        per_pixel = jnp.log(_bn_scale(params["gamma"], scale_eps)) - jnp.log(moments["std"])
+        per_pixel = jnp.log(_bn_scale(params["gamma"], scale_eps)) - jnp.log(std(_batch_moments(x)))
         return _pixels(x) * jnp.sum(per_pixel).astype(jnp.float32)
 
     return _layer(forward, inverse, log_det, aux=side)

@@ -3,6 +3,7 @@ and is documented; the top-level names are the ones the README's API tour docume
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import pkgutil
@@ -56,3 +57,60 @@ def test_activations_export_no_function_of_private_types():
     way to measure the recovery."""
     assert "recover_input" not in revjax.activations.__all__
     assert not hasattr(revjax.activations, "recover_input")
+
+
+# The dependency direction of DESIGN.md section 1, as found in the code: each module may
+# import only modules of a lower or equal layer. Two refinements of DESIGN's arrow: the
+# precision policy sits below scan (reversible_scan takes a policy), and the dependency-free
+# utilities (_validate, _tree_metrics, data, timing, memory) sit at the bottom.
+LAYERS = [
+    {"_validate", "_tree_metrics", "data", "timing", "memory", "coupling", "closure"},
+    {"precision"},
+    {"scan"},
+    {"layers", "activations"},
+    {"moonwalk", "moonwalk.gradients", "moonwalk.layers"},
+    {"nnx", "linen", "models", *(f"models.{m}" for m in ("mlp", "revnet", "transformer"))},
+    {"models.lm_training", "diagnostics"},
+    {"compare", "demo", "bench", "__main__", ""},  # "" is the package's __init__
+]
+RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
+FLAX_ALLOWED = {"nnx", "linen", "compare", "demo", "bench", "__main__"}
+
+
+def _module_imports(path: Path) -> set[str]:
+    """Every ``revjax.X`` module and top-level package a file imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            if node.module == "revjax":  # from revjax import moonwalk
+                found |= {f"revjax.{alias.name}" for alias in node.names}
+    return found
+
+
+def _own_name(path: Path) -> str:
+    parts = path.relative_to(Path(revjax.__file__).parent).with_suffix("").parts
+    return ".".join(p for p in parts if p != "__init__")
+
+
+def test_modules_import_only_downward_and_the_core_has_no_flax():
+    root = Path(revjax.__file__).parent
+    files = sorted(root.rglob("*.py"))
+    names = {_own_name(path) for path in files}
+    assert names <= set(RANK), sorted(names - set(RANK))  # a new module needs a layer
+    upward, flax_users = [], []
+    for path in files:
+        name = _own_name(path)
+        for imported in _module_imports(path):
+            if imported.startswith("revjax."):
+                target = imported.removeprefix("revjax.")
+                if target in RANK and RANK[target] > RANK[name]:
+                    upward.append(f"{name} imports {target}")
+            elif imported.split(".")[0] == "flax" and name.split(".")[0] not in (
+                FLAX_ALLOWED | {"models"}
+            ):
+                flax_users.append(name)
+    assert not upward, upward
+    assert not flax_users, flax_users

@@ -177,7 +177,7 @@ def test_cli_help_states_defaults_and_method_names(capsys):
     with pytest.raises(SystemExit):
         cli(["compare", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for default in ("(default: mlp)", "(default: 16)", "(default: float32)", "(default: 5)"):
+    for default in ("(default: mlp)", "(default: 16)", "(default: float32)", "(default: 10)"):
         assert default in text
     # Per model (it once listed anchored for every model and not revnet's across_stages).
     assert "mlp: moonwalk, mixed_moonwalk, forward, projected_forward" in text

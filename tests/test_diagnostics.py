@@ -1,4 +1,5 @@
-"""diagnostics: relative error, tables, per-layer reconstruction report."""
+"""diagnostics: tables, per-layer reconstruction report, gradient comparison (the pytree
+metrics it re-exports are tested in test_tree_metrics.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,77 +8,10 @@ import pytest
 
 from revjax.coupling import additive_coupling
 from revjax.diagnostics import (
-    bitwise_equal,
     format_table,
     reconstruction_report,
-    relative_error,
 )
 from revjax.models.mlp import init_mlp_stack, mlp_coupling
-
-
-def test_relative_error_is_joint_norm_over_leaves():
-    ref = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([4.0])}
-    approx = {"a": jnp.array([3.0, 1.0]), "b": jnp.array([4.0])}
-    assert float(relative_error(approx, ref)) == pytest.approx(1.0 / 5.0)
-    assert float(relative_error(ref, ref)) == 0.0
-
-
-def test_relative_error_refuses_different_shapes():
-    with pytest.raises(ValueError, match=r"leaf \['w'\] has shape \(3, 1\) in approx but \(3,\)"):
-        relative_error({"w": jnp.ones((3, 1))}, {"w": jnp.ones(3)})
-
-
-def test_relative_error_of_huge_values_does_not_overflow():
-    """Squares of 1e30 overflow float32; the error is still 1/5 (and NaN stays NaN)."""
-    ref = {"a": jnp.array([3e30, 0.0]), "b": jnp.array([4e30])}
-    approx = {"a": jnp.array([3e30, 1e30]), "b": jnp.array([4e30])}
-    assert float(relative_error(approx, ref)) == pytest.approx(1.0 / 5.0, rel=1e-6)
-    assert np.isnan(float(relative_error(jnp.array([jnp.nan, 1.0]), jnp.ones(2))))
-    # A non-finite reference is never reported as agreement.
-    assert np.isnan(float(relative_error(jnp.ones(1), jnp.array([jnp.nan]))))
-    assert np.isnan(float(relative_error(jnp.array([jnp.inf]), jnp.ones(1))))
-
-
-def test_relative_error_zero_reference():
-    assert float(relative_error(jnp.zeros(3), jnp.zeros(3))) == 0.0
-    assert float(relative_error(jnp.ones(3), jnp.zeros(3))) == float("inf")
-
-
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-def test_relative_error_at_the_float32_extremes(jit):
-    """Near the float32 limits a scale with a subnormal reciprocal (flushed to zero by XLA on
-    CPU), a difference that overflows, or squares that underflow all once gave 0 or inf here.
-    Powers of two are exact, so the expected values hold to float32 rounding."""
-    err = jax.jit(relative_error) if jit else relative_error
-    assert float(err(jnp.array([5e37]), jnp.array([1e38]))) == pytest.approx(0.5, rel=1e-6)
-    assert float(err(jnp.array([-3e38]), jnp.array([3e38]))) == pytest.approx(2.0, rel=1e-6)
-    assert float(err(jnp.array([1e20]), jnp.array([1.0]))) == pytest.approx(1e20, rel=1e-6)
-    assert float(err(jnp.array([1.5e-30]), jnp.array([1e-30]))) == pytest.approx(0.5, rel=1e-5)
-    assert float(err(jnp.array([1e-30]), jnp.zeros(1))) == float("inf")
-
-
-def test_relative_error_edge_inputs():
-    assert float(relative_error((), ())) == 0.0  # no leaves: nothing differs
-    with pytest.raises(TypeError, match="complex leaves"):
-        relative_error(jnp.array([1.0 + 1.0j]), jnp.array([1.0 + 0.0j]))
-
-
-def test_bitwise_equal_compares_bits():
-    x = {"a": jnp.array([1.0, -0.0, jnp.nan]), "b": jnp.arange(3)}
-    assert bool(bitwise_equal(x, x))
-    assert bool(jax.jit(bitwise_equal)(x, x))
-    assert not bool(bitwise_equal({**x, "a": jnp.array([1.0, 0.0, jnp.nan])}, x))  # -0 vs +0
-    assert not bool(bitwise_equal({**x, "b": jnp.arange(3.0)}, x))  # dtype differs
-    assert not bool(bitwise_equal({**x, "b": jnp.array([0, 1, 3])}, x))
-    assert not bool(bitwise_equal((x["a"],), x))  # structure differs
-    z = jnp.array([1.0 + 0.0j])
-    assert bool(bitwise_equal(z, z))
-    assert not bool(bitwise_equal(z, jnp.array([complex(1.0, -0.0)])))  # imaginary -0 vs +0
-
-
-def test_relative_error_rejects_different_structures():
-    with pytest.raises(ValueError, match="structure"):
-        relative_error({"a": jnp.ones(2)}, (jnp.ones(2),))
 
 
 def test_format_table():

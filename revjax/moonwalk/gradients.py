@@ -11,9 +11,9 @@ import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from revjax._tree_metrics import relative_error
 from revjax._validate import positive_int
 from revjax.coupling import Coupling
-from revjax.diagnostics import relative_error
 from revjax.moonwalk.layers import Layer, chain, check_layer
 
 PyTree = Any
