@@ -136,6 +136,8 @@ def compare_gradients(
 
     Args:
       loss: ``loss(y) -> scalar``; default ``0.5 * sum(y^2)`` over all leaves, in float32.
+      key: optional PRNG key passed to every scan (dropout masks), the reference included, so
+        all methods see the same masks.
 
     Returns:
       One dict per method: ``method``, ``policy`` (its repr, or None), ``checkpoint_every``,

@@ -6,8 +6,9 @@ Linen modules are already pure (``module.apply(variables, x)``), so no decorator
 initialises ``depth`` independent layers, stacked along a leading axis, for
 :func:`revjax.reversible_scan`::
 
-    block = linen_coupling(Attention(...), Mlp(...))
-    params = init_linen_stack(block_f, block_g, key, depth, (x1, x2))
+    f, g = Attention(...), Mlp(...)
+    block = linen_coupling(f, g)
+    params = init_linen_stack(f, g, key, depth, (x1, x2))
     y = revjax.reversible_scan(block, params, (x1, x2), key=dropout_key)
 
 A key given to the scan reaches each branch as its ``"dropout"`` RNG (``rng_collection``),

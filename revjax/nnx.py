@@ -300,6 +300,10 @@ class Stack(nnx.Module):
         either way, since ``reversible_scan`` only differs under differentiation.
       checkpoint_every, policy: passed to :func:`revjax.reversible_scan` (anchors, precision).
 
+    ``rng_stream`` (constructor argument, default ``"dropout"``) names the stream of ``rngs``
+    the stack forks for its own per-call keys (used when a call without ``key=`` draws random
+    numbers).
+
     Raises:
       ValueError: ``depth`` is not a positive integer, or ``method`` is unknown.
       TypeError: ``block`` is not decorated with :func:`reversible`, or its state is refused by
@@ -383,7 +387,9 @@ class Stack(nnx.Module):
             params.append(p)
         return additive_coupling(*branches), tuple(params)
 
-    def __call__(self, x: tuple[jax.Array, jax.Array], *, key: Key | None = None):
+    def __call__(
+        self, x: tuple[jax.Array, jax.Array], *, key: Key | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """Applies the blocks to ``x = (x1, x2)`` and returns ``(y1, y2)``.
 
         ``key`` (optional) fixes the dropout masks and any other random draw; without it,
@@ -408,7 +414,9 @@ class Stack(nnx.Module):
                 block, params, x, checkpoint_every=self.checkpoint_every, **options
             )
 
-    def inverse(self, y: tuple[jax.Array, jax.Array], *, key: Key | None = None):
+    def inverse(
+        self, y: tuple[jax.Array, jax.Array], *, key: Key | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """``x`` with ``self(x, key=key) == y`` (up to round-off).
 
         Raises:

@@ -159,3 +159,21 @@ def test_every_renderer_has_a_marker_in_the_readme():
 
     markers = set(re.findall(r"<!-- results:(\w+) -->", (ROOT / "README.md").read_text()))
     assert markers == set(RENDERERS)
+
+
+KEEP_A_CHANGELOG_ORDER = ["Added", "Changed", "Deprecated", "Removed", "Fixed", "Security"]
+
+
+def test_changelog_follows_keep_a_changelog():
+    """An Unreleased section first, then dated releases; in each, every change type at most
+    once and in the format's order."""
+    text = (ROOT / "CHANGELOG.md").read_text()
+    releases = re.split(r"^## ", text, flags=re.M)[1:]
+    assert releases[0].startswith("[Unreleased]")
+    for release in releases[1:]:
+        assert re.match(r"\[\d+\.\d+\.\d+\] - \d{4}-\d{2}-\d{2}\n", release), release[:40]
+    for release in releases:
+        kinds = re.findall(r"^### (\w+)$", release, flags=re.M)
+        assert kinds, release[:40]
+        assert set(kinds) <= set(KEEP_A_CHANGELOG_ORDER), kinds
+        assert kinds == sorted(set(kinds), key=KEEP_A_CHANGELOG_ORDER.index), kinds

@@ -144,7 +144,12 @@ def functional_train_step(
 
 
 @nnx.jit
-def train_step(model, optimizer, tokens, key):
+def train_step(
+    model: ReversibleTransformer,
+    optimizer: nnx.Optimizer,
+    tokens: jax.Array,
+    key: jax.Array | None,
+) -> jax.Array:
     """One AdamW step on ``tokens (B, T + 1)``; returns the batch loss before the update."""
     loss, grads = nnx.value_and_grad(next_token_loss)(model, tokens, key)
     optimizer.update(model, grads)
@@ -152,7 +157,9 @@ def train_step(model, optimizer, tokens, key):
 
 
 @nnx.jit
-def eval_step(model, tokens):
+def eval_step(model: ReversibleTransformer, tokens: jax.Array) -> jax.Array:
+    """The mean next-byte loss (nats) of ``tokens (B, T + 1)``, without a key: dropout draws
+    nothing, so call it in eval mode (as :func:`evaluate` does) for a deterministic loss."""
     return next_token_loss(model, tokens)
 
 

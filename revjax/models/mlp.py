@@ -8,6 +8,7 @@ leading layer axis, ready for :func:`revjax.reversible_scan`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -19,7 +20,9 @@ from revjax.coupling import Coupling, additive_coupling
 MLPParams = dict[str, jax.Array]
 
 
-def mlp(params: MLPParams, h: jax.Array, key: jax.Array | None = None, *, dropout: float = 0.0):
+def mlp(
+    params: MLPParams, h: jax.Array, key: jax.Array | None = None, *, dropout: float = 0.0
+) -> jax.Array:
     """``gelu(h @ w1 + b1) @ w2 + b2``; with a key, inverted dropout at rate ``dropout`` on the
     hidden units. Shapes: ``h (..., width)``, ``w1 (width, hidden)``, ``w2 (hidden, width)``.
 
@@ -102,7 +105,9 @@ def init_mlp_stack(
     )
 
 
-def residual_mlp_loss(activation: Any = jax.nn.gelu, *, checkpoint_policy: Any = None):
+def residual_mlp_loss(
+    activation: Any = jax.nn.gelu, *, checkpoint_policy: Any = None
+) -> Callable[[Any, jax.Array], jax.Array]:
     """``loss(params, x) = sum(y^2)`` of a ``lax.scan`` stack of residual MLP blocks
     ``h + activation(h @ w1 + b1) @ w2 + b2`` (params as from :func:`init_mlp`), each block
     optionally wrapped in ``jax.checkpoint(policy=checkpoint_policy)`` (a

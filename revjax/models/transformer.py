@@ -190,6 +190,8 @@ class ReversibleTransformer(nnx.Module):
       tensor_parallel: optional mesh axis name over which attention heads and MLP hidden units
         are sharded (partitioning metadata; build the model under ``jax.set_mesh(mesh)``).
         Embeddings and head are replicated.
+      rngs: ``nnx.Rngs`` with a ``params`` stream (initialisation) and, when ``dropout > 0``,
+        a ``dropout`` stream, which the stack forks for its per-call keys.
     """
 
     def __init__(
