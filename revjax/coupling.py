@@ -9,7 +9,10 @@ of the same structure, shapes and dtypes, plus optional fields:
   the parameter cotangent. Couplings built here provide one that evaluates each sub-function once;
   blocks without one get :func:`reconstruct_and_vjp`'s generic "invert, then ``jax.vjp``" path.
 * ``log_det(params, x) -> scalar``: ``log|det dy/dx|`` summed over every element of ``x``. For a
-  per-example value (normalising flows) ``jax.vmap`` it over the batch.
+  per-example value (normalising flows) ``jax.vmap`` it over the batch, except through
+  ``layers.batch_norm``, whose batch statistics couple the examples (under ``vmap`` each
+  example would use its own): with the statistics held fixed every example's is
+  ``log_det / N``.
 * ``vijp_step(params, x, x_bar) -> (y, y_bar, params_bar)``: the Moonwalk step
   (:mod:`revjax.moonwalk`). Given a layer's input and its input cotangent ``x_bar``, returns the
   output, the output cotangent ``y_bar`` solving ``y_bar J = x_bar`` (``J = dy/dx``; the

@@ -23,7 +23,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.scipy.linalg import solve_triangular
 
 from revjax.coupling import Coupling
@@ -171,7 +170,10 @@ def batch_norm(eps: float = 1e-5, scale_eps: float = 1e-2) -> Coupling:
         return jnp.sqrt(moments["var"] + eps)
 
     def side(params, x, key=None):
-        return jax.tree.map(lax.stop_gradient, _batch_moments(x))
+        # Differentiable on purpose: the reconstruction is a function of these statistics,
+        # and second derivatives (grad of grad, Hessians) must see that they depend on x.
+        # Scans return them under stop_gradient.
+        return _batch_moments(x)
 
     def log_det(params, x, key=None):
         per_pixel = jnp.log(_bn_scale(params["gamma"], scale_eps)) - jnp.log(std(_batch_moments(x)))

@@ -122,11 +122,13 @@ def _block_forward(self, x: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax
 
 def _block_inverse(self, y: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
     y1, y2 = _halves(y, type(self).__name__)
-    if is_stochastic(self):
+    # g runs at y1 and f at x2, which has y2's shape.
+    if _branch_draws_random(self.g, y1) or _branch_draws_random(self.f, y2):
         raise ValueError(
-            f"{type(self).__name__}.inverse: the block has active dropout, whose masks come from "
-            "its RNG counter and cannot be replayed here; call .eval() first, or use "
-            "revjax.nnx.Stack with key= for a stochastic forward that can be inverted"
+            f"{type(self).__name__}.inverse: the block has active dropout or other random "
+            "draws, which come from its RNG counter and cannot be replayed here; call .eval() "
+            "first, or use revjax.nnx.Stack with key= for a stochastic forward that can be "
+            "inverted"
         )
     x2 = y2 - self.g(y1)
     return y1 - self.f(x2), x2
@@ -140,40 +142,45 @@ def _halves(x: Any, name: str) -> tuple[Any, Any]:
     return x[0], x[1]
 
 
-def is_stochastic(module: nnx.Module) -> bool:
-    """True when ``module`` holds RNG streams and a submodule with ``deterministic == False``
-    (and, if it has a ``rate``, a nonzero one; e.g. an ``nnx.Dropout`` in training mode): its
-    output then depends on random draws."""
-    nodes = [node for _, node in nnx.iter_graph(module)]
-    has_streams = any(isinstance(node, nnx.RngStream) for node in nodes)
-    return has_streams and any(
-        getattr(node, "deterministic", None) is False and getattr(node, "rate", 1.0) != 0.0
-        for node in nodes
-    )
-
-
 def draws_random(block: Coupling, params: PyTree, x: PyTree) -> bool:
     """Whether one layer of ``block`` (params with a leading layer axis) at stream ``x`` has an
     output that depends on its key, i.e. whether its branches draw random numbers.
 
     Decided on the traced computation of layer 0 by backward liveness: an equation is live if
     one of its outputs is, and then all its inputs are (a live nested computation counts as
-    using all of its inputs, so the answer errs towards True). Unlike :func:`is_stochastic`
-    it sees any use of the streams: noise layers, stochastic depth, dropout whose mode is
-    given at call time.
+    using all of its inputs, so the answer errs towards True). It sees any use of the
+    streams: dropout, noise layers, stochastic depth, dropout whose mode is given at call
+    time.
     """
     layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params)
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x)
     closed = jax.make_jaxpr(lambda k, p, h: block.forward(p, h, k))(
         jax.random.key(0), layer, shapes
     )
-    jaxpr = closed.jaxpr
+    return _output_uses_first_input(closed.jaxpr)
+
+
+def _output_uses_first_input(jaxpr: Any) -> bool:
+    """Backward liveness on a jaxpr: whether its first input reaches an output (errs towards
+    True: a live equation counts as using all its inputs)."""
     variable = lambda v: isinstance(v, jax.extend.core.Var)
     live = {v for v in jaxpr.outvars if variable(v)}
     for eqn in reversed(jaxpr.eqns):
         if any(v in live for v in eqn.outvars):
             live.update(v for v in eqn.invars if variable(v))
     return jaxpr.invars[0] in live
+
+
+def _branch_draws_random(branch: nnx.Module, h: jax.Array) -> bool:
+    """Whether one (unstacked) branch's output at ``h`` depends on its RNG streams: the
+    branch is traced with its streams rebuilt from a key, as :class:`Stack` runs it."""
+    graphdef, params, streams, rest = nnx.split(branch, nnx.Param, nnx.RngState, ...)
+    if not jax.tree.leaves(streams):
+        return False
+    pure = _pure_branch(graphdef, _stream_template(streams, stacked=False), rest, "the branch")
+    shape = jax.ShapeDtypeStruct(jnp.shape(h), jnp.result_type(h))
+    closed = jax.make_jaxpr(lambda k, x: pure(params, x, k))(jax.random.key(0), shape)
+    return _output_uses_first_input(closed.jaxpr)
 
 
 def _state_entries(module: nnx.Module, prefix: tuple) -> list[tuple[str, Any]]:
@@ -206,8 +213,11 @@ def check_block(block: nnx.Module) -> None:
                     f"{name}.{where} is state of type {type(leaf).__name__}: reversible blocks "
                     "may only hold nnx.Param and RNG streams, because the backward pass re-runs "
                     "each branch to reconstruct its input and would update other state twice "
-                    "(use LayerNorm/RMSNorm instead of BatchNorm; wrap constants in nnx.Param "
-                    "or pass them as static Python numbers)"
+                    "(use LayerNorm/RMSNorm instead of BatchNorm; for a constant buffer such as "
+                    "a RoPE table compute it in __call__, or hold it in a subclass of nnx.Param "
+                    "and keep it out of training with a filter, e.g. nnx.Optimizer(model, tx, "
+                    "wrt=nnx.All(nnx.Param, nnx.Not(Buffer))): a plain nnx.Param would be "
+                    "trained)"
                 )
     owner: dict[int, str] = {}
     for branch in BRANCHES:
@@ -237,14 +247,17 @@ def check_block(block: nnx.Module) -> None:
 # --------------------------------------------------------------------------- the pure branches
 
 
-def _stream_template(rng_state: nnx.State) -> tuple[Any, list[tuple[tuple[int, ...], Any, bool]]]:
+def _stream_template(
+    rng_state: nnx.State, stacked: bool = True
+) -> tuple[Any, list[tuple[tuple[int, ...], Any, bool]]]:
     """Static description of one layer's RNG state: treedef and (shape, dtype, is_key) per leaf.
 
-    ``rng_state`` is stacked over layers, so each per-layer shape drops the leading axis.
+    A ``stacked`` ``rng_state`` has a leading layer axis, which the per-layer shapes drop.
     """
     leaves, treedef = jax.tree.flatten(rng_state)
+    skip = 1 if stacked else 0
     spec = [
-        (tuple(leaf.shape[1:]), leaf.dtype, jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key))
+        (tuple(leaf.shape[skip:]), leaf.dtype, jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key))
         for leaf in leaves
     ]
     return treedef, spec
@@ -264,16 +277,34 @@ def _fresh_streams(template: tuple[Any, list], key: Key) -> nnx.State:
     return jax.tree.unflatten(treedef, leaves)
 
 
-def _pure_branch(graphdef: nnx.GraphDef, template: tuple[Any, list] | None, rest: nnx.State):
+def _pure_branch(
+    graphdef: nnx.GraphDef, template: tuple[Any, list] | None, rest: nnx.State, where: str
+):
     """The branch as a pure function ``(params, h[, key]) -> out`` of one layer's parameters.
 
     ``rest`` is the array-free remainder of the branch's state (e.g. the empty capture slots
-    ``nnx.capture`` adds); it is merged back unchanged."""
+    ``nnx.capture`` adds); it is merged back unchanged. A call that leaves new state in the
+    branch (``sow``, ``perturb``) raises ``TypeError`` naming ``where``: such values are created
+    inside the scan and could only escape it as leaked tracers."""
 
     def branch(params: nnx.State, h: jax.Array, key: Key | None = None) -> jax.Array:
         if template is None:
-            return nnx.merge(graphdef, params, rest)(h)
-        return nnx.merge(graphdef, params, _fresh_streams(template, key), rest)(h)
+            module = nnx.merge(graphdef, params, rest)
+        else:
+            module = nnx.merge(graphdef, params, _fresh_streams(template, key), rest)
+        out = module(h)
+        created = [
+            (".".join(map(str, path)), type(leaf).__name__)
+            for path, leaf in nnx.to_flat_state(nnx.state(module))
+            if not isinstance(leaf, ALLOWED_STATE) and jax.tree.leaves(leaf)
+        ]
+        if created:
+            raise TypeError(
+                f"{where} created state while running ({created[:3]}), e.g. by "
+                "sow() or perturb() (nnx.capture); values made inside the scan cannot leave it. "
+                "Return what you need to inspect, or run the block outside the stack"
+            )
+        return out
 
     return branch
 
@@ -355,7 +386,7 @@ class Stack(nnx.Module):
         self.policy = policy
         self.deterministic = False
         has_streams = bool(jax.tree.leaves(nnx.state(self.blocks, nnx.RngState)))
-        self.rngs = rngs[rng_stream].fork() if has_streams else None
+        self.rngs = _fork_stream(rngs, rng_stream, block.__name__) if has_streams else None
 
     def set_view(self, deterministic: bool | None = None, method: Method | None = None) -> None:
         """Used by ``nnx.view(model, deterministic=..., method=...)``."""
@@ -383,7 +414,7 @@ class Stack(nnx.Module):
                     "branches cannot carry it through the reconstruction"
                 )
             template = _stream_template(streams) if jax.tree.leaves(streams) else None
-            branches.append(_pure_branch(graphdef, template, rest))
+            branches.append(_pure_branch(graphdef, template, rest, f"branch {name}"))
             params.append(p)
         return additive_coupling(*branches), tuple(params)
 
@@ -437,6 +468,19 @@ class Stack(nnx.Module):
             return inverse_scan(block, params, y, key=key, policy=self.policy)
 
 
+def _fork_stream(rngs: nnx.Rngs, name: str, block: str) -> nnx.RngStream:
+    """``rngs[name].fork()``, or a ``ValueError`` listing the streams there are."""
+    try:
+        return rngs[name].fork()
+    except KeyError as err:
+        streams = sorted(k for k, v in vars(rngs).items() if isinstance(v, nnx.RngStream))
+        raise ValueError(
+            f"revjax.nnx.Stack({block}): rngs has no stream {name!r} (and no 'default') for "
+            f"the stack's per-call keys; it has {streams}: pass rng_stream= naming one, e.g. "
+            "the stream your Dropout layers use"
+        ) from err
+
+
 @contextlib.contextmanager
 def _named(where: str):
     """Prefixes the message of a ValueError/TypeError raised while tracing with ``where``, so
@@ -467,7 +511,37 @@ def _check_method(method: Any) -> None:
 
 
 def _flat_state(node: Any) -> dict[str, nnx.Variable]:
-    return {"/".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(node))}
+    """Every variable of ``node`` keyed by its ``/``-joined path; two paths that join to one
+    key (a dict key containing ``/``) raise ``ValueError`` instead of one overwriting the
+    other."""
+    flat: dict[str, nnx.Variable] = {}
+    for path, var in nnx.to_flat_state(nnx.state(node)):
+        name = "/".join(map(str, path))
+        if name in flat:
+            raise ValueError(
+                f"save_state/restore_state: two variables are both stored as {name!r} (a key "
+                "containing '/'); rename one"
+            )
+        flat[name] = var
+    return flat
+
+
+def _stored_form(value: Any) -> np.ndarray:
+    """A variable's value as the array :func:`save_state` writes (key data for PRNG keys,
+    NumPy arrays for Python scalars)."""
+    if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
+        value = jax.random.key_data(value)
+    return np.asarray(jax.device_get(value))
+
+
+def _stored_spec(value: Any) -> jax.ShapeDtypeStruct:
+    """Shape and dtype of ``_stored_form(value)``, without copying a device array to the host."""
+    if isinstance(value, jax.Array):
+        if jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
+            return jax.eval_shape(jax.random.key_data, value)
+        return jax.ShapeDtypeStruct(value.shape, value.dtype)
+    stored = np.asarray(value)
+    return jax.ShapeDtypeStruct(stored.shape, stored.dtype)
 
 
 def save_state(node: Any, path: str | Path) -> None:
@@ -476,17 +550,16 @@ def save_state(node: Any, path: str | Path) -> None:
     ``node`` is any NNX graph node: a module, or e.g. ``(model, optimizer)`` to save parameters,
     optimiser moments and RNG streams together. PRNG keys are stored as their key data.
     """
-    flat = {}
-    for name, var in _flat_state(node).items():
-        value = var.get_value()
-        if jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
-            value = jax.random.key_data(value)
-        flat[name] = np.asarray(jax.device_get(value))
+    flat = {name: _stored_form(var.get_value()) for name, var in _flat_state(node).items()}
     Path(path).write_bytes(serialization.msgpack_serialize(flat))
 
 
 def restore_state(node: Any, path: str | Path) -> None:
     """Loads :func:`save_state`'s file into ``node`` (same structure as when saved) in place.
+
+    All or nothing: every variable is checked before any is written, so a file that does not
+    match leaves ``node`` untouched. Each array keeps the sharding the node's variable had
+    (a tensor-parallel model stays sharded); Python scalars stay Python scalars.
 
     Raises:
       ValueError: the file's variables differ from the module's (missing or extra paths, or a
@@ -500,16 +573,24 @@ def restore_state(node: Any, path: str | Path) -> None:
             f"restore_state: {path} does not match the module: missing {missing[:5]}, "
             f"unexpected {extra[:5]}"
         )
-    for name, var in target.items():
+    updates = []
+    for name, var in target.items():  # check everything first: nothing is written on error
         current, value = var.get_value(), saved[name]
-        if jnp.issubdtype(current.dtype, jax.dtypes.prng_key):
-            value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(current))
-        if value.shape != current.shape or value.dtype != current.dtype:
+        expected = _stored_spec(current)
+        if value.shape != expected.shape or value.dtype != expected.dtype:
             raise ValueError(
                 f"restore_state: {name} is {value.dtype}{list(value.shape)} in {path} but "
-                f"{current.dtype}{list(current.shape)} in the module"
+                f"{expected.dtype}{list(expected.shape)} in the module"
             )
-        var.set_value(jnp.asarray(value))
+        if not isinstance(current, jax.Array):  # a Python scalar or NumPy value stays one
+            new = type(current)(value.item()) if np.ndim(current) == 0 else value
+        else:
+            if jnp.issubdtype(current.dtype, jax.dtypes.prng_key):
+                value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(current))
+            new = jax.device_put(value, current.sharding)
+        updates.append((var, new))
+    for var, new in updates:
+        var.set_value(new)
 
 
 __all__ = [

@@ -16,6 +16,8 @@ os.environ["XLA_FLAGS"] = (
 import functools
 import json
 import re
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -282,6 +284,23 @@ def check_transformer() -> dict:
         np.linalg.norm(np.concatenate(leaves(a)) - np.concatenate(leaves(b)))
         / np.linalg.norm(np.concatenate(leaves(b)))
     )
+    # A checkpoint restored into a tensor-parallel model keeps its shardings (restore_state
+    # once replaced every array by an unsharded one, silently undoing tensor parallelism).
+    from revjax.nnx import restore_state, save_state
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "tp.msgpack"
+        save_state(model, path)
+        with jax.set_mesh(mesh):
+            restored = ReversibleTransformer(
+                256, 32, 3, 4, 16, dropout=0.1, tensor_parallel="model", rngs=nnx.Rngs(5)
+            )
+        restore_state(restored, path)
+    restored_params = nnx.state(restored, nnx.Param)
+    restore_keeps_shardings = same_shardings(restored_params, params) and all(
+        bool(np.array_equal(a, b))
+        for a, b in zip(jax.tree.leaves(restored_params), jax.tree.leaves(params), strict=True)
+    )
     # Data parallel on an Explicit mesh (jax.make_mesh's default axis type): the embedding
     # gather once failed there for want of an out_sharding.
     explicit = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
@@ -310,6 +329,7 @@ def check_transformer() -> dict:
         "hidden_sharded": sum("model" in s for s in specs(params)),
         "collectives": collectives(hlo),
         "explicit_data_joint_grad_error": joint(explicit_grads, reference_dp),
+        "restore_keeps_shardings": restore_keeps_shardings,
         "refusals": refusals,
     }
 

@@ -249,6 +249,10 @@ def test_batch_norm_log_det_is_that_of_the_fixed_statistics_map():
     _, logdet = jnp.linalg.slogdet(jax.jacfwd(flat)(x.reshape(-1)))
     np.testing.assert_allclose(bn.log_det(params, x), logdet, rtol=1e-5)
     np.testing.assert_allclose(frozen.inverse(fixed, frozen.forward(fixed, x)), x, atol=1e-5)
+    # Per example (the statistics held fixed, as a flow needs): log_det / N for every example;
+    # vmapping the training-mode log_det would use per-example statistics instead.
+    per_example = jax.vmap(lambda v: frozen.log_det(fixed, v[None]))(x)
+    np.testing.assert_allclose(per_example, bn.log_det(params, x) / x.shape[0], rtol=1e-5)
 
 
 def bn_stack(depth=6, c=4):
@@ -279,6 +283,31 @@ def test_batch_norm_stack_in_reversible_scan():
     assert float(relative_error(rj.inverse_scan(block, params, y, aux=aux), x)) <= 1e-5
     with pytest.raises(ValueError, match="needs side information"):
         rj.inverse_scan(block, params, y)
+
+
+def test_second_derivatives_see_that_the_stored_statistics_depend_on_x():
+    """The backward pass reconstructs through the stored batch statistics; differentiating it
+    again must differentiate them too (under stop_gradient the Hessian w.r.t. x was off by
+    0.24 at L = 1 and a parameter HVP of the 6-layer stack by 1.0). Tolerances: float32
+    second derivatives through reconstruction, measured at most 1e-5 here."""
+    bn = layers.batch_norm()
+    x, w = image(1, 5, 1, 1, 2), image(2, 5, 1, 1, 2)
+    params = bn_params(0, 2, depth=1)
+    loss_x = lambda scan: lambda v: jnp.sum(jnp.sin(scan(bn, params, v)) * w)
+    hessian = lambda scan: jax.hessian(loss_x(scan))(x)
+    assert float(relative_error(hessian(rj.reversible_scan), hessian(plain_scan))) <= 1e-4
+
+    block, params, x = bn_stack()
+    tangent = jax.tree.map(jnp.ones_like, params)
+    loss_p = lambda scan: lambda p: jnp.sum(jnp.tanh(scan(block, p, x)) * x)
+    hvp = lambda scan: jax.grad(
+        lambda p: jnp.vdot(*map(_flat, (jax.grad(loss_p(scan))(p), tangent)))
+    )(params)
+    assert float(relative_error(hvp(rj.reversible_scan), hvp(plain_scan))) <= 1e-4
+
+
+def _flat(tree):
+    return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(tree)])
 
 
 def test_running_statistics_update_once_per_step():

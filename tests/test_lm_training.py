@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -44,6 +45,24 @@ def test_resume_from_checkpoint_continues_the_same_run(corpus, tmp_path):
     # (up to XLA's run-to-run float32 determinism on CPU, which is exact here).
     np.testing.assert_allclose(second_half.eval_loss, whole.eval_loss[-1:], rtol=1e-6)
     np.testing.assert_allclose(second_half.train_loss, whole.train_loss[-1:], rtol=1e-6)
+
+
+def test_the_recorded_config_describes_the_saved_weights(corpus, tmp_path):
+    """A run with other settings that stops before its first save must not relabel an older
+    checkpoint (the config was written at the start of every run)."""
+    config = LMConfig(depth=1, dim=16, heads=2, seq_len=16, batch=4, steps=4, eval_every=2)
+    path = tmp_path / "lm.msgpack"
+    train_lm(config, corpus, stop_step=2, checkpoint=path)
+    other = dataclasses.replace(config, lr=5e-2)
+
+    def interrupt(step, loss):  # the run is stopped after its first step, before any save
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_lm(other, corpus, checkpoint=path, progress=interrupt)
+    assert resume(config, path)[2] == 2
+    with pytest.raises(ValueError, match=r"lr: checkpoint 0\.003, now 0\.05"):
+        resume(other, path)
 
 
 def test_script_resumes_from_its_checkpoint(tmp_path, capsys):

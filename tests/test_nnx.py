@@ -319,6 +319,48 @@ def test_save_and_restore_state(tmp_path):
         rnnx.restore_state((wider, nnx.Optimizer(wider, optax.adam(1e-2), wrt=nnx.Param)), path)
 
 
+def test_a_failed_restore_leaves_the_module_untouched(tmp_path):
+    """Checked and written in one loop, a mismatch deep in the file left the variables before
+    it overwritten: a silent mix of two models after ``except ValueError``."""
+    path = tmp_path / "state.msgpack"
+    rnnx.save_state(make_stack(), path)
+
+    other = rnnx.Stack(Block, DEPTH, DIM, rngs=nnx.Rngs(7))
+    other.blocks.g.down.bias.set_value(jnp.zeros((DEPTH, DIM + 1)))  # one mismatch at the end
+    before = jax.tree.map(np.asarray, nnx.state(other, nnx.Param))
+    with pytest.raises(ValueError, match=r"g/down/bias"):
+        rnnx.restore_state(other, path)
+    after = jax.tree.map(np.asarray, nnx.state(other, nnx.Param))
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_python_scalar_variables_round_trip(tmp_path):
+    class Scaled(nnx.Module):
+        def __init__(self):
+            self.temperature = nnx.Param(1.5)  # flax keeps a Python float here
+
+    saved, restored = Scaled(), Scaled()
+    saved.temperature.set_value(2.5)
+    rnnx.save_state(saved, tmp_path / "s.msgpack")
+    rnnx.restore_state(restored, tmp_path / "s.msgpack")
+    assert restored.temperature.get_value() == 2.5
+    assert isinstance(restored.temperature.get_value(), float)
+
+
+def test_paths_that_join_to_one_key_are_refused(tmp_path):
+    """A key containing '/' and a nested path join to the same file key: one variable was
+    silently not restored."""
+    node = nnx.Dict(
+        {
+            "x": nnx.Dict({"a/b": nnx.Param(jnp.ones(2))}),
+            "x/a": nnx.Dict({"b": nnx.Param(jnp.zeros(2))}),
+        }
+    )
+    with pytest.raises(ValueError, match=r"both stored as 'x/a/b'"):
+        rnnx.save_state(node, tmp_path / "c.msgpack")
+
+
 # --------------------------------------------------------------------------- bad use
 
 
@@ -380,6 +422,16 @@ def test_batch_norm_state_is_refused_with_its_path():
 
     with pytest.raises(TypeError, match=r"Normed\.f\.layers\.1\.mean is state of type BatchStat"):
         rnnx.Stack(Normed, 2, DIM, rngs=nnx.Rngs(0))
+
+    @rnnx.reversible
+    class Buffered(nnx.Module):  # a constant table held as a raw array
+        def __init__(self, dim, *, rngs):
+            self.f, self.g = nnx.Linear(dim, dim, rngs=rngs), nnx.Linear(dim, dim, rngs=rngs)
+            self.f.table = jnp.ones((4, dim))
+
+    # The advice once said "wrap constants in nnx.Param", which an optimizer then trains.
+    with pytest.raises(TypeError, match=r"subclass of nnx\.Param .* a plain nnx\.Param would be"):
+        Buffered(DIM, rngs=nnx.Rngs(0))
 
 
 def test_other_bad_blocks():
@@ -477,7 +529,70 @@ def test_single_block_call_and_inverse():
     assert max_relative_error(noisy.inverse(noisy(x)), x) <= 1e-6
 
 
+def test_single_block_inverse_refuses_any_random_branch():
+    """Noise without a ``deterministic`` attribute was missed by the attribute check and the
+    inverse came back silently wrong (relative error 0.4); the traced computation sees it."""
+
+    @rnnx.reversible
+    class NoisyBlock(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f, self.g = Noisy(dim, rngs=rngs), nnx.Linear(dim, dim, rngs=rngs)
+
+    block, x = NoisyBlock(DIM, rngs=nnx.Rngs(0)), inputs()
+    with pytest.raises(ValueError, match=r"NoisyBlock\.inverse: .* other random draws"):
+        block.inverse(block(x))
+
+
 def test_stack_works_under_nnx_capture():
     stack, x = make_stack(), inputs()
     y, _ = nnx.capture(stack, nnx.Intermediate)(x)
     np.testing.assert_allclose(y[0], stack(x)[0], rtol=1e-6)
+
+
+class Sowing(nnx.Module):
+    def __init__(self, dim: int, *, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(dim, dim, rngs=rngs)
+
+    def __call__(self, h):
+        h = self.linear(h)
+        self.sow(nnx.Intermediate, "pre_activation", h)
+        return jnp.tanh(h)
+
+
+@pytest.mark.parametrize("method", ["reversible", "backprop"])
+@pytest.mark.parametrize("captured", [False, True], ids=["plain", "nnx.capture"])
+def test_values_sown_inside_the_scan_are_refused_by_name(method, captured):
+    """Sown values are made inside the scan: they came back as leaked tracers (UnexpectedTracer
+    Error far from the cause) under nnx.capture, and were dropped silently without it."""
+
+    @rnnx.reversible
+    class SowingBlock(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f, self.g = Sowing(dim, rngs=rngs), nnx.Linear(dim, dim, rngs=rngs)
+
+    stack, x = rnnx.Stack(SowingBlock, 2, DIM, rngs=nnx.Rngs(0), method=method), inputs()
+    call = nnx.capture(stack, nnx.Intermediate) if captured else stack
+    # The path names the sown value, or nnx.capture's slot for it.
+    sown = r"(pre_activation|__captures__\.\d+)', 'Intermediate'"
+    with pytest.raises(TypeError, match=rf"Stack\(SowingBlock\): branch f created state .*{sown}"):
+        call(x)
+    block = SowingBlock(DIM, rngs=nnx.Rngs(0))  # outside a stack, capture works as usual
+    _, sown = nnx.capture(block, nnx.Intermediate)(x)
+    assert jax.tree.leaves(sown)[0].shape == (BATCH, DIM)
+
+
+def test_a_missing_rng_stream_names_the_option():
+    """Dropout on a custom stream: the stack forks ``rng_stream`` (default "dropout")."""
+
+    @rnnx.reversible
+    class CustomStream(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f = nnx.Dropout(0.5, rng_collection="drop", rngs=rngs)
+            self.g = nnx.Linear(dim, dim, rngs=rngs)
+
+    rngs = lambda: nnx.Rngs(params=0, drop=1)
+    with pytest.raises(ValueError, match=r"no stream 'dropout'.*\['drop', 'params'\].*rng_stream="):
+        rnnx.Stack(CustomStream, 2, DIM, rngs=rngs())
+    stack = rnnx.Stack(CustomStream, 2, DIM, rngs=rngs(), rng_stream="drop")
+    first, second = stack(inputs())[0], stack(inputs())[0]
+    assert float(jnp.abs(first - second).max()) > 1e-3  # fresh masks per call

@@ -103,6 +103,7 @@ def test_reversible_transformer_tensor_and_data_parallel(results):
     # attention) so round-off of the sharded reductions weighs more; joint measured 3e-6.
     assert run["joint_grad_error"] <= 1e-5
     assert_no_gathers(run["collectives"])
+    assert run["restore_keeps_shardings"]  # revjax.nnx.restore_state, same values and specs
 
 
 def test_reversible_transformer_on_an_explicit_mesh_and_refused_layouts(results):

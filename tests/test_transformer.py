@@ -105,6 +105,11 @@ def test_token_ids_outside_the_vocabulary_give_nan():
     # The NaN row reaches every position of its sequence (masked attention weights are 0, and
     # 0 * NaN = NaN in the matmul), never another sequence of the batch.
     assert np.isnan(logits[1:, 2]).all()
+    # A narrow signed dtype: vocab_size (256) does not fit int8, and the out-of-range marker
+    # once wrapped to 0, reading id -56 as token 0.
+    narrow = np.asarray(model(jnp.array([[1, 2, -56]], jnp.int8)))
+    assert np.isnan(narrow[0, 2]).all()
+    np.testing.assert_array_equal(np.asarray(model(jnp.array([[1, 2, 3]], jnp.int8))), logits[:1])
     with pytest.raises(ValueError, match="hidden must be a positive int, got 0"):
         ReversibleTransformer(256, 32, 1, 4, 16, hidden=0, rngs=nnx.Rngs(0))
 

@@ -201,8 +201,6 @@ def train_lm(
             f"train_lm: nothing to train from step {start_step} to {stop_step} (need "
             f"0 <= start < stop <= steps = {config.steps})"
         )
-    if checkpoint is not None:
-        config_path(checkpoint).write_text(json.dumps(dataclasses.asdict(config), indent=2))
     model = model if model is not None else make_model(config, method)
     optimizer = optimizer if optimizer is not None else make_optimizer(model, config)
     valid = [
@@ -222,7 +220,10 @@ def train_lm(
             train_losses.append(loss)
             eval_losses.append(evaluate(model, valid))
             if checkpoint is not None:
+                # The config is written with the weights it describes, never before them (a
+                # run stopped before its first save must not relabel an older checkpoint).
                 save_state((model, optimizer), checkpoint)
+                config_path(checkpoint).write_text(json.dumps(dataclasses.asdict(config), indent=2))
     seconds = time.perf_counter() - start
     return model, optimizer, History(steps, train_losses, eval_losses, seconds)
 

@@ -89,7 +89,9 @@ def _embedding_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
     gather's output sharding must be named: it is the tokens' spec plus an unsharded feature
     axis (data parallelism). Elsewhere this is ``jnp.take``, as in ``nnx.Embed``.
     """
-    # A negative id would wrap to the end of the table (NumPy indexing): send it out of range.
+    # A negative id would wrap to the end of the table (NumPy indexing): send it out of range,
+    # in int32 first (vocab_size itself may not fit a narrow token dtype such as int8).
+    tokens = jnp.asarray(tokens).astype(jnp.int32)
     tokens = jnp.where(tokens < 0, table.shape[0], tokens)
     sharding = jax.typeof(tokens).sharding
     if all(axis is None for axis in sharding.spec):

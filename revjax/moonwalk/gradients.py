@@ -233,6 +233,8 @@ def value_and_grad(
     def forward(params, x, *args, key=None):
         flat, unravel = ravel_pytree(params)
         objective = lambda v: mean_loss(net.forward(unravel(v), x), *args)
+        if flat.size == 0:  # a parameter-free network: nothing to differentiate
+            return objective(flat), unravel(flat)
         one_hot = lambda i: jnp.zeros_like(flat).at[i].set(1)
         coordinate = lambda i: jax.jvp(objective, (flat,), (one_hot(i),))[1]
         grads = lax.map(coordinate, jnp.arange(flat.size), batch_size=chunk_size)
@@ -243,6 +245,8 @@ def value_and_grad(
             raise ValueError("value_and_grad(method='projected_forward') needs key=")
         flat, unravel = ravel_pytree(params)
         objective = lambda v: mean_loss(net.forward(unravel(v), x), *args)
+        if flat.size == 0:  # a parameter-free network: nothing to differentiate
+            return objective(flat), unravel(flat)
 
         def estimate(k):
             tangent = jax.random.normal(k, flat.shape, flat.dtype)
