@@ -78,12 +78,18 @@ LAYERS = [
     {"scan"},
     {"layers", "activations"},
     {"moonwalk", "moonwalk.gradients", "moonwalk.layers"},
-    {"nnx", "linen", "models", *(f"models.{m}" for m in ("mlp", "revnet", "transformer"))},
+    {
+        "nnx",
+        "nnx_state",
+        "linen",
+        "models",
+        *(f"models.{m}" for m in ("mlp", "revnet", "transformer")),
+    },
     {"models.lm_training", "diagnostics"},
     {"compare", "demo", "bench", "__main__", ""},  # "" is the package's __init__
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
-FLAX_ALLOWED = {"nnx", "linen", "compare", "demo", "bench", "__main__"}
+FLAX_ALLOWED = {"nnx", "nnx_state", "linen", "compare", "demo", "bench", "__main__"}
 
 
 def _module_imports(path: Path) -> set[str]:
