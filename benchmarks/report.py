@@ -168,7 +168,14 @@ def render_moonwalk(payload: dict, filename: str) -> str:
         runs = speed[0].get("repeats")  # older files did not record it
         median = f", median of {runs} runs" if runs else ""
         caveat = "; on a CPU for orientation only" if env["backend"] == "cpu" else ""
-        text += "\n\nPure-forward Moonwalk vs exact forward mode on the RevNet (wall time on " + (
+        net = payload.get("speedup_network")  # older files measured at the CPU size only
+        on = (
+            f"a RevNet with halves {net['width']} wide (hidden {net['hidden']}, batch "
+            f"{net['batch']}; exact forward mode takes one JVP per parameter)"
+            if net
+            else "the RevNet"
+        )
+        text += f"\n\nPure-forward Moonwalk vs exact forward mode on {on} (wall time on " + (
             f"{env['backend']}{median}{caveat}): "
             + "; ".join(
                 f"L = {r['depth']}: {r['moonwalk']:.1f} ms vs {r['forward']:.1f} ms, "
