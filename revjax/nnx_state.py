@@ -88,8 +88,10 @@ def restore_state(node: Any, path: str | Path) -> None:
                 f"restore_state: {name} is {value.dtype}{list(value.shape)} in {path} but "
                 f"{expected.dtype}{list(expected.shape)} in the module"
             )
-        if not isinstance(current, jax.Array):  # a Python scalar or NumPy value stays one
-            new = type(current)(value.item()) if np.ndim(current) == 0 else value
+        if isinstance(current, np.ndarray):  # a NumPy array stays one
+            new = value
+        elif not isinstance(current, jax.Array):  # a Python or NumPy scalar stays one
+            new = type(current)(value.item())
         else:
             if jnp.issubdtype(current.dtype, jax.dtypes.prng_key):
                 value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(current))

@@ -68,6 +68,14 @@ def test_python_scalar_variables_round_trip(tmp_path):
     rnnx.restore_state(restored, tmp_path / "s.msgpack")
     assert restored.temperature.get_value() == 2.5
     assert isinstance(restored.temperature.get_value(), float)
+    for value in (np.float32(0.5), np.zeros((), np.float32), np.arange(3.0)):  # NumPy values
+        saved.temperature.set_value(value)
+        other = np.full_like(value, 7) if isinstance(value, np.ndarray) else type(value)(7)
+        restored.temperature.set_value(other)  # restoring keeps the node's type
+        rnnx.save_state(saved, tmp_path / "s.msgpack")
+        rnnx.restore_state(restored, tmp_path / "s.msgpack")
+        got = restored.temperature.get_value()
+        assert type(got) is type(value) and np.array_equal(got, value)
 
 
 def test_paths_that_join_to_one_key_are_refused(tmp_path):
