@@ -452,9 +452,11 @@ def render_numerics_depth_summary(payload: dict, filename: str) -> str:
     exact = [d for d in depths if ("exact", d) in err and err[("exact", d)]["bitwise_equal"]]
     inexact = [err[("exact", d)] for d in depths if ("exact", d) in err and d not in exact]
     overflow = [r["depth"] for r in rows if r["method"] == "exact" and r["overflow"]]
+    exact_f32 = [f"L = {d}" for d in sane if err[("f32 stream", d)].get("bitwise_equal")]
     better = (
         f"a float32 stream is {_span(ratios, lambda x: f'{x:.0f}')} times better than a bf16 "
         f"one up to L = {sane[-1]}"
+        + (f" (its gradient bitwise exact at {_series(exact_f32)})" if exact_f32 else "")
         if ratios
         else f"a float32 stream is exact up to L = {sane[-1]}"
     )

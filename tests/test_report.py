@@ -47,6 +47,10 @@ def test_the_numerics_summary_names_the_depths_where_exact_mode_was_bitwise():
     # The committed (all bitwise) result keeps its sentence.
     complete = report.render_numerics_depth_summary(_numerics(), NUMERICS)
     assert "bitwise exact whenever its range can hold the stream (up to L = 128 here" in complete
+    # A float32-stream error of exactly 0 is said, not silently left out of the ratio's span.
+    assert "times better than a bf16 one up to L = 64 (its gradient bitwise exact at L = 8)" in (
+        complete
+    )
 
 
 def _results_with(tmp_path, monkeypatch, *names: str) -> Path:
