@@ -158,8 +158,9 @@ def train_step(
 
 @nnx.jit
 def eval_step(model: ReversibleTransformer, tokens: jax.Array) -> jax.Array:
-    """The mean next-byte loss (nats) of ``tokens (B, T + 1)``, without a key: dropout draws
-    nothing, so call it in eval mode (as :func:`evaluate` does) for a deterministic loss."""
+    """The mean next-byte loss (nats) of ``tokens (B, T + 1)``. No key is passed, so in
+    training mode the stack draws dropout masks from its own stream: call it in eval mode (as
+    :func:`evaluate` does) for a deterministic loss."""
     return next_token_loss(model, tokens)
 
 
