@@ -461,7 +461,7 @@ def test_single_block_call_and_inverse():
 
 def test_single_block_inverse_refuses_any_random_branch():
     """Noise without a ``deterministic`` attribute was missed by the attribute check and the
-    inverse came back silently wrong (relative error 0.4); the traced computation sees it."""
+    inverse came back silently wrong; the traced computation sees it."""
 
     @rnnx.reversible
     class NoisyBlock(nnx.Module):
