@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ResultFile, environment
 from revjax import moonwalk as mw
 from revjax.diagnostics import relative_error
-from revjax.memory import compiled_memory
+from revjax.memory import memory_of
 from revjax.models.mlp import init_mlp_stack, mlp_coupling
 from revjax.timing import median_ms
 
@@ -92,9 +92,12 @@ NETWORKS = {"revnet": revnet, "submersive": submersive}
 
 
 def measure(network: str, depth: int, size: dict, timed: bool) -> list[dict]:
+    """One row per method. Each method is compiled once: its memory is read from, and its
+    gradient and time taken with, the same executable (the Moonwalk methods' gradients and
+    drift from a second, self-checking one). Backprop runs first and is the reference."""
     net, params, x, loss = NETWORKS[network](depth, size)
-    _, reference = jax.jit(mw.value_and_grad(net, loss, method="backprop"))(params, x)
-    rows = []
+    assert mw.METHODS[0] == "backprop", mw.METHODS
+    reference, rows = None, []
     for method in mw.METHODS:
         if method == "revbackprop" and network == "submersive":
             continue  # not couplings: value_and_grad raises TypeError
@@ -102,15 +105,18 @@ def measure(network: str, depth: int, size: dict, timed: bool) -> list[dict]:
             continue
         fn = jax.jit(mw.value_and_grad(net, loss, method=method, num_tangents=16))
         key = jax.random.key(2)
-        mem = compiled_memory(fn, params, x, key=key)
+        compiled = fn.lower(params, x, key=key).compile()
+        mem = memory_of(compiled)
         drift = None
         if method in ("moonwalk", "mixed_moonwalk"):
             checked = mw.value_and_grad(net, loss, method=method, with_drift=True)
             _, grads, drift = jax.jit(checked)(params, x)
             drift = float(drift)
         else:
-            _, grads = fn(params, x, key=key)
-        ms = median_ms(lambda p, x_, f=fn, k=key: f(p, x_, key=k), params, x) if timed else None
+            _, grads = compiled(params, x, key=key)
+        reference = grads if reference is None else reference
+        run = lambda p, x_, f=compiled, k=key: f(p, x_, key=k)
+        ms = median_ms(run, params, x) if timed else None
         rows.append(
             {
                 "network": network,

@@ -15,7 +15,19 @@ For every depth and method the gradient of ``reversible_scan`` is compared with 
 Step time (GPU only: CPU timings are not comparable, DESIGN.md section 4) is the median of 10
 jitted gradient steps, reported as a ratio to plain backprop of the bf16-stream network.
 
-    python benchmarks/numerics_depth.py --size cpu    # batch 64, width 256, hidden 1024
+On the CPU two substitutions make the run several times faster without changing a bit of any
+gradient. XLA:CPU has no native bfloat16 dynamic-update-slice: it rewrites each layer's write
+into a stacked bf16 array (a scan's per-layer parameter gradients, plain backprop's stored
+bf16 activations) as a conversion of the *whole* stack, so a gradient costs O(L) per layer.
+So the CPU size keeps the bf16 weights' values in float32 arrays (the branches cast them to
+bf16 as before; the gradient, a bf16 cotangent converted exactly, is the same number) and
+uses per-layer ``jax.checkpoint`` as the reference (the same operations, recomputed: no
+stacked bf16 activations). At L = 32 the script computes every method's gradient and its
+reference both ways, for the literal network (bf16 arrays, plain backprop) and the
+substituted one, and stops unless all are bitwise equal; the JSON records this
+``equivalence`` check.
+
+    python benchmarks/numerics_depth.py --size cpu    # batch 32, width 256, hidden 1024
     python benchmarks/numerics_depth.py --size gpu    # batch 8192, width 1024, hidden 4096
     python benchmarks/numerics_depth.py --size gpu --depths 128 256 --append  # a split run
 
@@ -51,11 +63,17 @@ from revjax.precision import Policy, exact_policy
 from revjax.scan import plain_scan
 from revjax.timing import median_ms
 
+DEPTHS = [8, 16, 32, 64, 128, 256]
 SIZES = {
-    # CPU batch 32: bfloat16 matmuls are slow on a CPU, and `make bench` must stay under 10 min.
-    "cpu": {"batch": 32, "width": 256, "hidden": 1024, "depths": [8, 16, 32, 64, 128, 256]},
-    "gpu": {"batch": 8192, "width": 1024, "hidden": 4096, "depths": [8, 16, 32, 64, 128, 256]},
-}
+    # CPU batch 32: bfloat16 matmuls are slow on a CPU, and `make bench` must stay under 10 min;
+    # "param_dtype" and "reference": the CPU's bitwise-equivalent substitutions (module doc).
+    "cpu": {"batch": 32, "width": 256, "hidden": 1024, "depths": DEPTHS,
+            "param_dtype": "float32", "reference": "checkpoint"},
+    "gpu": {"batch": 8192, "width": 1024, "hidden": 4096, "depths": DEPTHS,
+            "param_dtype": "bfloat16", "reference": "backprop"},
+}  # fmt: skip
+LITERAL = {"param_dtype": "bfloat16", "reference": "backprop"}  # the network as specified
+EQUIVALENCE_DEPTH = 32  # the substitutions are checked here: every method runs at L = 32
 BF16_STREAM = Policy(compute_dtype=jnp.bfloat16, stream_dtype=jnp.bfloat16)
 F32_STREAM = Policy(compute_dtype=jnp.bfloat16)
 METHODS = {
@@ -67,12 +85,16 @@ METHODS = {
 }
 
 
-def network(depth: int, batch: int, width: int, hidden: int) -> tuple[Coupling, Any, tuple]:
+def network(
+    depth: int, batch: int, width: int, hidden: int, param_dtype: str = "bfloat16", **_: Any
+) -> tuple[Coupling, Any, tuple]:
     """The reference stack: ``depth`` GELU-MLP couplings (bf16 weights ~ N(0, (0.5 /
-    sqrt(width))^2)) and a float32 input ``(x1, x2)``, each half ``(batch, width)``."""
+    sqrt(width))^2), held in ``param_dtype`` arrays) and a float32 input ``(x1, x2)``, each
+    half ``(batch, width)``. Other keys of a size (depths, reference) are ignored."""
     params = init_mlp_stack(
         jax.random.key(0), depth, width, hidden, std=0.5 / width**0.5, dtype=jnp.bfloat16
     )
+    params = jax.tree.map(lambda a: a.astype(param_dtype), params)  # same values
     x = tuple(jax.random.normal(k, (batch, width)) for k in jax.random.split(jax.random.key(1)))
     return mlp_coupling(), params, x
 
@@ -104,15 +126,22 @@ def memory_budget() -> int | None:
 
 
 def reference_step(
-    block: Coupling, params: Any, x: tuple, policy: Policy, budget: int | None
+    block: Coupling,
+    params: Any,
+    x: tuple,
+    policy: Policy,
+    budget: int | None,
+    kind: str = "backprop",
 ) -> tuple[Any, str]:
     """Plain backprop of the network under ``policy``; where its compiled footprint exceeds
-    ``budget``, the same network with ``jax.checkpoint`` per layer, which recomputes the same
-    operations. Returns the compiled gradient and ``"backprop"`` or ``"checkpoint"``."""
-    step, footprint = compile_grad(plain_scan, block, params, x, policy=policy)
-    if budget is None or footprint <= budget:
-        return step, "backprop"
-    del step
+    ``budget``, or with ``kind="checkpoint"``, the same network with ``jax.checkpoint`` per
+    layer, which recomputes the same operations. Returns the compiled gradient and
+    ``"backprop"`` or ``"checkpoint"``."""
+    if kind == "backprop":
+        step, footprint = compile_grad(plain_scan, block, params, x, policy=policy)
+        if budget is None or footprint <= budget:
+            return step, "backprop"
+        del step
     step, _ = compile_grad(plain_scan, block, params, x, policy=policy, remat=True)
     return step, "checkpoint"
 
@@ -164,7 +193,8 @@ def measure(depth: int, size: dict, timed: bool, budget: int | None = None) -> l
     """One row per method at ``depth``; every row records the float32 stream's peak |x| and
     which reference it was compared with. Methods run grouped by policy and only one policy's
     reference gradients are alive at a time, so the GPU size fits in device memory."""
-    block, params, x = network(depth, size["batch"], size["width"], size["hidden"])
+    block, params, x = network(depth, **size)
+    reference_kind = size.get("reference", "backprop")
     rows, reference, base_ms = [], None, None
     peak = stream_peak(block, params, x)
     for name, options in METHODS.items():
@@ -182,7 +212,7 @@ def measure(depth: int, size: dict, timed: bool, budget: int | None = None) -> l
         try:
             if reference is None or reference[0] != policy:
                 reference = None  # free the previous policy's gradients first
-                ref_step, kind = reference_step(block, params, x, policy, budget)
+                ref_step, kind = reference_step(block, params, x, policy, budget, reference_kind)
                 reference = (policy, jax.block_until_ready(ref_step(params, x)), kind)
                 if timed and policy == BF16_STREAM and kind == "backprop":
                     base_ms = median_ms(ref_step, params, x)  # plain bf16 backprop
@@ -213,6 +243,48 @@ def measure(depth: int, size: dict, timed: bool, budget: int | None = None) -> l
         )
         print(rows[-1], flush=True)
     return rows
+
+
+def method_options(peak: float) -> dict[str, dict | None]:
+    """Each method's ``reversible_scan`` options, exact mode's policy chosen for ``peak`` (None
+    where its range cannot hold the stream)."""
+    exact = finest_exact_policy(peak)
+    return {
+        name: options if options is not None else (exact and {"policy": exact})
+        for name, options in METHODS.items()
+    }
+
+
+def equivalence(depth: int, size: dict) -> dict[str, bool]:
+    """Whether ``size``'s substitutions (its ``param_dtype`` and ``reference``, see the module
+    doc) change nothing: for every method at ``depth``, its gradient and its reference's are
+    bitwise equal, after an exact cast to float32, to those of the literal network (bf16
+    arrays, plain backprop). Returns ``{method: equal}`` (methods that do not run at ``depth``,
+    an anchor interval >= depth or exact mode's overflow, are left out)."""
+    literal = network(depth, **{**size, **LITERAL})
+    substituted = network(depth, **size)
+    as_f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+    references: dict[Policy, bool] = {}
+    equal = {}
+    for name, options in method_options(stream_peak(*literal)).items():
+        if options is None or options.get("checkpoint_every", 0) >= depth:
+            continue
+        policy = options["policy"]
+        grads = [
+            as_f32(loss_of(reversible_scan, block, **options)(params, x))
+            for block, params, x in (literal, substituted)
+        ]
+        if policy not in references:
+            refs = [
+                as_f32(reference_step(block, params, x, policy, None, kind)[0](params, x))
+                for (block, params, x), kind in (
+                    (literal, LITERAL["reference"]),
+                    (substituted, size["reference"]),
+                )
+            ]
+            references[policy] = bool(bitwise_equal(*refs))
+        equal[name] = bool(bitwise_equal(*grads)) and references[policy]
+    return equal
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -291,6 +363,15 @@ def main(argv=None) -> None:
         payload["size"] = size | {"depths": sorted(wanted)}
         payload["appended_to"] = earlier["env"]["date"]
     result = ResultFile(f"{name}.json", payload, args.out)
+    if any(size.get(k, v) != v for k, v in LITERAL.items()):
+        check = equivalence(EQUIVALENCE_DEPTH, size)
+        payload["equivalence"] = {"depth": EQUIVALENCE_DEPTH, "bitwise_equal": check}
+        if not all(check.values()):
+            raise SystemExit(
+                f"numerics_depth: with param_dtype={size['param_dtype']} and reference="
+                f"{size['reference']} the gradients at L = {EQUIVALENCE_DEPTH} differ from the "
+                f"literal network's ({check}); run a size without these substitutions"
+            )
     for depth in size["depths"]:  # written after every depth: a crash keeps what was measured
         payload["rows"] = sorted(
             payload["rows"] + measure(depth, size, timed, budget), key=lambda r: r["depth"]

@@ -186,3 +186,56 @@ def test_bench_scan_keeps_the_depths_of_a_stopped_run(tmp_path, monkeypatch):
     assert not partial["complete"]
     assert {r["depth"] for r in partial["rows"]} == {8} and len(partial["rows"]) == 4
     assert report.render_scan(partial, name).startswith("**Partial run**")
+
+
+def test_bench_moonwalk_rows_compare_every_method_with_backprop():
+    """``measure`` compiles each method once and takes memory and gradient from it; backprop
+    runs first and is the reference, so its own error is 0 and the exact methods' is tiny."""
+    from benchmarks import bench_moonwalk
+    from revjax import moonwalk as mw
+
+    size = {"batch": 4, "width": 2, "hidden": 4, "forward": True}
+    rows = bench_moonwalk.measure("revnet", 2, size, timed=False)
+    by = {r["method"]: r for r in rows}
+    assert list(by) == list(mw.METHODS)
+    assert by["backprop"]["grad_error"] == 0.0
+    exact = ("revbackprop", "moonwalk", "mixed_moonwalk", "forward")
+    assert all(by[m]["grad_error"] < 1e-5 for m in exact), rows
+    assert by["projected_forward"]["grad_error"] > 1e-2  # 16 random tangents: an estimate
+    assert all(r["footprint_mib"] > 0 and r["ms"] is None for r in rows)
+    assert by["moonwalk"]["drift"] is not None and by["backprop"]["drift"] is None
+
+
+def test_run_notebooks_runs_them_concurrently_and_says_so(tmp_path, monkeypatch):
+    """``--jobs 2`` keeps the rows in notebook order, records ``jobs``, and the README's
+    sentence says each time is an upper bound; ``--jobs 0`` is refused."""
+    import threading
+
+    from benchmarks import report, run_notebooks
+
+    running, overlap = set(), []
+    lock = threading.Lock()
+
+    def fake_run(path):
+        with lock:
+            running.add(path.name)
+            overlap.append(len(running))
+        time.sleep(0.2)
+        with lock:
+            running.discard(path.name)
+        return float(len(path.name))
+
+    monkeypatch.setattr(run_notebooks, "run_notebook", fake_run)
+    run_notebooks.main(["--out", str(tmp_path), "--jobs", "2"])
+    name = f"notebooks_{jax.default_backend()}.json"
+    payload = json.loads((tmp_path / name).read_text())
+    names = [r["notebook"] for r in payload["rows"]]
+    assert names == sorted(names) and len(names) >= 2
+    assert all(r["seconds"] == len(r["notebook"]) for r in payload["rows"])
+    assert payload["jobs"] == 2 and max(overlap) == 2
+    assert "2 notebooks at a time (so each time is an upper bound" in report.render_notebooks(
+        payload, name
+    )
+    assert "at a time" not in report.render_notebooks(payload | {"jobs": 1}, name)
+    with pytest.raises(SystemExit):
+        run_notebooks.main(["--out", str(tmp_path), "--jobs", "0"])

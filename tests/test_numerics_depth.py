@@ -128,3 +128,32 @@ def test_append_completes_a_run_that_stopped_early(tmp_path, monkeypatch):
     bench.main(["--size", "tiny", "--depths", "8", "--out", str(tmp_path), "--append"])
     third = json.loads(path.read_text())
     assert third["complete"] and [r["depth"] for r in third["rows"]] == [2, 4, 8]
+
+
+def test_the_cpu_substitutions_change_no_bit_of_any_gradient():
+    """bf16 weights held in float32 arrays and checkpointed references (the CPU size's speed-
+    ups) give every method's gradient and reference bit for bit as the literal network."""
+    size = {**TINY, "param_dtype": "float32", "reference": "checkpoint"}
+    params = bench.network(2, **size)[1]
+    assert {a.dtype for a in jax.tree.leaves(params)} == {jax.numpy.dtype("float32")}
+    literal = bench.network(2, **TINY)[1]
+    assert all(
+        bool((a == b.astype("float32")).all())
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(literal), strict=True)
+    )
+    check = bench.equivalence(bench.EQUIVALENCE_DEPTH, size)
+    assert check == dict.fromkeys(bench.METHODS, True)  # every method ran, all equal
+
+
+def test_a_failed_equivalence_check_stops_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "equivalence", lambda depth, size: {"f32 stream": False})
+    monkeypatch.setattr(bench, "measure", _fake_measure)
+    size = {**TINY, "depths": [2], "param_dtype": "float32", "reference": "checkpoint"}
+    monkeypatch.setitem(bench.SIZES, "tiny", size)
+    with pytest.raises(SystemExit, match="differ from the literal network's"):
+        bench.main(["--size", "tiny", "--out", str(tmp_path)])
+    monkeypatch.setattr(bench, "equivalence", lambda depth, size: {"f32 stream": True})
+    bench.main(["--size", "tiny", "--out", str(tmp_path)])
+    path = tmp_path / f"numerics_depth_tiny_{jax.default_backend()}.json"
+    written = json.loads(path.read_text())
+    assert written["equivalence"] == {"depth": 32, "bitwise_equal": {"f32 stream": True}}
