@@ -356,11 +356,19 @@ def _render_deepest_depth(payload: dict) -> str:
 def render_bench_suite(payload: dict, filename: str) -> str:
     env = payload["env"]
     slowest = max(payload["scripts"], key=lambda t: t["seconds"])
+    concurrent = payload.get("concurrent") or []
+    shared = (
+        f"; the {len(concurrent)} scripts that time nothing "
+        f"({_series([f'`{c}`' for c in concurrent])}) ran {payload['jobs']} at a time, the "
+        f"others alone"
+        if concurrent
+        else ""
+    )
     return (
         f"The last `python -m revjax bench --size {payload['size']}` took "
         f"{payload['total_seconds'] / 60:.1f} minutes on {_where(env)} with "
         f"{payload['cpu_count']} CPU cores (slowest: `{slowest['command']}`, "
-        f"{slowest['seconds']:.0f} s; per script in `benchmarks/results/{filename}`)."
+        f"{slowest['seconds']:.0f} s{shared}; per script in `benchmarks/results/{filename}`)."
     )
 
 

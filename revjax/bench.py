@@ -9,6 +9,11 @@ without running them; ``--only SCRIPT ...`` runs part of the suite; ``--out DIR`
 JSON to ``DIR`` and leaves the README alone (for a device whose results are copied back);
 ``--timeout S`` bounds each script. A failing script does not stop the others; the command
 then exits with 1 and names it.
+
+The CPU suite's scripts that record no wall time (memory analyses, numerics, compile-only
+counts: :data:`UNTIMED`) run first, two at a time, so ``make bench`` takes less of a 2-core
+machine's time; the timed scripts then run one at a time, alone on the machine. On a GPU
+every script runs alone (two processes would compete for the device's memory).
 """
 
 from __future__ import annotations
@@ -49,6 +54,15 @@ SUITES: dict[str, list[list[str]]] = {
         ["bench_transformer.py", "--size", "gpu"],
     ],
 }
+
+
+#: Per size, the scripts that time nothing there: safe to run two at a time (see module doc).
+UNTIMED: dict[str, set[str]] = {
+    "cpu": {"numerics_cpu.py", "count_gemms.py", "numerics_depth.py", "bench_revnet.py",
+            "memory_depth.py"},
+    "gpu": set(),
+}  # fmt: skip
+CONCURRENT_JOBS = 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,20 +118,23 @@ def main(argv: list[str] | None = None) -> int:
         for command in [*commands, *refresh]:
             print(_shown(command))
         return 0
+    untimed = [
+        c for (name, *_), c in zip(suite, commands, strict=True) if name in UNTIMED[args.size]
+    ]
+    timed = [c for c in commands if c not in untimed]
+    start = time.perf_counter()
+    outcomes = _run_all(untimed, args.timeout, CONCURRENT_JOBS) + _run_all(timed, args.timeout, 1)
+    wall = time.perf_counter() - start
+    order = {_shown(c): i for i, c in enumerate(commands)}
     timings, failures = [], []
-    for command in commands:
-        start = time.perf_counter()
-        print(f"[revjax bench] {_shown(command)}", flush=True)
-        failure = _run(command, args.timeout)
-        seconds = time.perf_counter() - start
-        if failure:  # go on: the other benchmarks are still worth having
-            failures.append(f"{_shown(command)}: {failure}")
-            print(f"error: {failures[-1]}", file=sys.stderr, flush=True)
-            continue
-        timings.append({"command": _shown(command), "seconds": seconds})
-        print(f"[revjax bench] {_shown(command)}: {seconds:.0f} s", flush=True)
+    for command, seconds, failure in sorted(outcomes, key=lambda o: order[o[0]]):
+        if failure:  # the others ran on: they are still worth having
+            failures.append(f"{command}: {failure}")
+        else:
+            timings.append({"command": command, "seconds": seconds})
     if not args.only and not failures:  # the suite's total is only meaningful for a full run
-        _record(args.size, timings, args.out)
+        concurrent = [_shown(c) for c in untimed]
+        _record(args.size, timings, wall, concurrent, args.out)
     codes = [subprocess.run(command, check=False).returncode for command in refresh]
     if failures:
         print("failed:\n  " + "\n  ".join(failures), file=sys.stderr)
@@ -133,32 +150,64 @@ def _backend_in_a_child() -> str:
     return done.stdout.strip().splitlines()[-1] if done.returncode == 0 else "unknown"
 
 
-def _run(command: list[str], timeout: float | None) -> str | None:
-    """Run one benchmark; None on success, else why it failed. On a timeout the whole process
-    group is killed, so processes the script started do not keep the device."""
-    process = subprocess.Popen(command, start_new_session=True)  # its own group: see below
+def _run_all(
+    commands: list[list[str]], timeout: float | None, jobs: int
+) -> list[tuple[str, float, str | None]]:
+    """Run the benchmarks, ``jobs`` at a time; returns ``(command, seconds, failure)`` per
+    command in the order they finished (``failure`` None on success, else why: its exit code
+    or the timeout). A script past ``timeout`` seconds is killed with its whole process group,
+    so processes it started do not keep the device; Ctrl-C kills every running group."""
+    waiting, running, done = list(commands), {}, []
     try:
-        code = process.wait(timeout=timeout)
-    except (subprocess.TimeoutExpired, KeyboardInterrupt) as stop:
-        os.killpg(process.pid, signal.SIGKILL)  # Ctrl-C no longer reaches the group by itself
-        process.wait()
-        if isinstance(stop, KeyboardInterrupt):
-            raise
-        return f"timed out after {timeout:.0f} s"
-    return f"exit {code}" if code else None
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                command = waiting.pop(0)
+                print(f"[revjax bench] {_shown(command)}", flush=True)
+                # Its own process group (session), killed as a whole: see the docstring.
+                process = subprocess.Popen(command, start_new_session=True)
+                running[process] = (command, time.perf_counter())
+            time.sleep(0.05)
+            for process, (command, start) in list(running.items()):
+                seconds = time.perf_counter() - start
+                code = process.poll()
+                if code is None and (timeout is None or seconds < timeout):
+                    continue
+                if code is None:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+                failure = (
+                    f"timed out after {timeout:.0f} s"
+                    if code is None
+                    else (f"exit {code}" if code else None)
+                )
+                del running[process]
+                done.append((_shown(command), seconds, failure))
+                if failure:
+                    print(f"error: {_shown(command)}: {failure}", file=sys.stderr, flush=True)
+                else:
+                    print(f"[revjax bench] {_shown(command)}: {seconds:.0f} s", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C no longer reaches the groups by itself
+        for process in running:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        raise
+    return done
 
 
 def _shown(command: list[str]) -> str:
     return " ".join(Path(part).name if part.endswith(".py") else part for part in command[1:])
 
 
-def _record(size: str, timings: list[dict], out: Path | None) -> None:
-    """Writes ``bench_suite_<size>_<backend>.json``: how long each benchmark took."""
+def _record(
+    size: str, timings: list[dict], wall: float, concurrent: list[str], out: Path | None
+) -> None:
+    """Writes ``bench_suite_<size>_<backend>.json``: how long each benchmark took, the suite's
+    wall time (``total_seconds``) and which scripts ran two at a time (``concurrent``)."""
     sys.path.insert(0, str(ROOT))
     from benchmarks.common import environment, write_json
 
     env = environment()
-    total = sum(t["seconds"] for t in timings)
     payload = {"benchmark": "bench_suite", "size": size, "scripts": timings,
-               "total_seconds": total, "cpu_count": os.cpu_count(), "env": env}  # fmt: skip
+               "total_seconds": wall, "concurrent": concurrent, "jobs": CONCURRENT_JOBS,
+               "cpu_count": os.cpu_count(), "env": env}  # fmt: skip
     write_json(f"bench_suite_{size}_{env['backend']}.json", payload, out)

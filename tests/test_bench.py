@@ -239,3 +239,40 @@ def test_run_notebooks_runs_them_concurrently_and_says_so(tmp_path, monkeypatch)
     assert "at a time" not in report.render_notebooks(payload | {"jobs": 1}, name)
     with pytest.raises(SystemExit):
         run_notebooks.main(["--out", str(tmp_path), "--jobs", "0"])
+
+
+def test_scripts_that_time_nothing_run_two_at_a_time_and_the_timed_ones_alone(
+    tmp_path, monkeypatch
+):
+    """The untimed scripts overlap each other, a timed script overlaps none, the suite's total
+    is its wall time (less than the sum), and the record and README say what ran together."""
+    from benchmarks import report
+
+    log = tmp_path / "log.txt"
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "report.py").write_text("")
+    for name in ("a.py", "b.py", "timed.py"):
+        (tmp_path / "benchmarks" / name).write_text(
+            "import time\n"
+            "start = time.time()\n"
+            "time.sleep(1.0)\n"
+            f"with open({str(log)!r}, 'a') as f:\n"
+            f"    f.write(f'{name} {{start}} {{time.time()}}\\n')\n"
+        )
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    monkeypatch.setitem(bench.SUITES, "cpu", [["a.py"], ["timed.py"], ["b.py"]])
+    monkeypatch.setitem(bench.UNTIMED, "cpu", {"a.py", "b.py"})
+    out = tmp_path / "out"
+    assert bench.main(["--out", str(out)]) == 0
+    spans = {n: (float(s), float(e)) for n, s, e in (line.split() for line in log.open())}
+    overlap = lambda p, q: spans[p][0] < spans[q][1] and spans[q][0] < spans[p][1]
+    assert overlap("a.py", "b.py")
+    assert not overlap("timed.py", "a.py") and not overlap("timed.py", "b.py")
+    record = json.loads(next(out.glob("bench_suite_cpu_*.json")).read_text())
+    commands = [t["command"] for t in record["scripts"]]
+    assert commands == [f"{n} --out {out}" for n in ("a.py", "timed.py", "b.py")]  # suite order
+    assert record["concurrent"] == [f"a.py --out {out}", f"b.py --out {out}"]
+    assert record["total_seconds"] < sum(t["seconds"] for t in record["scripts"]) - 0.5
+    text = report.render_bench_suite(record, "bench_suite_cpu_cpu.json")
+    assert f"the 2 scripts that time nothing (`a.py --out {out}` and `b.py --out {out}`)" in text
+    assert "ran 2 at a time, the others alone" in text

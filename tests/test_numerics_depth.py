@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -157,3 +158,21 @@ def test_a_failed_equivalence_check_stops_the_run(tmp_path, monkeypatch):
     path = tmp_path / f"numerics_depth_tiny_{jax.default_backend()}.json"
     written = json.loads(path.read_text())
     assert written["equivalence"] == {"depth": 32, "bitwise_equal": {"f32 stream": True}}
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a property of XLA's CPU compiler")
+def test_xla_cpu_converts_the_whole_stack_to_write_one_bf16_slice():
+    """Why the CPU size holds bf16 weights in float32 arrays: XLA:CPU compiles a scan's write
+    of one layer's bf16 output into its stacked array as float32 conversions of the whole
+    (L, ...) stack, every layer. If this fails, XLA writes bf16 slices in place and the
+    substitution (module doc of numerics_depth.py) can go."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    def stacked(w):
+        return lax.scan(lambda c, w_l: (c, (w_l.astype(jnp.float32) * 2).astype(w.dtype)), 0, w)[1]
+
+    whole_stack_to_f32 = re.compile(r"= f32\[16,8,8\]\{[^}]*\} convert\(")
+    for dtype, converted in ((jnp.bfloat16, True), (jnp.float32, False)):
+        hlo = jax.jit(stacked).lower(jnp.ones((16, 8, 8), dtype)).compile().as_text()
+        assert bool(whole_stack_to_f32.search(hlo)) == converted, dtype
