@@ -119,11 +119,15 @@ def render_numerics_depth(payload: dict, filename: str) -> str:
     if timed:
         what += "; step time as a ratio to plain bf16 backprop (- where that does not fit)"
     if substituted:
+        changes = []
+        if size.get("param_dtype", "bfloat16") != "bfloat16":
+            changes.append(f"the bf16 weights are held in {size['param_dtype']} arrays")
+        if size.get("reference", "backprop") != "backprop":
+            changes.append("the reference is checkpointed per layer")
         what += (
-            f"; to run faster on this {env['backend'].upper()} the bf16 weights are held in "
-            f"{size['param_dtype']} arrays and the reference is checkpointed per layer, which "
-            f"gives every method's gradient and reference bit for bit (checked against the "
-            f"literal network at L = {check['depth']} by the script)"
+            f"; to run faster on this {env['backend'].upper()} {_series(changes)}, which gives "
+            f"every method's gradient and reference bit for bit (checked against the literal "
+            f"network at L = {check['depth']} by the script)"
         )
     elif any(r.get("reference") == "checkpoint" for r in rows):
         what += (

@@ -63,9 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     # Each kernel is its own process; the pool's workers only wait for them.
     times = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for path, seconds in zip(paths, pool.map(run_notebook, paths), strict=True):
-            times.append(seconds)
-            print(f"{path.name}: {seconds:.1f} s", flush=True)
+        try:
+            for path, seconds in zip(paths, pool.map(run_notebook, paths), strict=True):
+                times.append(seconds)
+                print(f"{path.name}: {seconds:.1f} s", flush=True)
+        except BaseException:  # a failed notebook stops the run: start no other
+            pool.shutdown(cancel_futures=True)
+            raise
     rows = [
         {"notebook": path.name, "seconds": seconds, "within_budget": seconds < BUDGET_SECONDS}
         for path, seconds in zip(paths, times, strict=True)

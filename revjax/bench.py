@@ -19,6 +19,7 @@ every script runs alone (two processes would compete for the device's memory).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -173,8 +174,7 @@ def _run_all(
                 if code is None and (timeout is None or seconds < timeout):
                     continue
                 if code is None:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
+                    _kill_group(process)
                 failure = (
                     f"timed out after {timeout:.0f} s"
                     if code is None
@@ -188,10 +188,17 @@ def _run_all(
                     print(f"[revjax bench] {_shown(command)}: {seconds:.0f} s", flush=True)
     except KeyboardInterrupt:  # Ctrl-C no longer reaches the groups by itself
         for process in running:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            _kill_group(process)
         raise
     return done
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """Kill ``process``'s whole group and reap it (a group already gone is fine: the process
+    may have exited between its last poll and now)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def _shown(command: list[str]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -251,14 +252,26 @@ def test_scripts_that_time_nothing_run_two_at_a_time_and_the_timed_ones_alone(
     log = tmp_path / "log.txt"
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "benchmarks" / "report.py").write_text("")
-    for name in ("a.py", "b.py", "timed.py"):
+    for name, partner in (("a.py", "b.py"), ("b.py", "a.py"), ("timed.py", None)):
+        # a.py and b.py each wait (up to 60 s) until the other has started: run one after
+        # the other they would not overlap, however loaded the machine, and the test fails.
+        barrier = (
+            f"open({str(tmp_path / name)!r} + '.started', 'w').close()\n"
+            f"while not os.path.exists({str(tmp_path / str(partner))!r} + '.started') "
+            "and time.time() - start < 60:\n"
+            "    time.sleep(0.05)\n"
+            if partner
+            else ""
+        )
         (tmp_path / "benchmarks" / name).write_text(
-            "import time\n"
+            "import os, time\n"
             "start = time.time()\n"
+            f"{barrier}"
             "time.sleep(1.0)\n"
             f"with open({str(log)!r}, 'a') as f:\n"
             f"    f.write(f'{name} {{start}} {{time.time()}}\\n')\n"
         )
+    monkeypatch.setattr(sys, "path", [*sys.path])  # bench._record prepends ROOT (tmp_path)
     monkeypatch.setattr(bench, "ROOT", tmp_path)
     monkeypatch.setitem(bench.SUITES, "cpu", [["a.py"], ["timed.py"], ["b.py"]])
     monkeypatch.setitem(bench.UNTIMED, "cpu", {"a.py", "b.py"})

@@ -146,6 +146,12 @@ def test_the_cpu_substitutions_change_no_bit_of_any_gradient():
     assert check == dict.fromkeys(bench.METHODS, True)  # every method ran, all equal
 
 
+def test_reference_step_refuses_an_unknown_kind():
+    block, params, x = bench.network(2, **TINY)
+    with pytest.raises(ValueError, match="kind must be 'backprop' or 'checkpoint'"):
+        bench.reference_step(block, params, x, bench.F32_STREAM, None, "remat")
+
+
 def test_a_failed_equivalence_check_stops_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "equivalence", lambda depth, size: {"f32 stream": False})
     monkeypatch.setattr(bench, "measure", _fake_measure)

@@ -116,3 +116,8 @@ def test_the_numerics_table_explains_the_cpu_substitutions_instead_of_tagging_ev
     failed = json.loads(json.dumps(payload))
     failed["equivalence"]["bitwise_equal"]["exact"] = False
     assert "(ref. checkpointed)" in report.render_numerics_depth(failed, NUMERICS)
+    # A size making one substitution only names that one.
+    one = payload | {"size": payload["size"] | {"param_dtype": "bfloat16"}}
+    text = report.render_numerics_depth(one, NUMERICS)
+    assert "the reference is checkpointed per layer, which gives" in text
+    assert "arrays" not in text
