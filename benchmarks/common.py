@@ -13,6 +13,8 @@ from typing import Any
 
 import jax
 
+from revjax.bench import CONCURRENT_ENV
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -32,6 +34,9 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         # None: JAX's default, which on a GPU rounds float32 matmul inputs TF32-like.
         "default_matmul_precision": jax.config.jax_default_matmul_precision,
+        # Benchmark scripts running at once with this one included (`python -m revjax bench`
+        # runs some two at a time); 1: alone, or run by hand.
+        "concurrent_jobs": int(os.environ.get(CONCURRENT_ENV, "1")),
     }
 
 

@@ -693,9 +693,12 @@ def render_notebooks(payload: dict, filename: str) -> str:
     met = all(r["within_budget"] for r in payload["rows"])
     verdict = "all within" if met else "NOT all within"
     jobs = payload.get("jobs", 1)
+    others = payload["env"].get("concurrent_jobs", 1) - 1  # other benchmarks running meanwhile
+    together = [f"{jobs} notebooks at a time"] if jobs > 1 else []
+    together += [f"beside {others} other benchmark{'s' * (others > 1)}"] if others > 0 else []
     shared = (
-        f", {jobs} notebooks at a time (so each time is an upper bound of its time alone)"
-        if jobs > 1
+        f", {' and '.join(together)} (so each time is an upper bound of its time alone)"
+        if together
         else ""
     )
     return (

@@ -11,15 +11,20 @@ JSON to ``DIR`` and leaves the README alone (for a device whose results are copi
 then exits with 1 and names it.
 
 The CPU suite's scripts that record no wall time (memory analyses, numerics, compile-only
-counts: :data:`UNTIMED`) run first, two at a time, so ``make bench`` takes less of a 2-core
-machine's time; the timed scripts then run one at a time, alone on the machine. On a GPU
-every script runs alone (two processes would compete for the device's memory).
+counts: :data:`SHARED`) run first, two at a time and longest first (by the last recorded run),
+so ``make bench`` takes less of a 2-core machine's time; each of them sees
+:data:`CONCURRENT_ENV` set to the number running at once, and ``benchmarks/common.py`` records
+it with its results. The timed scripts then run one at a time, alone on the machine. On a GPU
+every script runs alone (two processes would compete for the device's memory). Compute-bound
+scripts (``train_lm.py``, the notebooks) stay in the second phase even where they time
+nothing: beside another benchmark they only slow each other down.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -58,12 +63,14 @@ SUITES: dict[str, list[list[str]]] = {
 
 
 #: Per size, the scripts that time nothing there: safe to run two at a time (see module doc).
-UNTIMED: dict[str, set[str]] = {
+SHARED: dict[str, set[str]] = {
     "cpu": {"numerics_cpu.py", "count_gemms.py", "numerics_depth.py", "bench_revnet.py",
             "memory_depth.py"},
     "gpu": set(),
 }  # fmt: skip
 CONCURRENT_JOBS = 2
+#: Set for every script of the shared phase: how many scripts run at once (see module doc).
+CONCURRENT_ENV = "REVJAX_BENCH_CONCURRENT_JOBS"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,12 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         for command in [*commands, *refresh]:
             print(_shown(command))
         return 0
-    untimed = [
-        c for (name, *_), c in zip(suite, commands, strict=True) if name in UNTIMED[args.size]
-    ]
-    timed = [c for c in commands if c not in untimed]
+    shared = [c for (name, *_), c in zip(suite, commands, strict=True) if name in SHARED[args.size]]
+    alone = [c for c in commands if c not in shared]
+    shared = longest_first(shared, _last_seconds(args.size, args.out))
     start = time.perf_counter()
-    outcomes = _run_all(untimed, args.timeout, CONCURRENT_JOBS) + _run_all(timed, args.timeout, 1)
+    outcomes = _run_all(shared, args.timeout, CONCURRENT_JOBS) + _run_all(alone, args.timeout, 1)
     wall = time.perf_counter() - start
     order = {_shown(c): i for i, c in enumerate(commands)}
     timings, failures = [], []
@@ -134,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             timings.append({"command": command, "seconds": seconds})
     if not args.only and not failures:  # the suite's total is only meaningful for a full run
-        concurrent = [_shown(c) for c in untimed]
+        concurrent = [_shown(c) for c in shared]
         _record(args.size, timings, wall, concurrent, args.out)
     codes = [subprocess.run(command, check=False).returncode for command in refresh]
     if failures:
@@ -151,21 +157,47 @@ def _backend_in_a_child() -> str:
     return done.stdout.strip().splitlines()[-1] if done.returncode == 0 else "unknown"
 
 
+def _script(command: list[str]) -> str:
+    """The benchmark script's file name (a suite names each script once)."""
+    return Path(command[1]).name
+
+
+def _last_seconds(size: str, out: Path | None) -> dict[str, float]:
+    """Seconds per script in the last recorded full run of the ``size`` suite, read from
+    ``bench_suite_<size>_*.json`` in ``out`` (default ``benchmarks/results``); empty if none."""
+    seconds: dict[str, float] = {}
+    records = Path(out or ROOT / "benchmarks" / "results").glob(f"bench_suite_{size}_*.json")
+    for path in sorted(records, key=lambda p: p.stat().st_mtime):  # the newest wins
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            for entry in json.loads(path.read_text())["scripts"]:
+                seconds[entry["command"].split()[0]] = float(entry["seconds"])
+    return seconds
+
+
+def longest_first(commands: list[list[str]], seconds: dict[str, float]) -> list[list[str]]:
+    """``commands`` with the longest (by ``seconds``, per script name) first, so that two
+    slots finish close together; a script never timed counts as longest, and ties keep the
+    suite's order."""
+    return sorted(commands, key=lambda c: -seconds.get(_script(c), float("inf")))
+
+
 def _run_all(
     commands: list[list[str]], timeout: float | None, jobs: int
 ) -> list[tuple[str, float, str | None]]:
-    """Run the benchmarks, ``jobs`` at a time; returns ``(command, seconds, failure)`` per
-    command in the order they finished (``failure`` None on success, else why: its exit code
-    or the timeout). A script past ``timeout`` seconds is killed with its whole process group,
-    so processes it started do not keep the device; Ctrl-C kills every running group."""
+    """Run the benchmarks, ``jobs`` at a time, in the given order; returns ``(command, seconds,
+    failure)`` per command in the order they finished (``failure`` None on success, else why:
+    its exit code or the timeout). Each sees :data:`CONCURRENT_ENV` set to ``jobs``. A script
+    past ``timeout`` seconds is killed with its whole process group, so processes it started
+    do not keep the device; Ctrl-C kills every running group."""
     waiting, running, done = list(commands), {}, []
+    env = {**os.environ, CONCURRENT_ENV: str(jobs)}
     try:
         while waiting or running:
             while waiting and len(running) < jobs:
                 command = waiting.pop(0)
                 print(f"[revjax bench] {_shown(command)}", flush=True)
                 # Its own process group (session), killed as a whole: see the docstring.
-                process = subprocess.Popen(command, start_new_session=True)
+                process = subprocess.Popen(command, start_new_session=True, env=env)
                 running[process] = (command, time.perf_counter())
             time.sleep(0.05)
             for process, (command, start) in list(running.items()):
@@ -209,7 +241,8 @@ def _record(
     size: str, timings: list[dict], wall: float, concurrent: list[str], out: Path | None
 ) -> None:
     """Writes ``bench_suite_<size>_<backend>.json``: how long each benchmark took, the suite's
-    wall time (``total_seconds``) and which scripts ran two at a time (``concurrent``)."""
+    wall time (``total_seconds``) and which scripts shared the machine, in the order they
+    started (``concurrent``)."""
     sys.path.insert(0, str(ROOT))
     from benchmarks.common import environment, write_json
 

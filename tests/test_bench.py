@@ -131,15 +131,19 @@ def test_bench_moonwalk_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch):
                  "drift": None} for m in ("backprop", "moonwalk")]  # fmt: skip
 
     runs = []
-    monkeypatch.setattr(bench_moonwalk, "speedups", lambda n: runs.append(n) or [])
+    speedup = {"depth": 6, "moonwalk": 1.0, "forward": 9.0, "speedup": 9.0, "repeats": 10}
+    monkeypatch.setattr(bench_moonwalk, "speedups", lambda n: runs.append(n) or [speedup])
     monkeypatch.setattr(bench_moonwalk, "measure", _stop_after(2, measure))
     with pytest.raises(Stop):
         bench_moonwalk.main(["--size", "gpu", "--out", str(tmp_path)])
     name = f"moonwalk_gpu_{jax.default_backend()}.json"
     partial = json.loads((tmp_path / name).read_text())
     assert not partial["complete"] and len(partial["rows"]) == 4
+    # The speed-up is measured first, so a run stopped during the rows keeps it.
+    assert partial["moonwalk_vs_forward_mode"] == [speedup]
     text = report.render_moonwalk(partial, name)
     assert text.startswith("**Partial run**") and "| 12 |" in text
+    assert "L = 6: 1.0 ms vs 9.0 ms, 9x faster" in text
 
     monkeypatch.setattr(bench_moonwalk, "measure", measure)
     done = bench_moonwalk.main(["--size", "gpu", "--out", str(tmp_path)])
@@ -147,7 +151,7 @@ def test_bench_moonwalk_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch):
     assert len(done["rows"]) == 2 * 2 * len(bench_moonwalk.DEPTHS)
     # The speed-up over exact forward mode is measured at the GPU size too (once it was only
     # on a CPU), on the small network, median of 10 runs there.
-    assert runs == [10] and done["speedup_network"] == {"batch": 16, "width": 8, "hidden": 16}
+    assert runs == [10, 10] and done["speedup_network"] == {"batch": 16, "width": 8, "hidden": 16}
 
 
 def test_bench_activations_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch):
@@ -238,6 +242,12 @@ def test_run_notebooks_runs_them_concurrently_and_says_so(tmp_path, monkeypatch)
         payload, name
     )
     assert "at a time" not in report.render_notebooks(payload | {"jobs": 1}, name)
+    beside = payload | {"jobs": 1, "env": payload["env"] | {"concurrent_jobs": 2}}
+    assert ", beside 1 other benchmark (so each time is an upper bound" in (
+        report.render_notebooks(beside, name)
+    )
+    alone = payload | {"jobs": 1, "env": payload["env"] | {"concurrent_jobs": 1}}
+    assert "upper bound" not in report.render_notebooks(alone, name)
     with pytest.raises(SystemExit):
         run_notebooks.main(["--out", str(tmp_path), "--jobs", "0"])
 
@@ -269,15 +279,18 @@ def test_scripts_that_time_nothing_run_two_at_a_time_and_the_timed_ones_alone(
             f"{barrier}"
             "time.sleep(1.0)\n"
             f"with open({str(log)!r}, 'a') as f:\n"
-            f"    f.write(f'{name} {{start}} {{time.time()}}\\n')\n"
+            f"    jobs = os.environ[{bench.CONCURRENT_ENV!r}]\n"
+            f"    f.write(f'{name} {{start}} {{time.time()}} {{jobs}}\\n')\n"
         )
     monkeypatch.setattr(sys, "path", [*sys.path])  # bench._record prepends ROOT (tmp_path)
     monkeypatch.setattr(bench, "ROOT", tmp_path)
     monkeypatch.setitem(bench.SUITES, "cpu", [["a.py"], ["timed.py"], ["b.py"]])
-    monkeypatch.setitem(bench.UNTIMED, "cpu", {"a.py", "b.py"})
+    monkeypatch.setitem(bench.SHARED, "cpu", {"a.py", "b.py"})
     out = tmp_path / "out"
     assert bench.main(["--out", str(out)]) == 0
-    spans = {n: (float(s), float(e)) for n, s, e in (line.split() for line in log.open())}
+    lines = [line.split() for line in log.open()]
+    spans = {n: (float(s), float(e)) for n, s, e, _ in lines}
+    assert {n: jobs for n, *_, jobs in lines} == {"a.py": "2", "b.py": "2", "timed.py": "1"}
     overlap = lambda p, q: spans[p][0] < spans[q][1] and spans[q][0] < spans[p][1]
     assert overlap("a.py", "b.py")
     assert not overlap("timed.py", "a.py") and not overlap("timed.py", "b.py")
@@ -289,3 +302,34 @@ def test_scripts_that_time_nothing_run_two_at_a_time_and_the_timed_ones_alone(
     text = report.render_bench_suite(record, "bench_suite_cpu_cpu.json")
     assert f"the 2 scripts that time nothing (`a.py --out {out}` and `b.py --out {out}`)" in text
     assert "ran 2 at a time, the others alone" in text
+
+
+def test_shared_scripts_start_longest_first_by_the_last_recorded_run(tmp_path):
+    """The last full run's per-script seconds order the shared phase, longest first; a script
+    it never timed starts first, ties keep the suite's order, and a run with no usable record
+    keeps the suite's order."""
+    command = lambda name: ["python", f"/x/benchmarks/{name}", "--out", "d"]
+    suite = [command(n) for n in ("short.py", "new.py", "long.py", "mid.py", "mid2.py")]
+    record = {"scripts": [{"command": "short.py", "seconds": 1.0},
+                          {"command": "long.py --size cpu", "seconds": 90.0},
+                          {"command": "mid.py", "seconds": 10.0},
+                          {"command": "mid2.py", "seconds": 10.0}]}  # fmt: skip
+    (tmp_path / "bench_suite_cpu_cpu.json").write_text(json.dumps(record))
+    (tmp_path / "bench_suite_gpu_gpu.json").write_text(json.dumps({"scripts": []}))
+    seconds = bench._last_seconds("cpu", tmp_path)
+    assert seconds == {"short.py": 1.0, "long.py": 90.0, "mid.py": 10.0, "mid2.py": 10.0}
+    ordered = [Path(c[1]).name for c in bench.longest_first(suite, seconds)]
+    assert ordered == ["new.py", "long.py", "mid.py", "mid2.py", "short.py"]
+    (tmp_path / "bench_suite_cpu_cpu.json").write_text("{not json")
+    assert bench._last_seconds("cpu", tmp_path) == {}
+    assert bench.longest_first(suite, {}) == suite
+
+
+def test_the_readme_names_the_cpu_suite_and_the_scripts_that_share_the_machine():
+    """The Quick start's account of `make bench` lists each command of the CPU suite, and the
+    scripts it says run two at a time are exactly :data:`revjax.bench.SHARED`."""
+    text = " ".join(README.read_text().split())
+    for entry in bench.SUITES["cpu"]:
+        assert f"`{' '.join(entry)}`" in text, entry
+    sentence = text.split("The CPU scripts that time nothing (", 1)[1].split(")", 1)[0]
+    assert set(re.findall(r"`([\w.]+)`", sentence)) == bench.SHARED["cpu"]

@@ -262,6 +262,32 @@ def test_second_derivatives_match_plain_backprop_and_forward_mode_is_refused():
         jax.jvp(loss(rj.reversible_scan), (params,), (params,))
 
 
+def test_second_derivatives_through_an_affine_stack_carry_first_order_round_off():
+    """A Hessian-vector product (grad of <grad, v>) through 16 affine couplings, whose scales
+    amplify reconstruction round-off, stays within a few times the first derivative's error:
+    differentiating the backward pass does not compound it. Measured on CPU: gradient 3.4e-6,
+    HVP 5.7e-6 (float32)."""
+    branch = lambda p, h: (mlp(p, h), 0.5 * mlp(p, h) + 0.1)
+    block = rj.affine_coupling(branch, branch)
+    params, x = init_mlp_stack(jax.random.key(0), 16, 8, 16), stream(width=8, batch=4)
+    v = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape), params)
+
+    def loss(scan):
+        def value(p):
+            y1, y2 = scan(block, p, x)
+            return jnp.sum(jnp.sin(y1)) + jnp.sum(jnp.square(y2))
+
+        return value
+
+    dot_v = lambda tree: sum(jax.tree.leaves(jax.tree.map(jnp.vdot, tree, v)))
+    grad = lambda scan: jax.jit(jax.grad(loss(scan)))(params)
+    hvp = lambda scan: jax.jit(jax.grad(lambda p: dot_v(jax.grad(loss(scan))(p))))(params)
+    first = float(relative_error(grad(rj.reversible_scan), grad(plain_scan)))
+    second = float(relative_error(hvp(rj.reversible_scan), hvp(plain_scan)))
+    assert first <= 2e-5 and second <= 5e-5, (first, second)  # ~6x and ~9x measured
+    assert second <= 10 * max(first, 1e-6), (first, second)
+
+
 def test_inverse_scan_recovers_input():
     block = mlp_coupling(0.2)
     params, x = init_mlp_stack(jax.random.key(0), DEPTH, WIDTH, HIDDEN), stream()
