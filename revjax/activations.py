@@ -299,8 +299,15 @@ def silu(x: jax.Array) -> jax.Array:
 
 def derivative_error(fn: str, x: jax.Array) -> jax.Array:
     """``|f'(recovered x) - f'(x)|`` elementwise for ``fn`` in {"gelu_tanh", "gelu_erf", "silu"},
-    with ``y = f(x)`` rounded to ``x``'s dtype and ``f'(x)`` the float32 derivative at ``x``."""
-    spec = {"gelu_tanh": _TANH_GELU, "gelu_erf": _ERF_GELU, "silu": _SILU}[fn]
+    with ``y = f(x)`` rounded to ``x``'s dtype and ``f'(x)`` the float32 derivative at ``x``.
+
+    Raises:
+      ValueError: an unknown ``fn``.
+    """
+    specs = {"gelu_tanh": _TANH_GELU, "gelu_erf": _ERF_GELU, "silu": _SILU}
+    if fn not in specs:
+        raise ValueError(f"derivative_error: fn must be one of {sorted(specs)}, got {fn!r}")
+    spec = specs[fn]
     x32 = x.astype(jnp.float32)
     y = spec.f(x32).astype(x.dtype)
     right = x32 >= spec.x_min

@@ -64,7 +64,7 @@ def _evaluate(jaxpr: Any, out_tree: Any, consts: tuple, *args: Any) -> PyTree:
 
 
 def hoist_traced_constants(
-    block: Coupling, layer_params: PyTree, x: PyTree, key: Any
+    block: Coupling, layer_params: PyTree, x: PyTree, key: Any, *, log_det: bool = False
 ) -> tuple[Coupling, tuple | None]:
     """``(block, None)`` when no branch closes over a value that must be an input of the
     ``custom_vjp`` (:func:`_must_be_an_input`); else a closure-free block whose layer parameters
@@ -74,7 +74,9 @@ def hoist_traced_constants(
     the real ones, not ``jax.ShapeDtypeStruct``s, where their types carry more than shape and
     dtype (inside ``jax.shard_map``).
 
-    A block with side information (``aux``, e.g. batch norm) is returned as it is.
+    With ``log_det``, the block's ``log_det`` is kept too (hoisted like ``forward`` and
+    ``inverse``); otherwise the closure-free block has none. A block with side information
+    (``aux``, e.g. batch norm) is returned as it is.
     """
     if block.aux is not None:
         # Its inverse needs the forward's side information; such blocks are used as they are
@@ -83,10 +85,15 @@ def hoist_traced_constants(
     call = lambda fn: lambda p, h, k: call_with_key(fn, p, h, key=k)
     forward, forward_consts, out_tree = _as_jaxpr(call(block.forward), layer_params, x, key)
     inverse, inverse_consts, in_tree = _as_jaxpr(call(block.inverse), layer_params, x, key)
-    constants = [*forward_consts, *inverse_consts]
+    log_det_consts: list = []
+    if log_det:
+        log_det_jaxpr, log_det_consts, log_det_tree = _as_jaxpr(
+            call(block.log_det), layer_params, x, key
+        )
+    constants = [*forward_consts, *inverse_consts, *log_det_consts]
     if not any(_must_be_an_input(c) for c in constants):
         return block, None
-    n = len(forward_consts)
+    n, m = len(forward_consts), len(forward_consts) + len(inverse_consts)
 
     def free_forward(params: PyTree, h: PyTree, key: Any = None) -> PyTree:
         p, shared = params
@@ -94,9 +101,14 @@ def hoist_traced_constants(
 
     def free_inverse(params: PyTree, h: PyTree, key: Any = None) -> PyTree:
         p, shared = params
-        return _evaluate(inverse, in_tree, shared[n:], p, h, key)
+        return _evaluate(inverse, in_tree, shared[n:m], p, h, key)
 
-    return Coupling(forward=free_forward, inverse=free_inverse), tuple(constants)
+    def free_log_det(params: PyTree, h: PyTree, key: Any = None) -> jax.Array:
+        p, shared = params
+        return _evaluate(log_det_jaxpr, log_det_tree, shared[m:], p, h, key)
+
+    free = Coupling(forward=free_forward, inverse=free_inverse)
+    return (free._replace(log_det=free_log_det) if log_det else free), tuple(constants)
 
 
 __all__ = ["hoist_traced_constants"]

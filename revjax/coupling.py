@@ -13,6 +13,14 @@ of the same structure, shapes and dtypes, plus optional fields:
   ``layers.batch_norm``, whose batch statistics couple the examples (under ``vmap`` each
   example would use its own): with the statistics held fixed every example's is
   ``log_det / N``.
+* ``log_det_backward(params, y, y_bar, log_det_bar) -> (x, x_bar, params_bar)``: ``backward``
+  for the pair ``(forward, log_det)``: the cotangents also carry ``log_det_bar`` times the
+  gradient of ``log_det`` at the reconstructed input. This is what
+  ``reversible_scan(..., return_log_det=True)`` steps with; the Feistel couplings here provide
+  one that adds the log-det term to their branch cotangents before each branch's pullback, so
+  it costs no extra branch evaluation. Blocks with a ``log_det`` but without one get
+  :func:`reconstruct_and_vjp_with_log_det`'s generic path (one more ``jax.vjp``, of
+  ``log_det``).
 * ``vijp_step(params, x, x_bar) -> (y, y_bar, params_bar)``: the Moonwalk step
   (:mod:`revjax.moonwalk`). Given a layer's input and its input cotangent ``x_bar``, returns the
   output, the output cotangent ``y_bar`` solving ``y_bar J = x_bar`` (``J = dy/dx``; the
@@ -68,9 +76,11 @@ class Coupling(NamedTuple):
     ``backward`` (optional) is a fused ``(params, y, y_bar) -> (x, x_bar, params_bar)`` step,
     ``log_det`` (optional) returns ``log|det dy/dx|``, ``map_branches`` (optional) rebuilds the
     coupling with wrapped branches, ``vijp_step`` (optional) is the Moonwalk forward step
-    ``(params, x, x_bar) -> (y, y_bar, params_bar)`` and ``aux`` (optional) ``(params, x) ->
+    ``(params, x, x_bar) -> (y, y_bar, params_bar)``, ``aux`` (optional) ``(params, x) ->
     side`` is side information the inverse needs (batch statistics), which ``reversible_scan``
-    stores per layer and passes as ``inverse(..., aux=side)``; see the module docstring.
+    stores per layer and passes as ``inverse(..., aux=side)``, and ``log_det_backward``
+    (optional) is ``backward`` with the cotangent of ``log_det`` too, ``(params, y, y_bar,
+    log_det_bar) -> (x, x_bar, params_bar)``; see the module docstring.
     """
 
     forward: Callable[..., PyTree]
@@ -80,6 +90,7 @@ class Coupling(NamedTuple):
     map_branches: Callable[[BranchWrapper], Coupling] | None = None
     vijp_step: Callable[..., tuple[PyTree, PyTree, PyTree]] | None = None
     aux: Callable[..., PyTree] | None = None
+    log_det_backward: Callable[..., tuple[PyTree, PyTree, PyTree]] | None = None
 
 
 def call_with_key(fn: Callable[..., Any], *args: Any, key: Key | None) -> Any:
@@ -119,12 +130,60 @@ def reconstruct_and_vjp(block: Coupling) -> Callable[..., tuple[PyTree, PyTree, 
     return generic_backward
 
 
+def add_cotangents(a: PyTree, b: PyTree) -> PyTree:
+    """``a + b`` leaf by leaf, in ``a``'s dtypes; ``float0`` leaves (the cotangents of integer
+    inputs) stay as they are."""
+    return jax.tree.map(
+        lambda u, v: u if u.dtype == jax.dtypes.float0 else u + v.astype(u.dtype), a, b
+    )
+
+
+def reconstruct_and_vjp_with_log_det(block: Coupling) -> Callable[..., tuple]:
+    """The backward step of ``(forward, log_det)``: ``(params, y, y_bar, log_det_bar[, key][,
+    aux=]) -> (x, x_bar, params_bar)``, the cotangents being those of ``<y_bar, forward(params,
+    x)> + log_det_bar * log_det(params, x)``.
+
+    Uses the block's ``log_det_backward`` when it has one. Otherwise takes
+    :func:`reconstruct_and_vjp`'s step and adds the pullback of ``log_det_bar`` through
+    ``jax.vjp`` of ``log_det`` at the reconstructed ``x``.
+
+    Raises:
+      ValueError: the block has no ``log_det``.
+    """
+    if block.log_det_backward is not None:
+        return block.log_det_backward
+    if block.log_det is None:
+        raise ValueError(
+            "this Coupling has no log_det, so the log-determinant of a stack of it is undefined "
+            "(a sequence has one only when every block does; give a hand-written Coupling a "
+            "log_det field)"
+        )
+    step = reconstruct_and_vjp(block)
+
+    def generic_log_det_backward(params, y, y_bar, log_det_bar, key=None, aux=None):
+        x, x_bar, params_bar = call_with_key(with_aux(step, block, aux), params, y, y_bar, key=key)
+        log_det = lambda p, x_: call_with_key(block.log_det, p, x_, key=key)
+        value, pullback = jax.vjp(log_det, params, x)
+        params_ld, x_ld = pullback(jnp.asarray(log_det_bar, value.dtype))
+        return x, add_cotangents(x_bar, x_ld), add_cotangents(params_bar, params_ld)
+
+    return generic_log_det_backward
+
+
 # --------------------------------------------------------------------------------------------
 # Shape checks shared by the Feistel couplings.
 
 
 def _describe(tree: PyTree) -> str:
     return str(jax.tree.map(lambda a: f"{jnp.shape(a)}", tree))
+
+
+def _abridged(text: str, limit: int = 400) -> str:
+    """``text``, cut to ``limit`` characters with a count of the rest (a Flax module's
+    parameter tree would otherwise fill the screen)."""
+    return (
+        text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+    )
 
 
 def _type_name(value: Any) -> str:
@@ -258,7 +317,9 @@ def _affine_rule(bound: float) -> _CombineRule:
         _check_like(f"{name} (shift)", half_name, st[1], a)
 
     def log_det(st):
-        return sum(jnp.sum(si.astype(jnp.float32)) for si in jax.tree.leaves(st[0]))
+        # Summed in float32 at least (a bfloat16 log-scale summed in bfloat16 loses digits).
+        wide = lambda si: si.astype(jnp.promote_types(si.dtype, jnp.float32))
+        return sum(jnp.sum(wide(si)) for si in jax.tree.leaves(st[0]))
 
     return _CombineRule(combine, uncombine, vjp, solve, check, log_det)
 
@@ -316,7 +377,7 @@ def _feistel_coupling(
             err.add_note(
                 f"revjax: raised by {kind}'s branch {name}(params_{name}, {other_name}) with "
                 f"{other_name} of shape {_describe(other)} and params_{name} of shape "
-                f"{_describe(p)}; its output is combined with {half_name} of shape "
+                f"{_abridged(_describe(p))}; its output is combined with {half_name} of shape "
                 f"{_describe(half)}"
                 + (
                     ", and with a PRNG key as third argument because key= was given (a branch "
@@ -349,7 +410,15 @@ def _feistel_coupling(
         x1 = rule.uncombine(y1, branch(f, "f", "x1", pf, x2, y1, kf))
         return (x1, x2)
 
-    def backward(params, y, y_bar, key=None):
+    def with_log_det_term(out, out_bar, log_det_bar):
+        # The cotangent of a branch output when the loss also has log_det_bar * log_det, and
+        # log_det = rule.log_det(f_out) + rule.log_det(g_out) is a function of the outputs.
+        if log_det_bar is None:
+            return out_bar
+        value, pullback = jax.vjp(rule.log_det, out)
+        return add_cotangents(out_bar, pullback(jnp.asarray(log_det_bar, value.dtype))[0])
+
+    def fused_backward(params, y, y_bar, key, log_det_bar):
         # Each of f and g is evaluated exactly once: its vjp yields both its value (needed to
         # reconstruct the input half) and the pullback (needed for the cotangents).
         (pf, pg), (y1, y2) = (
@@ -362,16 +431,23 @@ def _feistel_coupling(
         g_out, g_pullback = jax.vjp(lambda p, h: branch(g, "g", "x2", p, h, y2, kg), pg, y1)
         x2 = rule.uncombine(y2, g_out)
         x2_bar, g_out_bar = rule.vjp(y2, g_out, y2_bar)
-        pg_bar, y1_bar_from_g = g_pullback(g_out_bar)
+        pg_bar, y1_bar_from_g = g_pullback(with_log_det_term(g_out, g_out_bar, log_det_bar))
         y1_bar = jax.tree.map(jnp.add, y1_bar, y1_bar_from_g)
 
         f_out, f_pullback = jax.vjp(lambda p, h: branch(f, "f", "x1", p, h, y1, kf), pf, x2)
         x1 = rule.uncombine(y1, f_out)
         x1_bar, f_out_bar = rule.vjp(y1, f_out, y1_bar)
-        pf_bar, x2_bar_from_f = f_pullback(f_out_bar)
+        pf_bar, x2_bar_from_f = f_pullback(with_log_det_term(f_out, f_out_bar, log_det_bar))
         x2_bar = jax.tree.map(jnp.add, x2_bar, x2_bar_from_f)
 
         return (x1, x2), (x1_bar, x2_bar), _like_sequence(params, [pf_bar, pg_bar])
+
+    def backward(params, y, y_bar, key=None):
+        return fused_backward(params, y, y_bar, key, None)
+
+    def log_det_backward(params, y, y_bar, log_det_bar, key=None):
+        # Additive (rule.log_det None): volume preserving, log_det is the constant 0.
+        return fused_backward(params, y, y_bar, key, rule.log_det and log_det_bar)
 
     def vijp_step(params, x, x_bar, key=None):
         # Backprop relations, t1 = y1_bar + (dg/dy1)^T g_bar being the total cotangent of y1:
@@ -414,7 +490,15 @@ def _feistel_coupling(
             g_out = branch(g, "g", "x2", pg, y1, x2, kg)
             return rule.log_det(f_out) + rule.log_det(g_out)
 
-    return Coupling(forward, inverse, backward, log_det, map_branches, vijp_step)
+    return Coupling(
+        forward,
+        inverse,
+        backward,
+        log_det,
+        map_branches,
+        vijp_step,
+        log_det_backward=log_det_backward,
+    )
 
 
 def additive_coupling(f: Callable, g: Callable) -> Coupling:
@@ -461,7 +545,8 @@ def affine_coupling(f: Callable, g: Callable, *, max_log_scale: float = 2.0) -> 
         y1 = x1 * exp(s_f(x2)) + t_f(x2)          x2 = (y2 - t_g(y1)) * exp(-s_g(y1))
         y2 = x2 * exp(s_g(y1)) + t_g(y1)          x1 = (y1 - t_f(x2)) * exp(-s_f(x2))
 
-      and ``log_det(params, x) = sum(s_f(x2)) + sum(s_g(y1))`` over all elements, in float32.
+      and ``log_det(params, x) = sum(s_f(x2)) + sum(s_g(y1))`` over all elements, in float32
+      (float64 for a float64 log-scale).
     """
     _check_branch_functions("affine_coupling", f=f, g=g)
     if not 0 < max_log_scale < math.inf:  # inf would give inf * tanh(raw / inf) = NaN
@@ -469,17 +554,17 @@ def affine_coupling(f: Callable, g: Callable, *, max_log_scale: float = 2.0) -> 
             f"affine_coupling: max_log_scale must be finite and > 0, got {max_log_scale}"
         )
 
-    def bounded(fn):
+    def bounded(fn, name):
         def wrapped(p, h, *key):
-            raw, shift = _as_pair(call_with_key(fn, p, h, key=key[0] if key else None))
+            raw, shift = _as_pair(call_with_key(fn, p, h, key=key[0] if key else None), name)
             s = jax.tree.map(lambda r: _bounded_log_scale(r, max_log_scale), raw)
             return (s, shift)
 
         return wrapped
 
     return _feistel_coupling(
-        bounded(f),
-        bounded(g),
+        bounded(f, "f"),
+        bounded(g, "g"),
         _affine_rule(max_log_scale),
         "affine_coupling",
         lambda wrap: affine_coupling(
@@ -488,11 +573,16 @@ def affine_coupling(f: Callable, g: Callable, *, max_log_scale: float = 2.0) -> 
     )
 
 
-def _as_pair(out: Any) -> tuple[Any, Any]:
+def _as_pair(out: Any, name: str) -> tuple[Any, Any]:
     if not (isinstance(out, tuple | list) and len(out) == 2):
+        got = (
+            f"a {type(out).__name__} of {len(out)}: {_describe(out)}"
+            if isinstance(out, tuple | list)
+            else f"{_type_name(out)} of shape {_describe(out)}"
+        )
         raise ValueError(
-            "affine_coupling: a branch must return (raw_log_scale, shift), each shaped like the "
-            f"half it updates; got {type(out).__name__}"
+            f"affine_coupling: branch {name} must return a pair (raw_log_scale, shift), each "
+            f"shaped like the half it updates; got {got}"
         )
     return out[0], out[1]
 
@@ -547,8 +637,9 @@ def sequence(*blocks: Coupling) -> Coupling:
             y, y_bar, params_bar[i] = call_with_key(step, params[i], y, y_bar, key=keys[i])
         return y, y_bar, _like_sequence(params, params_bar)
 
-    log_det = None
+    log_det = log_det_backward = None
     if all(b.log_det is not None for b in blocks):
+        log_det_steps = [reconstruct_and_vjp_with_log_det(b) for b in blocks]
 
         def log_det(params, x, key=None):
             total = jnp.zeros((), jnp.float32)
@@ -556,6 +647,17 @@ def sequence(*blocks: Coupling) -> Coupling:
                 total = total + call_with_key(b.log_det, p, x, key=k)
                 x = call_with_key(b.forward, p, x, key=k)
             return total
+
+        def log_det_backward(params, y, y_bar, log_det_bar, key=None, aux=None):
+            # log_det is a sum over the blocks: each block's term gets the same log_det_bar.
+            keys, params, aux = split_key(key, n), _params(params), aux or (None,) * n
+            params_bar = [None] * n
+            for i in reversed(range(n)):
+                step = with_aux(log_det_steps[i], blocks[i], aux[i])
+                y, y_bar, params_bar[i] = call_with_key(
+                    step, params[i], y, y_bar, log_det_bar, key=keys[i]
+                )
+            return y, y_bar, _like_sequence(params, params_bar)
 
     vijp_step = None
     if all(b.vijp_step is not None for b in blocks):
@@ -579,7 +681,14 @@ def sequence(*blocks: Coupling) -> Coupling:
 
     has_aux = any(b.aux is not None for b in blocks)
     return Coupling(
-        forward, inverse, backward, log_det, map_branches, vijp_step, side if has_aux else None
+        forward,
+        inverse,
+        backward,
+        log_det,
+        map_branches,
+        vijp_step,
+        side if has_aux else None,
+        log_det_backward,
     )
 
 
@@ -613,6 +722,9 @@ def swap() -> Coupling:
         lambda params, x, key=None: jnp.zeros((), jnp.float32),
         lambda wrap: swap(),  # no branches to wrap
         backward,  # a permutation: the same formula maps (x, x_bar) to (y, y_bar)
+        log_det_backward=lambda params, y, y_bar, log_det_bar, key=None: backward(
+            params, y, y_bar, key
+        ),  # log_det is the constant 0
     )
 
 

@@ -149,7 +149,8 @@ class Policy:
             if stream not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
                 raise ValueError(
                     f"Policy: exact mode needs a float32 or float64 stream, got {stream.name} "
-                    "(a 16-bit significand leaves no useful fixed-point range)"
+                    "(the significand of a 16-bit float, 11 bits for float16 and 8 for "
+                    "bfloat16, leaves no useful fixed-point range)"
                 )
             significand = jnp.finfo(stream).nmant + 1
             if not 0 <= self.fraction_bits < significand:
@@ -369,6 +370,7 @@ def apply_policy(block: Coupling, policy: Policy | None) -> Coupling:
             log_det=under(block.log_det),
             vijp_step=under(block.vijp_step),
             aux=under(block.aux),
+            log_det_backward=under(block.log_det_backward),
             # Rebuilding the branches later (a second policy) must keep this precision.
             map_branches=None
             if remap is None

@@ -25,7 +25,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from revjax.closure import hoist_traced_constants
-from revjax.coupling import Coupling, call_with_key, reconstruct_and_vjp, with_aux
+from revjax.coupling import (
+    Coupling,
+    call_with_key,
+    reconstruct_and_vjp,
+    reconstruct_and_vjp_with_log_det,
+    with_aux,
+)
 from revjax.precision import (
     INPUT_LAYER,
     NO_LAYER,
@@ -139,6 +145,37 @@ def check_block(block: Coupling, params: PyTree, x: PyTree, key: Key | None, *, 
         )
 
 
+def log_det_dtype(
+    block: Coupling, params: PyTree, x: PyTree, key: Key | None, *, where: str
+) -> Any:
+    """The dtype in which a stack's ``log|det J|`` is summed: the block's ``log_det`` output
+    dtype, at least float32 (traced abstractly on one layer).
+
+    Raises:
+      ValueError: the block has no ``log_det``, or it returns anything but one floating scalar.
+    """
+    if block.log_det is None:
+        raise ValueError(
+            f"{where}: return_log_det=True needs a block with log_det; this one has none (a "
+            "sequence has one only when every block does; layers and couplings built by revjax "
+            "have one, a hand-written Coupling needs a log_det field)"
+        )
+    k = layer_key(key, 0)
+    out = jax.eval_shape(
+        lambda p, x_: call_with_key(block.log_det, p, x_, key=k), _layer_struct(params), x
+    )
+    if not (
+        isinstance(out, jax.ShapeDtypeStruct)
+        and out.shape == ()
+        and jnp.issubdtype(out.dtype, jnp.floating)
+    ):
+        raise ValueError(
+            f"{where}: block.log_det must return one floating scalar (log|det dy/dx| summed "
+            f"over all elements), got {jax.tree.map(lambda a: f'{a.dtype}{list(a.shape)}', out)}"
+        )
+    return jnp.promote_types(out.dtype, jnp.float32)
+
+
 def anchor_interval(
     depth: int, checkpoint_every: int | None, where: str = "reversible_scan"
 ) -> int:
@@ -181,8 +218,10 @@ def _forward(
     remat: bool = False,
     check: RangeCheck | None = None,
     shared: tuple | None = None,
-) -> tuple[PyTree, PyTree | None, PyTree | None]:
-    """``lax.scan`` of ``block.forward`` over the layers; returns ``(y, anchors, aux)``.
+    log_det: Any = None,
+) -> tuple[PyTree, PyTree | None, PyTree | None, jax.Array | None]:
+    """``lax.scan`` of ``block.forward`` over the layers; returns ``(y, anchors, aux,
+    log_det)``.
 
     every: with an anchor interval ``k < L``, also returns the exact stream after every ``k``
       layers in a ``(L // k, ...)`` buffer per stream leaf (else ``anchors`` is None). Layer ``l``
@@ -195,10 +234,18 @@ def _forward(
 
     ``aux`` is the block's side information per layer, stacked on a leading ``L`` axis (None
     for blocks without ``aux``). With ``shared`` (:mod:`revjax.closure`), layer ``l`` gets the
-    parameters ``(params_l, shared)``.
+    parameters ``(params_l, shared)``. With a dtype ``log_det`` (see :func:`log_det_dtype`),
+    also sums ``block.log_det`` over the layers in that dtype (else that output is None).
     """
     depth = stack_depth(params)
-    step = lambda p, x_, k: call_with_key(block.forward, p, x_, key=k)
+
+    def step(p, x_, k):
+        y_ = call_with_key(block.forward, p, x_, key=k)
+        # Under jit the branch evaluations of forward and log_det are the same operations on
+        # the same values, which XLA's common-subexpression elimination merges.
+        term = None if log_det is None else call_with_key(block.log_det, p, x_, key=k)
+        return y_, term
+
     if remat:
         # Inside a scan the recomputation cannot be CSE'd into the forward pass, so the
         # optimisation barriers of prevent_cse=True are unnecessary (see jax.checkpoint's docs).
@@ -215,12 +262,14 @@ def _forward(
         status = (jnp.where(bad, INPUT_LAYER, NO_LAYER), value)
 
     def body(carry, inputs):
-        x_, anchors_, status_ = carry
+        x_, anchors_, status_, total = carry
         p, layer = inputs
         p = p if shared is None else (p, shared)
         k = layer_key(key, layer)
         side = None if block.aux is None else call_with_key(block.aux, p, x_, key=k)
-        y_ = step(p, x_, k)
+        y_, term = step(p, x_, k)
+        if log_det is not None:
+            total = total + term.astype(log_det)
         if with_anchors:
             anchors_ = jax.tree.map(
                 lambda buf, v: lax.dynamic_update_index_in_dim(buf, v, layer // every, 0),
@@ -231,12 +280,15 @@ def _forward(
             bad, value = check.out_of_range(y_)
             first = (status_[0] == NO_LAYER) & bad
             status_ = (jnp.where(first, layer, status_[0]), jnp.where(first, value, status_[1]))
-        return (y_, anchors_, status_), side
+        return (y_, anchors_, status_, total), side
 
-    (y, anchors, status), aux = lax.scan(body, (x, anchors, status), (params, jnp.arange(depth)))
+    total = None if log_det is None else jnp.zeros((), log_det)
+    (y, anchors, status, total), aux = lax.scan(
+        body, (x, anchors, status, total), (params, jnp.arange(depth))
+    )
     if check is not None:
         check.report(*status)
-    return y, anchors, aux
+    return y, anchors, aux, total
 
 
 def restart_at_anchor(stream: PyTree, exact: PyTree, layer: jax.Array, every: int) -> PyTree:
@@ -249,25 +301,28 @@ def restart_at_anchor(stream: PyTree, exact: PyTree, layer: jax.Array, every: in
     return jax.tree.map(lambda e, s: jnp.where(at_anchor, e, s), exact, stream)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _reversible_scan(
     block: Coupling,
     every: int,
     check: RangeCheck | None,
+    log_det: Any,
     params: PyTree,
     x: PyTree,
     key: Key | None,
     shared: tuple | None,
-) -> tuple[PyTree, PyTree]:
-    y, _, aux = _forward(block, params, x, key, check=check, shared=shared)
-    return y, aux
+) -> tuple[PyTree, jax.Array | None, PyTree]:
+    y, _, aux, total = _forward(block, params, x, key, check=check, shared=shared, log_det=log_det)
+    return y, total, aux
 
 
-def _reversible_scan_fwd(block, every, check, params, x, key, shared):
+def _reversible_scan_fwd(block, every, check, log_det, params, x, key, shared):
     # Residuals: the output, the anchors and side information if any (params, key and shared
     # are inputs, stored anyway).
-    y, anchors, aux = _forward(block, params, x, key, every=every, check=check, shared=shared)
-    return (y, aux), (params, y, anchors, aux, key, shared)
+    y, anchors, aux, total = _forward(
+        block, params, x, key, every=every, check=check, shared=shared, log_det=log_det
+    )
+    return (y, total, aux), (params, y, anchors, aux, key, shared)
 
 
 def reverse_sweep(
@@ -306,11 +361,19 @@ def _sum_dtype(value: Any) -> Any:
     return jnp.promote_types(jnp.result_type(value), jnp.float32)
 
 
-def _reverse_sweep(block, params, y, y_bar, key, anchors, every, aux, shared=None):
+def _reverse_sweep(
+    block, params, y, y_bar, key, anchors, every, aux, shared=None, log_det_bar=None
+):
     """:func:`reverse_sweep`, plus the gradient of ``shared`` parameters (given to every layer
     as ``(params_l, shared)``, see :mod:`revjax.closure`) summed over the layers in at least
-    float32; None for non-floating shared values (and for ``shared=None``)."""
-    step = reconstruct_and_vjp(block)
+    float32; None for non-floating shared values (and for ``shared=None``). With
+    ``log_det_bar``, the cotangent of the summed ``log_det`` of the layers, each layer steps
+    with :func:`revjax.coupling.reconstruct_and_vjp_with_log_det`."""
+    if log_det_bar is None:
+        step = reconstruct_and_vjp(block)
+    else:
+        with_log_det = reconstruct_and_vjp_with_log_det(block)
+        step = lambda *args, **kwargs: with_log_det(*args[:3], log_det_bar, *args[3:], **kwargs)
     # Running sums of the shared gradient; a scalar placeholder for non-floating values.
     totals = None
     if shared is not None:
@@ -349,11 +412,13 @@ def _reverse_sweep(block, params, y, y_bar, key, anchors, every, aux, shared=Non
     return x, x_bar, params_bar, shared_bar
 
 
-def _reversible_scan_bwd(block, every, check, residuals, cotangents):
+def _reversible_scan_bwd(block, every, check, log_det, residuals, cotangents):
     params, y, anchors, aux, key, shared = residuals
-    y_bar, _ = cotangents  # aux is returned under stop_gradient: its cotangent is zero
+    # aux is returned under stop_gradient: its cotangent is zero. log_det_bar is None when the
+    # log-det was not asked for (its output is None).
+    y_bar, log_det_bar, _ = cotangents
     _, x_bar, params_bar, shared_bar = _reverse_sweep(
-        block, params, y, y_bar, key, anchors, every, aux, shared
+        block, params, y, y_bar, key, anchors, every, aux, shared, log_det_bar
     )
     return params_bar, x_bar, None, shared_bar
 
@@ -391,7 +456,8 @@ def reversible_scan(
     checkpoint_every: int | None = None,
     policy: Policy | None = None,
     return_aux: bool = False,
-) -> PyTree | tuple[PyTree, PyTree]:
+    return_log_det: bool = False,
+) -> PyTree | tuple:
     """Applies ``L`` stacked reversible layers, with a backward pass that stores no activations.
 
     Equal in value and gradient (up to reconstruction round-off) to :func:`plain_scan`, i.e.
@@ -416,30 +482,48 @@ def reversible_scan(
       return_aux: also return the blocks' side information (e.g. batch norm's batch
         statistics, for updating running statistics once per step), stacked over layers and
         under ``stop_gradient``.
+      return_log_det: also return ``sum_l block.log_det(params_l, x_{l-1})``, the stack's
+        ``log|det dy/dx|`` (summed over all elements, float32 or wider), differentiable: the
+        backward pass adds its cotangent layer by layer while reconstructing, still storing
+        no activations (normalising flows: ``log p(x) = log p_z(y) + log_det``). Couplings
+        built by revjax fold it into their fused step; other blocks pay one ``jax.vjp`` of
+        ``log_det`` per layer.
 
     Returns:
       ``y = x_L``, same structure and shapes as ``x``, in the policy's stream dtype (``x``'s
-      dtypes without a policy).
+      dtypes without a policy); with ``return_log_det`` and/or ``return_aux``, the tuple
+      ``(y, log_det, aux)`` without the ones not asked for.
 
     Raises:
       ValueError: params leaves with different leading axes, ``L = 0``, a block that changes
-        the stream's structure, shapes or dtypes (e.g. a branch returning the wrong shape), or a
-        ``checkpoint_every`` that does not divide ``L``.
+        the stream's structure, shapes or dtypes (e.g. a branch returning the wrong shape), a
+        ``checkpoint_every`` that does not divide ``L``, or ``return_log_det`` for a block
+        without a scalar ``log_det``.
       TypeError: a non-floating stream leaf, or a block that is not a ``Coupling``.
       OverflowError: (when the computation runs, wrapped in JAX's runtime error) in exact mode, a
         layer whose output leaves the fixed-point range; the message names the first such layer.
     """
     block, x, depth, check = prepare_stack(block, params, x, key, policy, "reversible_scan")
     every = anchor_interval(depth, checkpoint_every)
+    log_det = (
+        log_det_dtype(block, params, x, key, where="reversible_scan") if return_log_det else None
+    )
     # Values the branches close over that an enclosing vmap/grad traces become explicit shared
     # parameters of the custom_vjp (revjax.closure); otherwise the block is used as it is.
     # Traced at layer 0's actual arguments, whose types (e.g. shard_map's varying axes) the
     # replayed jaxprs must match; the slices are dead code unless hoisting happens.
     block, shared = hoist_traced_constants(
-        block, jax.tree.map(lambda a: a[0], params), x, layer_key(key, 0)
+        block, jax.tree.map(lambda a: a[0], params), x, layer_key(key, 0), log_det=return_log_det
     )
-    y, aux = _reversible_scan(block, every, check, params, x, key, shared)
-    return (y, lax.stop_gradient(aux)) if return_aux else y
+    y, total, aux = _reversible_scan(block, every, check, log_det, params, x, key, shared)
+    return _outputs(y, total, aux, return_log_det, return_aux)
+
+
+def _outputs(y: PyTree, log_det: Any, aux: PyTree, return_log_det: bool, return_aux: bool):
+    """``y``, or the tuple ``(y, log_det, aux)`` without the parts not asked for (``aux``
+    under ``stop_gradient``)."""
+    extra = ([log_det] if return_log_det else []) + ([lax.stop_gradient(aux)] if return_aux else [])
+    return (y, *extra) if extra else y
 
 
 def plain_scan(
@@ -451,17 +535,20 @@ def plain_scan(
     remat: bool = False,
     policy: Policy | None = None,
     return_aux: bool = False,
-) -> PyTree | tuple[PyTree, PyTree]:
+    return_log_det: bool = False,
+) -> PyTree | tuple:
     """The non-reversible twin of :func:`reversible_scan`: ``lax.scan`` of ``block.forward``.
 
     Differentiating it stores every layer's activations (``remat=False``, plain backprop) or only
     each layer's input, recomputing the layer in the backward pass (``remat=True``, per-layer
-    ``jax.checkpoint``). Layers get the same keys, and ``policy`` and ``return_aux`` the same
-    meaning, as in :func:`reversible_scan`, so the two compute the same network.
+    ``jax.checkpoint``). Layers get the same keys, and ``policy``, ``return_aux`` and
+    ``return_log_det`` the same meaning, as in :func:`reversible_scan`, so the two compute the
+    same network.
     """
     block, x, _, check = prepare_stack(block, params, x, key, policy, "plain_scan")
-    y, _, aux = _forward(block, params, x, key, remat=remat, check=check)
-    return (y, lax.stop_gradient(aux)) if return_aux else y
+    log_det = log_det_dtype(block, params, x, key, where="plain_scan") if return_log_det else None
+    y, _, aux, total = _forward(block, params, x, key, remat=remat, check=check, log_det=log_det)
+    return _outputs(y, total, aux, return_log_det, return_aux)
 
 
 def inverse_scan(

@@ -166,3 +166,8 @@ def test_inverted_gelu_saves_memory_in_a_residual_mlp_stack():
     inverted = residual_mlp_gradient(act.gelu)
     plain = residual_mlp_gradient(jax.nn.gelu)
     assert inverted <= 0.3 * plain, (inverted, plain)
+
+
+def test_derivative_error_refuses_an_unknown_function_by_listing_the_known_ones():
+    with pytest.raises(ValueError, match=r"one of \['gelu_erf', 'gelu_tanh', 'silu'\], got 'relu'"):
+        act.derivative_error("relu", GRID)

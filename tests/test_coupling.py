@@ -213,9 +213,16 @@ def test_broadcastable_branch_output_is_rejected():
 
 
 def test_affine_branch_must_return_pair():
+    """The message names the branch and what it returned (an array's shape, a tuple's length)."""
+    x = (jnp.ones((2, 3)), jnp.ones((2, 3)))
     block = rj.affine_coupling(lambda p, h: h, lambda p, h: (h, h))
-    with pytest.raises(ValueError, match=r"raw_log_scale, shift"):
-        block.forward((None, None), (jnp.ones((2, 3)), jnp.ones((2, 3))))
+    with pytest.raises(ValueError, match=r"branch f must return a pair \(raw_log_scale, shift\)"):
+        block.forward((None, None), x)
+    with pytest.raises(ValueError, match=r"got array of shape \(2, 3\)"):
+        jax.jit(block.forward)((None, None), x)  # a tracer is still called an array
+    block = rj.affine_coupling(lambda p, h: (h, h), lambda p, h: (h, h, h))
+    with pytest.raises(ValueError, match=r"branch g .* got a tuple of 3"):
+        block.forward((None, None), x)
 
 
 def test_stream_must_be_a_pair():

@@ -285,6 +285,30 @@ def test_batch_norm_stack_in_reversible_scan():
         rj.inverse_scan(block, params, y)
 
 
+def test_log_det_of_a_layerwise_stack_through_the_generic_step():
+    """Layers have no fused log-det step: each layer's backward is followed by a vjp of its
+    log_det at the reconstructed input (batch norm's through its stored statistics too). The
+    gradient of a flow loss equals plain backprop's (1e-5: float32 round-off of 6 layer-wise
+    reconstructions, measured 4.3e-7) and the outputs come as (y, log_det, aux)."""
+    block, params, x = bn_stack()
+
+    def loss(scan):
+        def value(p, x_):
+            y, log_det, _ = scan(block, p, x_, return_log_det=True, return_aux=True)
+            return 0.5 * jnp.sum(jnp.square(y)) - log_det
+
+        return value
+
+    g = jax.grad(loss(rj.reversible_scan), argnums=(0, 1))(params, x)
+    g_ref = jax.grad(loss(plain_scan), argnums=(0, 1))(params, x)
+    assert float(relative_error(g, g_ref)) <= 1e-5
+    _, log_det, aux = rj.reversible_scan(block, params, x, return_log_det=True, return_aux=True)
+    np.testing.assert_allclose(
+        log_det, plain_scan(block, params, x, return_log_det=True)[1], rtol=1e-6
+    )
+    assert aux[0]["mean"].shape == (6, 4)
+
+
 def test_second_derivatives_see_that_the_stored_statistics_depend_on_x():
     """The backward pass reconstructs through the stored batch statistics; differentiating it
     again must differentiate them too (under stop_gradient the first assertion measured 0.44).

@@ -288,10 +288,11 @@ def test_forward_mode_methods_explain_a_custom_vjp_inside(method):
 
 
 def test_revbackprop_through_a_shape_changing_coupling_is_refused_by_name():
-    squeeze = mw.from_coupling(rj.layers.squeeze())
+    squeeze = mw.from_coupling(rj.layers.squeeze(), name="squeeze0")
     x = normal(0, (2, 4, 4, 2))
     loss = lambda y: jnp.sum(y**2, (1, 2, 3))
-    with pytest.raises(TypeError, match=r"maps float32\[2, 4, 4, 2\] to float32\[2, 2, 2, 8\]"):
+    shapes = r"layer 'squeeze0' maps float32\[2, 4, 4, 2\] to float32\[2, 2, 2, 8\]"
+    with pytest.raises(TypeError, match=shapes):
         mw.value_and_grad(squeeze, loss, method="revbackprop")(None, x)
     value, _ = mw.value_and_grad(squeeze, loss, method="mixed_moonwalk")(None, x)
     assert np.isclose(float(value), float(jnp.mean(loss(x))))

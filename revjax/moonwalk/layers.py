@@ -118,11 +118,11 @@ def from_coupling(block: Coupling, name: str = "coupling") -> Layer:
         reconstructs=True,
         needs_output=True,
         coupling=block,
-        revforward=lambda params, x: _reversible_single(block, params, x),
+        revforward=lambda params, x: _reversible_single(block, params, x, name),
     )
 
 
-def _reversible_single(block: Coupling, params: PyTree, x: PyTree) -> PyTree:
+def _reversible_single(block: Coupling, params: PyTree, x: PyTree, name: str) -> PyTree:
     """One coupling through :func:`reversible_scan` (a stack of ``L = 1``). A parameter-free
     block (an invertible activation, a squeeze) gets a zero-size dummy layer axis, since
     ``reversible_scan`` reads ``L`` from the params."""
@@ -131,7 +131,7 @@ def _reversible_single(block: Coupling, params: PyTree, x: PyTree) -> PyTree:
     if describe(out) != describe(x):
         raise TypeError(
             "method='revbackprop' runs couplings through reversible_scan, whose stream keeps "
-            "its shape and dtype from layer to layer; this block maps "
+            f"its shape and dtype from layer to layer; layer {name!r} maps "
             f"{describe(x)} to {describe(out)} (e.g. a squeeze). Use method='backprop' or "
             "'mixed_moonwalk' for a network with it."
         )
