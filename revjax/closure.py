@@ -75,7 +75,9 @@ def hoist_traced_constants(
     dtype (inside ``jax.shard_map``).
 
     With ``log_det``, the block's ``log_det`` is kept too (hoisted like ``forward`` and
-    ``inverse``); otherwise the closure-free block has none. A block with side information
+    ``inverse``; without a fused step, ``reversible_scan(..., return_log_det=True)`` then
+    takes one more ``jax.vjp``, of ``log_det``, per layer); otherwise the closure-free block
+    has none. A block with side information
     (``aux``, e.g. batch norm) is returned as it is.
     """
     if block.aux is not None:

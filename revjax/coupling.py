@@ -163,8 +163,8 @@ def reconstruct_and_vjp_with_log_det(block: Coupling) -> Callable[..., tuple]:
     def generic_log_det_backward(params, y, y_bar, log_det_bar, key=None, aux=None):
         x, x_bar, params_bar = call_with_key(with_aux(step, block, aux), params, y, y_bar, key=key)
         log_det = lambda p, x_: call_with_key(block.log_det, p, x_, key=key)
-        value, pullback = jax.vjp(log_det, params, x)
-        params_ld, x_ld = pullback(jnp.asarray(log_det_bar, value.dtype))
+        value, pullback = jax.vjp(log_det, params, x)  # value may be a Python float
+        params_ld, x_ld = pullback(jnp.asarray(log_det_bar, jnp.result_type(value)))
         return x, add_cotangents(x_bar, x_ld), add_cotangents(params_bar, params_ld)
 
     return generic_log_det_backward
@@ -447,7 +447,7 @@ def _feistel_coupling(
 
     def log_det_backward(params, y, y_bar, log_det_bar, key=None):
         # Additive (rule.log_det None): volume preserving, log_det is the constant 0.
-        return fused_backward(params, y, y_bar, key, rule.log_det and log_det_bar)
+        return fused_backward(params, y, y_bar, key, None if rule.log_det is None else log_det_bar)
 
     def vijp_step(params, x, x_bar, key=None):
         # Backprop relations, t1 = y1_bar + (dg/dy1)^T g_bar being the total cotangent of y1:
@@ -629,13 +629,20 @@ def sequence(*blocks: Coupling) -> Coupling:
             y = call_with_key(inv, _params(params)[i], y, key=keys[i])
         return y
 
-    def backward(params, y, y_bar, key=None, aux=None):
+    def run_backward(block_steps, params, y, y_bar, key, aux, *log_det_bar):
+        # The blocks' steps in reverse order; log_det_bar (if any) is the same for every block,
+        # log_det being a sum over them.
         keys, params, aux = split_key(key, n), _params(params), aux or (None,) * n
         params_bar = [None] * n
         for i in reversed(range(n)):
-            step = with_aux(steps[i], blocks[i], aux[i])
-            y, y_bar, params_bar[i] = call_with_key(step, params[i], y, y_bar, key=keys[i])
+            step = with_aux(block_steps[i], blocks[i], aux[i])
+            y, y_bar, params_bar[i] = call_with_key(
+                step, params[i], y, y_bar, *log_det_bar, key=keys[i]
+            )
         return y, y_bar, _like_sequence(params, params_bar)
+
+    def backward(params, y, y_bar, key=None, aux=None):
+        return run_backward(steps, params, y, y_bar, key, aux)
 
     log_det = log_det_backward = None
     if all(b.log_det is not None for b in blocks):
@@ -649,15 +656,7 @@ def sequence(*blocks: Coupling) -> Coupling:
             return total
 
         def log_det_backward(params, y, y_bar, log_det_bar, key=None, aux=None):
-            # log_det is a sum over the blocks: each block's term gets the same log_det_bar.
-            keys, params, aux = split_key(key, n), _params(params), aux or (None,) * n
-            params_bar = [None] * n
-            for i in reversed(range(n)):
-                step = with_aux(log_det_steps[i], blocks[i], aux[i])
-                y, y_bar, params_bar[i] = call_with_key(
-                    step, params[i], y, y_bar, log_det_bar, key=keys[i]
-                )
-            return y, y_bar, _like_sequence(params, params_bar)
+            return run_backward(log_det_steps, params, y, y_bar, key, aux, log_det_bar)
 
     vijp_step = None
     if all(b.vijp_step is not None for b in blocks):

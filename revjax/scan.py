@@ -269,7 +269,7 @@ def _forward(
         side = None if block.aux is None else call_with_key(block.aux, p, x_, key=k)
         y_, term = step(p, x_, k)
         if log_det is not None:
-            total = total + term.astype(log_det)
+            total = total + jnp.asarray(term, log_det)  # a Python float (a constant) too
         if with_anchors:
             anchors_ = jax.tree.map(
                 lambda buf, v: lax.dynamic_update_index_in_dim(buf, v, layer // every, 0),
@@ -370,10 +370,9 @@ def _reverse_sweep(
     ``log_det_bar``, the cotangent of the summed ``log_det`` of the layers, each layer steps
     with :func:`revjax.coupling.reconstruct_and_vjp_with_log_det`."""
     if log_det_bar is None:
-        step = reconstruct_and_vjp(block)
+        step, extra = reconstruct_and_vjp(block), ()
     else:
-        with_log_det = reconstruct_and_vjp_with_log_det(block)
-        step = lambda *args, **kwargs: with_log_det(*args[:3], log_det_bar, *args[3:], **kwargs)
+        step, extra = reconstruct_and_vjp_with_log_det(block), (log_det_bar,)
     # Running sums of the shared gradient; a scalar placeholder for non-floating values.
     totals = None
     if shared is not None:
@@ -390,7 +389,9 @@ def _reverse_sweep(
             )
         layer_step = with_aux(step, block, side)
         p = p if shared is None else (p, shared)
-        x_l, x_bar_l, p_bar = call_with_key(layer_step, p, y_l, y_bar_l, key=layer_key(key, layer))
+        x_l, x_bar_l, p_bar = call_with_key(
+            layer_step, p, y_l, y_bar_l, *extra, key=layer_key(key, layer)
+        )
         if shared is not None:
             p_bar, shared_bar = p_bar
             totals_ = tuple(
@@ -486,8 +487,9 @@ def reversible_scan(
         ``log|det dy/dx|`` (summed over all elements, float32 or wider), differentiable: the
         backward pass adds its cotangent layer by layer while reconstructing, still storing
         no activations (normalising flows: ``log p(x) = log p_z(y) + log_det``). Couplings
-        built by revjax fold it into their fused step; other blocks pay one ``jax.vjp`` of
-        ``log_det`` per layer.
+        built by revjax fold it into their fused step; other blocks, and blocks rebuilt
+        because their branches close over traced values (which have no fused step), pay one
+        ``jax.vjp`` of ``log_det`` per layer, i.e. another evaluation of the branches.
 
     Returns:
       ``y = x_L``, same structure and shapes as ``x``, in the policy's stream dtype (``x``'s
