@@ -17,6 +17,7 @@ from revjax.coupling import Coupling
 from revjax.diagnostics import relative_error
 from revjax.memory import compiled_memory
 from revjax.models.mlp import init_mlp_stack, mlp, mlp_coupling
+from revjax.precision import Policy
 from revjax.scan import layer_key, plain_scan
 
 DEPTH, WIDTH, HIDDEN, BATCH = 16, 32, 64, 64
@@ -636,6 +637,28 @@ def test_log_det_with_closures_keys_vmap_and_aux_order():
     assert float(relative_error(g, g_ref)) <= 1e-5
     out = rj.reversible_scan(block_for(0.0), params, x, return_log_det=True, return_aux=True)
     assert len(out) == 3 and out[1].shape == () and out[2] is None
+
+
+def test_log_det_under_a_bf16_compute_policy():
+    """With bf16 branches the fused step adds the log-det's cotangent to the branch outputs' in
+    bfloat16 before one pullback (as autodiff sums the cotangents of a value used twice), where
+    plain_scan evaluates the branches twice and pulls the two back separately: the gradients
+    differ by bf16 rounding. Measured: 8.4e-3 apart, 1.3e-2 and 1.1e-2 from the float32
+    gradient. Asserted: the reversible bf16 gradient is at most twice as far from the float32
+    one as plain bf16 backprop's, and the log-det and gradients come back in float32."""
+    block, params, x = affine_flow()
+    bf16 = Policy(compute_dtype=jnp.bfloat16)
+    _, log_det = rj.reversible_scan(block, params, x, return_log_det=True, policy=bf16)
+    assert log_det.dtype == jnp.float32
+    grad = lambda scan, **o: jax.grad(negative_log_likelihood(scan, block, **o))(params, x)
+    reversible, plain, full = (
+        grad(rj.reversible_scan, policy=bf16),
+        grad(plain_scan, policy=bf16),
+        grad(plain_scan),
+    )
+    chex.assert_trees_all_equal_dtypes(reversible, params)
+    assert float(relative_error(reversible, plain)) <= 2e-2
+    assert float(relative_error(reversible, full)) <= 2 * float(relative_error(plain, full))
 
 
 def test_a_hand_written_constant_log_det_may_be_a_python_float():
