@@ -17,45 +17,64 @@ from jax import lax
 PyTree = Any
 
 
-def float32_leaves(tree: PyTree, fn: str) -> list[jax.Array]:
-    """The leaves of ``tree`` as float32 arrays; complex leaves are refused (their imaginary part
-    would be dropped silently)."""
-    leaves = jax.tree.leaves(tree)
-    for leaf in leaves:
-        if jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
-            raise TypeError(f"{fn}: complex leaves are not supported (got {jnp.result_type(leaf)})")
-    return [jnp.asarray(leaf, jnp.float32) for leaf in leaves]
+def metric_leaves(fn: str, *trees: PyTree) -> list[list[jax.Array]]:
+    """The leaves of each tree, all cast to one metric dtype: float32, or float64 where a leaf
+    is float64 (with x64 on), so a float64 comparison keeps float64's digits. Complex leaves
+    are refused (their imaginary part would be dropped silently); ``float0`` leaves (integer
+    inputs' gradients under ``allow_int``) count as zeros."""
+    leaves = [jax.tree.leaves(tree) for tree in trees]
+    dtypes = [jnp.result_type(leaf) for tree in leaves for leaf in tree]
+    for dtype in dtypes:
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(f"{fn}: complex leaves are not supported (got {dtype})")
+    floats = [d for d in dtypes if d != jax.dtypes.float0]
+    dtype = jnp.result_type(jnp.float32, *floats)
+
+    def cast(leaf):
+        if jnp.result_type(leaf) == jax.dtypes.float0:
+            return jnp.zeros(jnp.shape(leaf), dtype)
+        return jnp.asarray(leaf, dtype)
+
+    return [[cast(leaf) for leaf in tree] for tree in leaves]
+
+
+def _dtype_of(leaves: list[jax.Array]) -> jnp.dtype:
+    return leaves[0].dtype if leaves else jnp.dtype(jnp.float32)
 
 
 def _power_of_two_scale(leaves: list[jax.Array]) -> jax.Array:
     """The int32 exponent ``e`` of the largest power of two ``2^e <= max |leaf|``, clipped to
-    [-126, 126] so that ``2^e`` and ``2^-e`` are normal float32 numbers (XLA on CPU flushes a
-    subnormal reciprocal to zero). Dividing by ``2^e`` is exact and leaves every entry below 4
-    in magnitude."""
+    the normal range less two (float32: [-126, 126]) so that ``2^e`` and ``2^-e`` are normal
+    numbers (XLA on CPU flushes a subnormal reciprocal to zero). Dividing by ``2^e`` is exact
+    and leaves every entry below 4 in magnitude."""
+    dtype = _dtype_of(leaves)
+    info = jnp.finfo(dtype)
     peak = functools.reduce(
-        jnp.maximum, [jnp.max(jnp.abs(v), initial=0.0) for v in leaves], jnp.float32(0.0)
+        jnp.maximum, [jnp.max(jnp.abs(v), initial=0.0) for v in leaves], jnp.zeros((), dtype)
     )
     _, exponent = jnp.frexp(peak)
-    return jnp.clip(exponent - 1, -126, 126)
+    return jnp.clip(exponent - 1, info.minexp, info.maxexp - 2)
 
 
 def _scaled_norm(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
     """``(n, e)`` with ``||leaves|| = n * 2^e``: the Euclidean norm of all leaves jointly, taken
-    after an exact power-of-two rescaling so that neither overflow (|v| > 1e19) nor underflow
-    (|v| < 1e-19) of the squares distorts it."""
+    after an exact power-of-two rescaling so that neither overflow (float32: |v| > 1e19) nor
+    underflow (|v| < 1e-19) of the squares distorts it."""
+    dtype = _dtype_of(leaves)
     exponent = _power_of_two_scale(leaves)
-    scale = jnp.ldexp(jnp.float32(1.0), exponent)
-    total = sum((jnp.sum(jnp.square(v / scale)) for v in leaves), jnp.float32(0.0))
+    scale = jnp.ldexp(jnp.ones((), dtype), exponent)
+    total = sum((jnp.sum(jnp.square(v / scale)) for v in leaves), jnp.zeros((), dtype))
     return jnp.sqrt(total), exponent
 
 
 def relative_norm(approx: list[jax.Array], reference: list[jax.Array]) -> jax.Array:
-    """``||approx - reference|| / ||reference||`` of float32 leaf lists, robust to the extremes:
-    inf when only the reference is zero, 0 when both are, NaN when any entry is NaN or inf."""
+    """``||approx - reference|| / ||reference||`` of leaf lists in one float dtype (float32, or
+    float64), robust to the extremes: inf when only the reference is zero, 0 when both are,
+    NaN when any entry is NaN or inf."""
     # Both operands are divided by one common power of two 2^c first (exact), so that their
     # difference cannot overflow; then ||diff|| = d * 2^(d_exp + c), ||reference|| = r * 2^r_exp.
     common_exp = _power_of_two_scale([*approx, *reference])
-    common = jnp.ldexp(jnp.float32(1.0), common_exp)
+    common = jnp.ldexp(jnp.ones((), _dtype_of([*approx, *reference])), common_exp)
     diff = [a / common - r / common for a, r in zip(approx, reference, strict=True)]
     diff_norm, diff_exp = _scaled_norm(diff)
     ref_norm, ref_exp = _scaled_norm(reference)
@@ -70,7 +89,8 @@ def relative_norm(approx: list[jax.Array], reference: list[jax.Array]) -> jax.Ar
 
 
 def relative_error(approx: PyTree, reference: PyTree) -> jax.Array:
-    """``||approx - reference|| / ||reference||`` over all leaves jointly, in float32.
+    """``||approx - reference|| / ||reference||`` over all leaves jointly, in float32 (float64
+    when a leaf is float64, with x64 on).
 
     The norm is the Euclidean norm of every leaf flattened and concatenated; both pytrees must
     have the same structure and shapes (real dtypes: complex leaves raise ``TypeError``). Every
@@ -93,9 +113,7 @@ def relative_error(approx: PyTree, reference: PyTree) -> jax.Array:
                 f"relative_error: leaf {path or '(root)'} has shape {jnp.shape(x)} in approx "
                 f"but {jnp.shape(y)} in reference"
             )
-    return relative_norm(
-        float32_leaves(approx, "relative_error"), float32_leaves(reference, "relative_error")
-    )
+    return relative_norm(*metric_leaves("relative_error", approx, reference))
 
 
 def bitwise_equal(a: PyTree, b: PyTree) -> jax.Array:

@@ -248,7 +248,7 @@ def _inverted(spec: _TwoBranch) -> Callable[[jax.Array], jax.Array]:
 
     def fwd(x):
         y = activation(x)
-        return y, (y, _pack(x >= spec.x_min))
+        return y, (y, _pack(x.astype(jnp.float32) >= spec.x_min))  # x_min not rounded to x.dtype
 
     def bwd(residuals, g):
         y, bits = residuals
@@ -283,9 +283,10 @@ def gelu(x: jax.Array, approximate: bool = True) -> jax.Array:
     float32; float64 raises ``TypeError``).
 
     Reverse mode only (a ``jax.custom_vjp``): ``jax.jvp``/``jax.jacfwd`` raise ``TypeError``, so
-    forward-mode users (Moonwalk's ``dense`` fallback, ``method="forward"`` or
-    ``"projected_forward"``) should keep ``jax.nn.gelu``. First and second derivatives (``grad``,
-    ``grad`` of ``grad``, ``jax.jacrev(jax.grad(...))``); a third raises
+    Moonwalk's forward-mode methods (``"moonwalk"``, ``"forward"``, ``"projected_forward"``)
+    need ``jax.nn.gelu`` (``"mixed_moonwalk"`` takes this one, its ``dense`` Jacobians too).
+    First and second derivatives (``grad``, ``grad`` of ``grad``, ``jax.jacrev(jax.grad(...))``);
+    a third raises
     ``NotImplementedError``, as does a second for float16 (it overflows float16's range)."""
     x = _check_float(x, "gelu")
     return (_GELU_TANH if approximate else _GELU_ERF)(x)

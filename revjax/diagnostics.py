@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from revjax._tree_metrics import bitwise_equal, float32_leaves, relative_error, relative_norm
+from revjax._tree_metrics import bitwise_equal, metric_leaves, relative_error, relative_norm
 from revjax.coupling import Coupling, call_with_key, with_aux
 from revjax.precision import Policy
 from revjax.scan import (
@@ -63,7 +63,7 @@ def reconstruction_report(
     :func:`relative_error` (no overflow for huge streams): a NaN or inf anywhere in a layer's
     exact or reconstructed stream gives NaN there (never a perfect-looking inf SNR), a zero
     input reconstructed as nonzero gives error inf and SNR 0 (-inf dB). Norms are over all
-    stream leaves jointly, in float32; the
+    stream leaves jointly, in float32 (float64 for a float64 stream); the
     stream and the block compute in the policy's dtypes (or whatever dtypes the caller gives
     them), so a bfloat16 stream shows its drift here. ``steps[l]`` counts the inverse steps behind
     ``x_rec_l`` since the last exact restart: ``L - l`` from the output without anchors; with
@@ -97,10 +97,7 @@ def reconstruction_report(
 
     _, inputs_rec = lax.scan(backward, y, (params, layers, outputs_exact, aux), reverse=True)
     error = jax.vmap(
-        lambda rec, exact: relative_norm(
-            float32_leaves(rec, "reconstruction_report"),
-            float32_leaves(exact, "reconstruction_report"),
-        )
+        lambda rec, exact: relative_norm(*metric_leaves("reconstruction_report", rec, exact))
     )(inputs_rec, inputs_exact)
     # snr = 1 / error^2 (inf when exact, 0 for a zero input reconstructed as nonzero, NaN when
     # the reconstruction is NaN or inf); snr_db from the error directly, so it cannot underflow.
@@ -114,7 +111,9 @@ def reconstruction_report(
 
 
 def _half_sum_of_squares(y: PyTree) -> jax.Array:
-    return 0.5 * sum(jnp.sum(jnp.square(jnp.asarray(v, jnp.float32))) for v in jax.tree.leaves(y))
+    leaves = jax.tree.leaves(y)
+    dtype = jnp.result_type(jnp.float32, *leaves)  # float64 for a float64 stream
+    return 0.5 * sum(jnp.sum(jnp.square(jnp.asarray(v, dtype))) for v in leaves)
 
 
 def compare_gradients(
@@ -135,7 +134,8 @@ def compare_gradients(
     network, so the error is the reconstruction's alone, never hidden by a dtype difference.
 
     Args:
-      loss: ``loss(y) -> scalar``; default ``0.5 * sum(y^2)`` over all leaves, in float32.
+      loss: ``loss(y) -> scalar``; default ``0.5 * sum(y^2)`` over all leaves, in float32
+        (float64 for a float64 stream).
       key: optional PRNG key passed to every scan (dropout masks), the reference included, so
         all methods see the same masks.
 

@@ -7,7 +7,9 @@ of CNN training", and i-RevNet (Jacobsen, Smeulders & Oyallon 2018). Each layer 
 the shape, in :func:`revjax.reversible_scan` with params stacked over layers (a scan needs at
 least one parameterised layer to count the layers: put parameter-free ones in a ``sequence``
 with one). Exact mode (:mod:`revjax.precision`) accepts only the permutations here. ``log_det`` is
-``log|det dy/dx|`` summed over the whole array, as everywhere in revjax.
+``log|det dy/dx|`` summed over the whole array, as everywhere in revjax, computed and summed in
+the wider of float32 and the dtype of what it is computed from (float64 with x64 params;
+float32, not bfloat16, for bfloat16 ones).
 
 Reconstruction error: a layer-wise inverse multiplies round-off by the inverse's gain, e.g. the
 leaky ReLU's ``1/slope`` on negative inputs; chains of such layers lose precision much faster
@@ -47,6 +49,13 @@ def _zero_log_det(params, x, key=None):
     return jnp.zeros((), jnp.float32)
 
 
+def _log_det_dtype(*arrays: jax.Array) -> jnp.dtype:
+    """The dtype a layer's log-det is computed and summed in: the arrays' common dtype
+    promoted to at least float32 (a bfloat16 sum over many pixels loses digits; a float64
+    network keeps float64)."""
+    return jnp.result_type(jnp.float32, *arrays)
+
+
 def _layer(forward, inverse, log_det, kind: str = "layerwise", aux=None) -> Coupling:
     layer = Coupling(forward, inverse, log_det=log_det, aux=aux)
     return layer._replace(map_branches=_no_branches(layer, kind))
@@ -79,7 +88,8 @@ def leaky_relu(slope: float = 0.1) -> Coupling:
         return jnp.where(y >= 0, y, y / slope)
 
     def log_det(params, x, key=None):
-        return jnp.sum(jnp.where(x >= 0, 0.0, math.log(slope)).astype(jnp.float32))
+        negatives = jnp.sum(x < 0, dtype=jnp.int32)  # each contributes log(slope)
+        return negatives.astype(_log_det_dtype(x)) * math.log(slope)
 
     return _layer(forward, inverse, log_det)
 
@@ -110,7 +120,8 @@ def actnorm() -> Coupling:
         return (y - params["bias"]) * jnp.exp(-params["log_scale"])
 
     def log_det(params, x, key=None):
-        return _pixels(x) * jnp.sum(params["log_scale"]).astype(jnp.float32)
+        log_scale = params["log_scale"]
+        return _pixels(x) * jnp.sum(log_scale.astype(_log_det_dtype(log_scale)))
 
     return _layer(forward, inverse, log_det)
 
@@ -176,8 +187,11 @@ def batch_norm(eps: float = 1e-5, scale_eps: float = 1e-2) -> Coupling:
         return _batch_moments(x)
 
     def log_det(params, x, key=None):
-        per_pixel = jnp.log(_bn_scale(params["gamma"], scale_eps)) - jnp.log(std(_batch_moments(x)))
-        return _pixels(x) * jnp.sum(per_pixel).astype(jnp.float32)
+        # The scale and std the forward pass applies, logged and summed in the wider dtype.
+        scale, deviation = _bn_scale(params["gamma"], scale_eps), std(_batch_moments(x))
+        wide = _log_det_dtype(scale, deviation)
+        per_pixel = jnp.log(scale.astype(wide)) - jnp.log(deviation.astype(wide))
+        return _pixels(x) * jnp.sum(per_pixel)
 
     return _layer(forward, inverse, log_det, aux=side)
 
@@ -210,7 +224,8 @@ def batch_norm_inference(eps: float = 1e-5, scale_eps: float = 1e-2) -> Coupling
         return (y - shift) / scale
 
     def log_det(params, x, key=None):
-        return _pixels(x) * jnp.sum(jnp.log(affine(params)[0])).astype(jnp.float32)
+        scale = affine(params)[0]
+        return _pixels(x) * jnp.sum(jnp.log(scale.astype(_log_det_dtype(scale))))
 
     return _layer(forward, inverse, log_det)
 
@@ -278,7 +293,8 @@ def conv1x1(permutation: Any = None) -> Coupling:
         return x.reshape(y.shape)
 
     def log_det(params, x, key=None):
-        return _pixels(x) * jnp.sum(params["log_scale"]).astype(jnp.float32)
+        log_scale = params["log_scale"]
+        return _pixels(x) * jnp.sum(log_scale.astype(_log_det_dtype(log_scale)))
 
     return _layer(forward, inverse, log_det)
 

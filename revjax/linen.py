@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from revjax._validate import positive_int
@@ -63,8 +64,8 @@ def init_linen_stack(
     f: nn.Module, g: nn.Module, key: jax.Array, depth: int, x: tuple[jax.Array, jax.Array]
 ) -> tuple[PyTree, PyTree]:
     """``depth`` independently initialised layers: ``(variables_f, variables_g)`` whose leaves
-    have a leading axis ``depth``. ``x = (x1, x2)`` gives the halves' shapes (``f`` is
-    initialised on ``x2``, ``g`` on ``x1``).
+    have a leading axis ``depth``. ``x = (x1, x2)`` gives the halves' shapes and dtypes, as
+    arrays or ``jax.ShapeDtypeStruct`` s (``f`` is initialised on ``x2``, ``g`` on ``x1``).
 
     Raises:
       ValueError: ``depth`` is not a positive int.
@@ -78,7 +79,8 @@ def init_linen_stack(
             "init_linen_stack: x must be the pair of halves (x1, x2) (arrays or shape structs), "
             f"got {type(x).__name__}{f' of shape {x.shape}' if hasattr(x, 'shape') else ''}"
         )
-    x1, x2 = x
+    # Shape structs (jax.ShapeDtypeStruct) stand for zeros of their shape and dtype.
+    x1, x2 = (jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), half) for half in x)
 
     def init_layer(layer_key):
         kf, kg = jax.random.split(layer_key)

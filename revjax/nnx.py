@@ -75,7 +75,9 @@ def reversible(cls: type) -> type:
     mapping one array to an array shaped like it: attention, MLP, conv, norms, dropout,
     ``nnx.Sequential``) and nothing else that holds state. The decorator adds
 
-    * ``__call__(x)``: ``x = (x1, x2) -> (y1, y2)``, ``y1 = x1 + f(x2)``, ``y2 = x2 + g(y1)``;
+    * ``__call__(x)``: ``x = (x1, x2) -> (y1, y2)``, ``y1 = x1 + f(x2)``, ``y2 = x2 + g(y1)``
+      (the additive coupling :class:`Stack` runs: branch outputs cast to the half's dtype,
+      their shapes checked, pytree halves accepted);
     * ``inverse(y)``: ``(y1, y2) -> (x1, x2)``, ``x2 = y2 - g(y1)``, ``x1 = y1 - f(x2)``
       (refused while dropout is active: a single block's masks come from its RNG counter);
 
@@ -113,10 +115,16 @@ def reversible(cls: type) -> type:
     return cls
 
 
+def _block_coupling(self) -> Coupling:
+    """The block's own coupling, branches called statefully: the same additive coupling as
+    :class:`Stack`'s (branch outputs cast to the half's dtype, shapes checked, pytree halves),
+    so one block computes exactly what a stack of it computes."""
+    return additive_coupling(lambda _, h: self.f(h), lambda _, h: self.g(h))
+
+
 def _block_forward(self, x: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    x1, x2 = _halves(x, type(self).__name__)
-    y1 = x1 + self.f(x2)
-    return y1, x2 + self.g(y1)
+    x = _halves(x, type(self).__name__)
+    return tuple(_block_coupling(self).forward((None, None), x))
 
 
 def _block_inverse(self, y: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -129,8 +137,7 @@ def _block_inverse(self, y: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax
             "first, or use revjax.nnx.Stack with key= for a stochastic forward that can be "
             "inverted"
         )
-    x2 = y2 - self.g(y1)
-    return y1 - self.f(x2), x2
+    return tuple(_block_coupling(self).inverse((None, None), (y1, y2)))
 
 
 def _halves(x: Any, name: str) -> tuple[Any, Any]:
@@ -320,7 +327,7 @@ class Stack(nnx.Module):
     stack is an ordinary NNX module: ``nnx.jit``, ``nnx.grad``, ``nnx.Optimizer``,
     ``nnx.split``/``nnx.merge`` and :func:`save_state` work on it and on models containing it.
 
-    Attributes (static, settable, also through ``nnx.view``):
+    Attributes (static, settable; ``method`` and ``deterministic`` also through ``nnx.view``):
       method: ``"reversible"`` (default; no stored activations), ``"backprop"`` (plain
         ``lax.scan``, the non-reversible twin with the same parameters and dropout masks) or
         ``"checkpoint"`` (``jax.checkpoint`` per block).
@@ -332,7 +339,9 @@ class Stack(nnx.Module):
 
     ``rng_stream`` (constructor argument, default ``"dropout"``) names the stream of ``rngs``
     the stack forks for its own per-call keys (used when a call without ``key=`` draws random
-    numbers).
+    numbers). The stack's own keywords (``method``, ``checkpoint_every``, ``policy``,
+    ``rng_stream``) are not passed on to ``block``: a block argument of one of these names
+    needs another name.
 
     Raises:
       ValueError: ``depth`` is not a positive integer, or ``method`` is unknown.
@@ -378,7 +387,17 @@ class Stack(nnx.Module):
         def build(layer_rngs):
             return block(*args, rngs=layer_rngs, **kwargs)
 
-        self.blocks = build(rngs)
+        try:
+            self.blocks = build(rngs)
+        except KeyError as err:  # e.g. nnx.Dropout(rngs=rngs) with no stream of its name
+            if "RngStream" in str(err):
+                streams = sorted(k for k, v in vars(rngs).items() if isinstance(v, nnx.RngStream))
+                err.add_note(
+                    f"revjax.nnx.Stack({block.__name__}): building the blocks asked rngs for a "
+                    f"stream it does not have; it has {streams}. Pass rngs=nnx.Rngs(...) with "
+                    "the streams the block's layers use (Dropout: 'dropout')."
+                )
+            raise
         self.depth = depth
         self.method = method
         self.checkpoint_every = checkpoint_every

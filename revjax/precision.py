@@ -192,20 +192,19 @@ def exact_policy(
 # Fixed-point grid.
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def round_to_grid(x: jax.Array, fraction_bits: int) -> jax.Array:
     """``round(x 2^F) 2^-F`` (round half to even) with a straight-through derivative of 1.
 
-    Scaling by a power of two is exact, so the result is the grid point nearest to ``x``.
+    Scaling by a power of two is exact, so ``r = round(x 2^F) 2^-F`` is the grid point nearest
+    to ``x``. The result is written ``x + stop_gradient(r - x)``, which equals ``r`` bit for bit:
+    ``r - x`` is exact (its bits are those of ``x`` below the grid, or ``r - x`` is within a
+    factor of two of ``x``), so the sum is exactly the representable ``r``. Its derivative is
+    1 at every order (no ``custom_jvp``: under JAX 0.10.2 one with an identity tangent got wrong
+    second derivatives inside ``lax.scan``, ``tests/test_precision.py``).
     """
     scale = 2.0**fraction_bits
-    return (jnp.round(x * scale) / scale).astype(x.dtype)
-
-
-@round_to_grid.defjvp
-def _round_to_grid_jvp(fraction_bits, primals, tangents):
-    (x,), (t,) = primals, tangents
-    return round_to_grid(x, fraction_bits), t
+    grid_point = (jnp.round(x * scale) / scale).astype(x.dtype)
+    return x + lax.stop_gradient(grid_point - x)
 
 
 def _max_abs(tree: PyTree) -> jax.Array:
@@ -337,7 +336,9 @@ def apply_policy(block: Coupling, policy: Policy | None) -> Coupling:
     Branches are rewritten through ``block.map_branches``: floating inputs and params are cast to
     ``compute_dtype``; in exact mode outputs are cast to the stream dtype and rounded onto the
     grid. Every function of the block is then traced under ``matmul_precision``. The stream
-    dtype is not the block's business: pass the stream through :func:`to_stream`.
+    dtype is not the block's business: pass the stream through :func:`to_stream`. Layer-wise
+    layers (:mod:`revjax.layers`) have no branches: they act on the stream itself and run in
+    its dtype, untouched by ``compute_dtype``.
 
     Policies compose: a block that already carries one takes another (``apply_policy(
     apply_policy(block, a), b)``, or a policy-carrying block given to ``reversible_scan(...,

@@ -87,6 +87,22 @@ def test_custom_vjp_gradient_is_the_recovered_derivative(fn):
     assert np.max(np.abs(grad - true)[far] / np.maximum(np.abs(np.asarray(g))[far], 1.0)) <= 2e-5
 
 
+@pytest.mark.parametrize("fn", list(FUNCTIONS))
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_inputs_next_to_the_minimum_keep_their_branch(fn, dtype):
+    """The branch bit compares the input with the float32 minimum: compared in bfloat16, x_min
+    rounded onto the input's grid and the bf16 neighbour just left of the true minimum was
+    put on the right branch (gradient +1e-2 where the true derivative is -6e-4)."""
+    ours, reference = FUNCTIONS[fn]
+    x_min = jnp.asarray(act.MINIMA[fn], dtype)
+    ulp = jnp.finfo(dtype).eps * abs(act.MINIMA[fn])
+    x = (x_min + jnp.arange(-4, 5, dtype=jnp.float32) * ulp).astype(dtype)
+    grad = jax.vmap(jax.grad(lambda v: ours(v).astype(jnp.float32)))(x)
+    true = jax.vmap(jax.grad(reference))(x.astype(jnp.float32))
+    # The magnitude is as good as the low-precision output allows; the sign is the bit's.
+    assert np.all(np.sign(np.asarray(grad)) * np.sign(np.asarray(true)) >= 0), (x, grad, true)
+
+
 def test_integer_input_is_rejected():
     with pytest.raises(TypeError, match="expected a floating array, got int32"):
         act.gelu(jnp.arange(3))

@@ -72,6 +72,15 @@ def test_mutable_collections_and_bad_depth_are_refused():
     assert {leaf.shape[0] for leaf in jax.tree.leaves(variables)} == {2}
 
 
+def test_init_from_shape_structs_equals_init_from_arrays():
+    """The docstring and the pair error offer shape structs; they crashed inside Flax."""
+    x = (jnp.ones((4, DIM)), jnp.ones((4, DIM)))
+    structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x)
+    from_structs = init_linen_stack(Branch(), Branch(), jax.random.key(0), 2, structs)
+    from_arrays = init_linen_stack(Branch(), Branch(), jax.random.key(0), 2, x)
+    assert jax.tree.all(jax.tree.map(np.array_equal, from_structs, from_arrays))
+
+
 def test_non_linen_branches_and_an_unpaired_x_are_refused():
     f = lambda p, h: h
     with pytest.raises(TypeError, match=r"linen_coupling: f must be a flax.linen.Module, got"):

@@ -459,6 +459,57 @@ def test_single_block_call_and_inverse():
     assert max_relative_error(noisy.inverse(noisy(x)), x) <= 1e-6
 
 
+def test_single_block_computes_what_a_stack_of_it_computes():
+    """A block called alone runs the stack's coupling: branch outputs cast to the half's dtype
+    (it used to add them as they came, so bf16 halves with float32 params came out float32),
+    shapes checked (a broadcasting branch used to pass), pytree halves accepted."""
+    stack = make_stack(depth=1)
+    graphdef, state = nnx.split(stack.blocks)
+    block = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+    x = tuple(h.astype(jnp.bfloat16) for h in inputs())
+    y, expected = block(x), stack(x)
+    assert [a.dtype for a in y] == [jnp.bfloat16, jnp.bfloat16]
+    for a, b in zip(y, expected, strict=True):
+        # Eager branches round their bf16 intermediates op by op, the compiled scan fuses them
+        # in float32: the halves differ by a bf16 ulp of their size (|x| < 4), measured 7.8e-3.
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=2e-2)
+    back = block.inverse(y)
+    assert [a.dtype for a in back] == [jnp.bfloat16, jnp.bfloat16]
+    # bf16 halves: the reconstruction is exact up to bf16 round-off of the additions.
+    assert max_relative_error(jax.tree.map(lambda a: a.astype(jnp.float32), back), inputs()) <= 2e-2
+
+    class Summing(nnx.Module):  # (B, D) -> (B, 1): broadcasts against the half
+        def __init__(self, dim, *, rngs):
+            self.linear = nnx.Linear(dim, 1, rngs=rngs)
+
+        def __call__(self, h):
+            return self.linear(h)
+
+    @rnnx.reversible
+    class Broadcasting(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f, self.g = Summing(dim, rngs=rngs), nnx.Linear(dim, dim, rngs=rngs)
+
+    with pytest.raises(ValueError, match=r"f must return.*\(6, 8\).*\(6, 1\)"):
+        Broadcasting(DIM, rngs=nnx.Rngs(0))(inputs())
+
+    class DictBranch(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.linear = nnx.Linear(dim, dim, rngs=rngs)
+
+        def __call__(self, h):
+            return {"a": self.linear(h["a"])}
+
+    @rnnx.reversible
+    class DictBlock(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f, self.g = DictBranch(dim, rngs=rngs), DictBranch(dim, rngs=rngs)
+
+    dict_block = DictBlock(DIM, rngs=nnx.Rngs(0))
+    halves = ({"a": inputs()[0]}, {"a": inputs()[1]})
+    assert max_relative_error(dict_block.inverse(dict_block(halves)), halves) <= 1e-6
+
+
 def test_single_block_inverse_refuses_any_random_branch():
     """Noise without a ``deterministic`` attribute was missed by the attribute check and the
     inverse came back silently wrong; the traced computation sees it."""
@@ -526,3 +577,11 @@ def test_a_missing_rng_stream_names_the_option():
     stack = rnnx.Stack(CustomStream, 2, DIM, rngs=rngs(), rng_stream="drop")
     first, second = stack(inputs())[0], stack(inputs())[0]
     assert float(jnp.abs(first - second).max()) > 1e-3  # fresh masks per call
+
+
+def test_a_stream_the_blocks_need_at_construction_is_named_with_those_there_are():
+    """nnx.Dropout(rngs=rngs) asks for its stream when it is built, before the stack's own
+    check: Flax's KeyError now carries a note naming the stack and the streams rngs has."""
+    with pytest.raises(KeyError, match="dropout") as info:
+        rnnx.Stack(Block, 2, DIM, 0.5, rngs=nnx.Rngs(params=0))
+    assert any("revjax.nnx.Stack(Block)" in n and "['params']" in n for n in info.value.__notes__)

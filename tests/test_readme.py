@@ -70,7 +70,6 @@ _ALLOWED = {
     "at most 1/4": "tests/test_moonwalk_gradients.py and tests/test_sharding.py assert it (memory)",
     "4 times wider": "hidden / width of the memory_depth.py network (configuration)",
     "exceeds 90%": "the memory budget of numerics_depth.py (configuration)",
-    "JAX 0.10.2": "the JAX version of a documented upstream issue (tests/test_precision.py)",
 }
 
 

@@ -78,3 +78,26 @@ def test_bitwise_equal_compares_bits():
 def test_relative_error_rejects_different_structures():
     with pytest.raises(ValueError, match="structure"):
         relative_error({"a": jnp.ones(2)}, (jnp.ones(2),))
+
+
+def test_relative_error_keeps_float64():
+    """float64 leaves (x64 on) are compared in float64: a 1e-9 difference was 0 in float32,
+    and values around 1e200 (beyond float32) were NaN."""
+    with jax.enable_x64(True):
+        one = jnp.ones(3, jnp.float64)
+        error = relative_error(one + 1e-9, one)
+        assert error.dtype == jnp.float64
+        assert float(error) == pytest.approx(1e-9, rel=1e-6)
+        assert float(relative_error(1e200 * (one + 1e-3), 1e200 * one)) == pytest.approx(1e-3)
+        assert float(relative_error(1e-200 * (one + 1e-3), 1e-200 * one)) == pytest.approx(1e-3)
+        # Mixed float32/float64 trees are compared in float64 too.
+        assert float(relative_error((one + 1e-9, jnp.ones(2)), (one, jnp.ones(2)))) > 0
+
+
+def test_relative_error_counts_float0_leaves_as_zeros():
+    """Gradients w.r.t. integer inputs (``allow_int``) are float0 arrays; they failed."""
+    grads = jax.grad(lambda p: p[0] * 2.0, allow_int=True)((jnp.float32(1.0), jnp.int32(3)))
+    assert grads[1].dtype == jax.dtypes.float0
+    assert float(relative_error(grads, grads)) == 0.0
+    shifted = (grads[0] + 1.0, grads[1])
+    assert float(relative_error(shifted, grads)) == pytest.approx(0.5)

@@ -185,7 +185,8 @@ def value_and_grad(
 
     Raises:
       ValueError: unknown ``method``, ``num_tangents`` / ``chunk_size`` not positive ints,
-        ``with_drift`` for a method without a forward sweep.
+        ``with_drift`` for a method without a forward sweep; when called, an empty batch
+        (``x`` with leading axis 0).
     """
     if method not in METHODS:
         raise ValueError(f"value_and_grad: unknown method {method!r}; choose from {METHODS}")
@@ -267,8 +268,14 @@ def value_and_grad(
     }[method]
 
     def value_and_grad_fn(params, x, *loss_args, key=None):
+        batch = jax.tree.leaves(x)[0].shape[0]
+        if batch == 0:  # the mean loss is 0/0 and the sweeps have no examples to solve for
+            raise ValueError(
+                f"value_and_grad(method={method!r}): x has an empty batch (leading axis 0, "
+                f"shape {jax.tree.leaves(x)[0].shape}); the loss is a mean over examples"
+            )
         out = jax.eval_shape(lambda p, x_: loss_fn(net.forward(p, x_), *loss_args), params, x)
-        _check_per_example(out.shape, jax.tree.leaves(x)[0].shape[0])
+        _check_per_example(out.shape, batch)
         try:
             return implementation(params, x, *loss_args, key=key)
         except TypeError as err:

@@ -296,7 +296,9 @@ def dense(
     """A layer with an explicit-Jacobian vijp, for small layers and for testing.
 
     ``forward(params, x)`` maps ``x (batch, n)`` to ``(batch, k)`` acting on each row
-    independently. The vijp computes each row's ``k x n`` Jacobian ``J = U S V^T`` and returns
+    independently. The vijp computes each row's ``k x n`` Jacobian ``J = U S V^T`` (by reverse
+    mode, ``k <= n`` vjps, so a ``jax.custom_vjp`` inside ``forward``, such as
+    ``revjax.activations.gelu``, works under ``method="mixed_moonwalk"``) and returns
     ``b = a V S^-1 U^T`` (exact for ``a`` in the row space). Mixed Moonwalk stores the input.
 
     The SVD runs in float32 at least (XLA has no bfloat16/float16 SVD); ``y_bar`` is cast back
@@ -320,7 +322,7 @@ def dense(
                 f"dense({name!r}): maps width {x.shape[-1]} to {y.shape[-1]}; a width-increasing "
                 "layer is not submersive, so its vijp does not exist"
             )
-        jac = jax.vmap(jax.jacfwd(per_row, argnums=1), in_axes=(None, 0))(params, x)
+        jac = jax.vmap(jax.jacrev(per_row, argnums=1), in_axes=(None, 0))(params, x)
         solve_dtype = jnp.promote_types(jac.dtype, jnp.float32)
         u, s, vt = jnp.linalg.svd(jac.astype(solve_dtype), full_matrices=False)
         largest = s[:, 0]  # an all-zero Jacobian has ratio 0 (singular), not 0/0
