@@ -118,7 +118,8 @@ def reversible(cls: type) -> type:
 def _block_coupling(self) -> Coupling:
     """The block's own coupling, branches called statefully: the same additive coupling as
     :class:`Stack`'s (branch outputs cast to the half's dtype, shapes checked, pytree halves),
-    so one block computes exactly what a stack of it computes."""
+    so one block runs the operations a stack of it runs (eager rounding may differ from the
+    compiled scan's fusion by an ulp in low precision)."""
     return additive_coupling(lambda _, h: self.f(h), lambda _, h: self.g(h))
 
 
@@ -391,7 +392,7 @@ class Stack(nnx.Module):
             self.blocks = build(rngs)
         except KeyError as err:  # e.g. nnx.Dropout(rngs=rngs) with no stream of its name
             if "RngStream" in str(err):
-                streams = sorted(k for k, v in vars(rngs).items() if isinstance(v, nnx.RngStream))
+                streams = _stream_names(rngs)
                 err.add_note(
                     f"revjax.nnx.Stack({block.__name__}): building the blocks asked rngs for a "
                     f"stream it does not have; it has {streams}. Pass rngs=nnx.Rngs(...) with "
@@ -486,12 +487,17 @@ class Stack(nnx.Module):
             return inverse_scan(block, params, y, key=key, policy=self.policy)
 
 
+def _stream_names(rngs: nnx.Rngs) -> list[str]:
+    """The names of the streams ``rngs`` holds, sorted (for error messages)."""
+    return sorted(k for k, v in vars(rngs).items() if isinstance(v, nnx.RngStream))
+
+
 def _fork_stream(rngs: nnx.Rngs, name: str, block: str) -> nnx.RngStream:
     """``rngs[name].fork()``, or a ``ValueError`` listing the streams there are."""
     try:
         return rngs[name].fork()
     except KeyError as err:
-        streams = sorted(k for k, v in vars(rngs).items() if isinstance(v, nnx.RngStream))
+        streams = _stream_names(rngs)
         raise ValueError(
             f"revjax.nnx.Stack({block}): rngs has no stream {name!r} (and no 'default') for "
             f"the stack's per-call keys; it has {streams}: pass rng_stream= naming one, e.g. "
