@@ -47,7 +47,7 @@ def derivative_recovery() -> list[dict]:
     grid = jnp.linspace(-20.0, 20.0, 400_001, dtype=jnp.float32)
     out = []
     for fn, x_min in activations.MINIMA.items():
-        for dtype in (jnp.float32, jnp.bfloat16):
+        for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
             x = grid.astype(dtype)
             error = activations.derivative_error(fn, x)
             far = jnp.abs(x.astype(jnp.float32) - x_min) > 0.1

@@ -565,6 +565,13 @@ def render_activation_recovery(payload: dict, filename: str) -> str:
     rows = payload["derivative_recovery"]
     worst = lambda dtype, key: max(r[key] for r in rows if r["dtype"] == dtype)
     functions = _series(list(dict.fromkeys(r["function"] for r in rows)))
+    float16 = (  # recorded since session 15; older JSON has float32 and bfloat16 only
+        f"; float16 at most {_num(worst('float16', 'max_error_far_from_minimum'))} away from "
+        f"the minimum and {_num(worst('float16', 'max_error'))} at it (revjax's own bounds "
+        f"2e-3 / 1e-2, same test file)"
+        if any(r["dtype"] == "float16" for r in rows)
+        else ""
+    )
     return (
         f"Recovered derivative vs the true one on the tests' dense grid over [-20, 20], worst "
         f"case over {functions} ({_source(payload['env'], 'bench_activations.py', filename)}; "
@@ -572,7 +579,7 @@ def render_activation_recovery(payload: dict, filename: str) -> str:
         f"float32 at most {_num(worst('float32', 'max_error_far_from_minimum'))} away from the "
         f"minimum (`|x - x_min| > 0.1`) and {_num(worst('float32', 'max_error'))} at it; "
         f"bfloat16 at most {_num(worst('bfloat16', 'max_error_far_from_minimum'))} away from "
-        f"the minimum."
+        f"the minimum{float16}."
     )
 
 

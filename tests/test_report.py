@@ -121,3 +121,22 @@ def test_the_numerics_table_explains_the_cpu_substitutions_instead_of_tagging_ev
     text = report.render_numerics_depth(one, NUMERICS)
     assert "the reference is checkpointed per layer, which gives" in text
     assert "arrays" not in text
+
+
+def test_the_activation_recovery_line_adds_float16_only_where_it_was_measured():
+    """Results recorded before float16 was measured have float32 and bfloat16 rows only: the
+    line leaves float16 out instead of raising; with float16 rows it states their worst case."""
+    rows = [
+        {"function": fn, "dtype": dtype, "max_error_far_from_minimum": far, "max_error": at}
+        for fn in ("gelu_tanh", "silu")
+        for dtype, far, at in (("float32", 1.5e-6, 1e-4), ("bfloat16", 7.8e-3, 1.5e-2))
+    ]
+    payload = {"env": GPU_ENV, "derivative_recovery": rows}
+    old = report.render_activation_recovery(payload, "activations_cpu.json")
+    assert "bfloat16 at most 7.8e-3 away from the minimum." in old and "; float16" not in old
+    rows.append(
+        {"function": "silu", "dtype": "float16", "max_error_far_from_minimum": 1.2e-3,
+         "max_error": 7e-3}
+    )  # fmt: skip
+    new = report.render_activation_recovery(payload, "activations_cpu.json")
+    assert "; float16 at most 1.2e-3 away from the minimum and 7.0e-3 at it" in new
