@@ -345,9 +345,12 @@ class Stack(nnx.Module):
     needs another name.
 
     Raises:
-      ValueError: ``depth`` is not a positive integer, or ``method`` is unknown.
-      TypeError: ``block`` is not decorated with :func:`reversible`, or its state is refused by
-        :func:`check_block`.
+      ValueError: ``depth`` is not a positive integer, ``method`` is unknown, a
+        ``checkpoint_every`` below 1 or that does not divide ``depth``, or an ``rng_stream``
+        that ``rngs`` lacks (and no ``"default"`` stream).
+      TypeError: ``block`` is not decorated with :func:`reversible`, its state is refused by
+        :func:`check_block`, a ``checkpoint_every`` that is not an int, or a ``policy`` that is
+        not a :class:`~revjax.precision.Policy`.
     """
 
     def __init__(

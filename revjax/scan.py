@@ -497,11 +497,13 @@ def reversible_scan(
       ``(y, log_det, aux)`` without the ones not asked for.
 
     Raises:
-      ValueError: params leaves with different leading axes, ``L = 0``, a block that changes
-        the stream's structure, shapes or dtypes (e.g. a branch returning the wrong shape), a
-        ``checkpoint_every`` that does not divide ``L``, or ``return_log_det`` for a block
-        without a scalar ``log_det``.
-      TypeError: a non-floating stream leaf, or a block that is not a ``Coupling``.
+      ValueError: params with no array leaves, a scalar params leaf, leaves with different
+        leading axes, ``L = 0``, a block that changes the stream's structure, shapes or dtypes
+        (e.g. a branch returning the wrong shape), a ``checkpoint_every`` below 1 or that does
+        not divide ``L``, or ``return_log_det`` for a block without a scalar ``log_det``.
+      TypeError: a non-floating stream leaf, a block that is not a ``Coupling``, a ``key`` that
+        is not one PRNG key (or None), a ``checkpoint_every`` that is not an int, or a
+        ``policy`` that is not a :class:`~revjax.precision.Policy`.
       OverflowError: (when the computation runs, wrapped in JAX's runtime error) in exact mode, a
         layer whose output leaves the fixed-point range; the message names the first such layer.
     """

@@ -257,6 +257,7 @@ def test_value_and_grad_argument_errors():
     # Not a Layer (an nnx module, a coupling): named, instead of an AttributeError.
     for where, call in [
         ("moonwalk.stack", lambda: mw.stack(rj.swap())),
+        ("moonwalk.stack", lambda: mw.stack(rj.swap(), "named")),  # named: was an AttributeError
         ("value_and_grad", lambda: mw.value_and_grad(rj.swap(), loss, method="backprop")),
         ("moonwalk.vijp", lambda: mw.vijp(rj.swap(), None, x, x)),
         (r"chain\('chain'\) item 1", lambda: mw.chain(layers[0], rj.swap())),

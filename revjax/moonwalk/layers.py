@@ -16,11 +16,13 @@ linear map of full rank. A :class:`Layer` bundles what the gradient methods of
   ``reconstructs`` returns its input too, which its predecessor may need as *its* output.
 * ``coupling``: the :class:`revjax.Coupling` behind an unstacked layer, if any, and
   ``revforward(params, x) -> y``: the forward pass through :func:`revjax.reversible_scan`
-  (RevBackprop); for a layer that is not a coupling it raises ``TypeError`` naming the layer.
+  (RevBackprop), None for a layer that is not a coupling; call it through
+  :meth:`Layer.reversible_forward`, which raises ``TypeError`` naming such a layer.
 
-Layer constructors here: :func:`from_coupling` (any Coupling), :func:`leaky_relu`,
-:func:`submersive_linear`, :func:`dense` (explicit-Jacobian fallback for small layers), and the
-combinators :func:`chain` (composition) and :func:`stack` (``lax.scan`` over stacked params).
+Layer constructors here: :func:`from_coupling` (any Coupling without side information),
+:func:`leaky_relu`, :func:`submersive_linear`, :func:`dense` (explicit-Jacobian fallback for
+small layers), and the combinators :func:`chain` (composition) and :func:`stack` (``lax.scan``
+over stacked params).
 """
 
 from __future__ import annotations
@@ -82,7 +84,9 @@ def vijp(layer: Layer, params: PyTree, x: PyTree, cotangent: PyTree) -> PyTree:
 
 
 def from_coupling(block: Coupling, name: str = "coupling") -> Layer:
-    """A Moonwalk layer from any :class:`revjax.Coupling`.
+    """A Moonwalk layer from any :class:`revjax.Coupling` without side information (``aux``,
+    e.g. :func:`revjax.layers.batch_norm`'s batch statistics: ``TypeError``, a Moonwalk sweep
+    does not carry it).
 
     Uses the coupling's fused ``vijp_step`` when it has one (the couplings of
     :mod:`revjax.coupling` do), else ``y_bar = vjp(inverse at y)(x_bar)`` (``J^-1 = dx/dy``)
@@ -427,7 +431,8 @@ def stack(layer: Layer, name: str | None = None) -> Layer:
     one layer's working set whatever ``L``. Mixed Moonwalk stores the stacked residuals (and the
     per-layer outputs only if the layer needs them and cannot reconstruct them).
     """
-    name = name or f"stack({check_layer(layer, 'moonwalk.stack').name})"
+    layer = check_layer(layer, "moonwalk.stack")  # before its name is read, named or not
+    name = name or f"stack({layer.name})"
     keep_output = layer.needs_output and not layer.reconstructs
 
     def forward(params, x):
