@@ -5,6 +5,8 @@ Python ``int`` (a NumPy integer is accepted), so equal settings compare and hash
 """
 
 import numbers
+import os
+from pathlib import Path
 
 
 def positive_int(value: object, name: str, where: str) -> int:
@@ -27,3 +29,28 @@ def check_dropout_rate(rate: float, where: str) -> None:
     """
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"{where}: dropout rate must lie in [0, 1), got {rate!r}")
+
+
+def output_path_problem(path: str | os.PathLike, *, directory: bool = False) -> str | None:
+    """Why ``path`` cannot be written, or None: checked before a long run, so a bad output path
+    fails in a second instead of after the work. ``directory``: ``path`` is a folder that will
+    be created if missing (``mkdir -p``); else a file to create or overwrite.
+
+    A permission check (``os.access``) is skipped where it cannot tell (running as root)."""
+    path = Path(path).resolve()
+    if directory:
+        if path.exists() and not path.is_dir():
+            return f"{path} exists and is not a directory"
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            return f"{existing} is a file, so the directory {path} cannot be created"
+        if not os.access(existing, os.W_OK):
+            return f"directory {existing} is not writable"
+        return None
+    if path.is_dir():
+        return f"{path} is a directory; name a file"
+    if not path.parent.is_dir():
+        return f"directory {path.parent} does not exist"
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"{path} is not writable"
+    return None

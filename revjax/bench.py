@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from revjax._validate import output_path_problem
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Script and arguments, per size. Every script writes JSON into benchmarks/results/.
@@ -99,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.timeout is not None and not args.timeout > 0:
         parser.error(f"--timeout must be > 0 seconds, got {args.timeout}")
+    problem = None if args.out is None else output_path_problem(args.out, directory=True)
+    if problem is not None:
+        parser.error(f"--out {args.out}: {problem}")
     suite = SUITES[args.size]
     if args.only:
         known = {name for name, *_ in suite}

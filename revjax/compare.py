@@ -227,7 +227,11 @@ def compare(
         unknown = [m for m in methods if m not in available]
         if unknown:
             offered = sorted({name.split(" ")[0] for name in names})
-            not_offered = f" ({', '.join(unavailable)} not offered)" if unavailable else ""
+            not_offered = (
+                f" (not run here: {', '.join(unavailable)}; name one for the reason)"
+                if unavailable
+                else ""
+            )
             raise ValueError(
                 f"compare: unknown methods {unknown} for {model}; choose from "
                 f"{offered}{not_offered}"

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from revjax._validate import output_path_problem
 from revjax.data import load_digits
 from revjax.diagnostics import format_table, relative_error
 from revjax.memory import compiled_memory
@@ -216,8 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("depth", "deep", "epochs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.json is not None and not Path(args.json).resolve().parent.is_dir():
-        parser.error(
-            f"--json {args.json}: directory {Path(args.json).resolve().parent} does not exist"
-        )
+    problem = None if args.json is None else output_path_problem(args.json)
+    if problem is not None:
+        parser.error(f"--json {args.json}: {problem}")
     run(depth=args.depth, deep=args.deep, epochs=args.epochs, seed=args.seed, json_path=args.json)

@@ -50,6 +50,21 @@ def test_unknown_scripts_are_refused(capsys):
     assert "--timeout must be > 0 seconds, got -5.0" in capsys.readouterr().err
 
 
+def test_an_unusable_out_is_refused_before_any_script_runs(tmp_path, capsys, monkeypatch):
+    """Each script used to do its whole run and then fail to write (NotADirectoryError)."""
+    monkeypatch.setattr(bench, "_run_all", lambda *a: pytest.fail("a script was started"))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for out, message in [
+        (afile, f"--out {afile}: {afile} exists and is not a directory"),
+        (afile / "sub", f"{afile} is a file, so the directory {afile / 'sub'} cannot be"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--only", "count_gemms.py", "--out", str(out)])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
 def test_a_failing_script_does_not_stop_the_others(tmp_path, capsys, monkeypatch):
     suite = [["count_gemms.py", "--no-such-flag"], ["count_gemms.py"]]
     monkeypatch.setitem(bench.SUITES, "cpu", suite)

@@ -92,7 +92,11 @@ def test_bad_arguments():
         compare("revnet", 2, methods=["anchored"])
     offered = re.search(r"choose from \[(.*?)\]", str(info.value)).group(1)
     assert "'across_stages'" in offered and "moonwalk" not in offered, offered
-    assert "moonwalk" in str(info.value).split("]")[-1]  # listed as not offered, apart
+    assert "moonwalk" in str(info.value).split("]")[-1]  # listed as not run, apart
+    # The mlp offers exact forward mode but does not run it at L = 4 (too many parameters):
+    # "not run here", with a pointer to the reason, not "not offered".
+    with pytest.raises(ValueError, match=r"\(not run here: forward; name one for the reason\)"):
+        compare("mlp", 4, methods=["magic"])
 
 
 def test_method_selection_by_short_or_full_label():

@@ -49,6 +49,8 @@ def test_cli_usage(capsys):
         (["--depth", "-1"], "--depth must be >= 1, got -1"),
         (["--deep", "0"], "--deep must be >= 1, got 0"),
         (["--json", "/no/such/dir/demo.json"], "directory /no/such/dir does not exist"),
+        # A directory passed the old check and failed after the training (IsADirectoryError).
+        (["--json", "/"], "--json /: / is a directory; name a file"),
     ],
 )
 def test_demo_refuses_bad_arguments_before_training(args, message, capsys):

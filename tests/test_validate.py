@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from revjax._validate import check_dropout_rate, positive_int
+from revjax._validate import check_dropout_rate, output_path_problem, positive_int
 
 
 @pytest.mark.parametrize("value", [1, 7, np.int64(3), np.uint8(2)])
@@ -29,3 +29,23 @@ def test_dropout_rate_in_unit_interval_accepted(rate):
 def test_dropout_rate_outside_unit_interval_refused(rate):
     with pytest.raises(ValueError, match=r"^mlp: dropout rate must lie in \[0, 1\), got "):
         check_dropout_rate(rate, "mlp")
+
+
+def test_output_path_problem_for_a_file(tmp_path):
+    assert output_path_problem(tmp_path / "new.json") is None
+    (tmp_path / "old.json").write_text("{}")
+    assert output_path_problem(tmp_path / "old.json") is None  # overwritten
+    assert output_path_problem(tmp_path) == f"{tmp_path} is a directory; name a file"
+    missing = tmp_path / "no" / "x.json"
+    assert output_path_problem(missing) == f"directory {tmp_path / 'no'} does not exist"
+
+
+def test_output_path_problem_for_a_directory(tmp_path):
+    assert output_path_problem(tmp_path, directory=True) is None
+    assert output_path_problem(tmp_path / "a" / "b", directory=True) is None  # mkdir -p
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert output_path_problem(afile, directory=True) == f"{afile} exists and is not a directory"
+    assert output_path_problem(afile / "sub", directory=True) == (
+        f"{afile} is a file, so the directory {afile / 'sub'} cannot be created"
+    )
