@@ -202,8 +202,10 @@ def compare(
     methods: list[str] | None = None,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """One row per method: ``method``, ``grad_error``, ``temp_mib``, ``ms``, ``note`` (see
-    the module doc; a method that does not apply has ``None`` numbers and a note).
+    """One row per method: ``method`` (its label, e.g. ``"anchored (k=2)"``), ``name`` (the
+    short name ``methods`` and ``--methods`` take, e.g. ``"anchored"``), ``grad_error``,
+    ``temp_mib``, ``ms``, ``note`` (see the module doc; a method that does not apply has
+    ``None`` numbers and a note).
 
     Raises:
       ValueError: unknown model, dtype or method, a method requested by name that does not
@@ -260,6 +262,7 @@ def compare(
         rows.append(
             {
                 "method": name,
+                "name": name.split(" ")[0],
                 "grad_error": float(relative_error(_cast(g, jnp.float32), reference)),
                 "temp_mib": compiled_memory(fn, params).temp_mib,
                 "ms": median_ms(fn, params, repeats=repeats, warmup=1),
@@ -268,8 +271,8 @@ def compare(
         )
     for name in skipped:
         rows.append(
-            {"method": name, "grad_error": None, "temp_mib": None, "ms": None,
-             "note": unavailable[name]}
+            {"method": name, "name": name.split(" ")[0], "grad_error": None, "temp_mib": None,
+             "ms": None, "note": unavailable[name]}
         )  # fmt: skip
     return rows
 

@@ -114,6 +114,10 @@ def test_cli_table_and_json(capsys):
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["model"] == "mlp" and len(record["rows"]) == 8
     assert record["rows"][-1]["method"] == "forward" and record["rows"][-1]["ms"] is None
+    # "name": the short name --methods takes (a label like "anchored (k=2)" needed stripping).
+    names = [row["name"] for row in record["rows"]]
+    assert names == ["backprop", "checkpoint", "reversible", "anchored", "moonwalk",
+                     "mixed_moonwalk", "projected_forward", "forward"], names  # fmt: skip
     assert cli(["compare", "--depth", "4", "--repeats", "1", "--methods", "reversible"]) == 0
     out = capsys.readouterr().out
     assert "grad error vs f32 backprop" in out and "reversible" in out
