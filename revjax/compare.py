@@ -339,6 +339,17 @@ def main(argv: list[str] | None = None) -> int:
             raise  # not a usage error: show the traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except jax.errors.JaxRuntimeError as err:
+        # XLA:GPU says RESOURCE_EXHAUSTED; XLA:CPU an INTERNAL error "Out of memory allocating"
+        if "RESOURCE_EXHAUSTED" not in str(err) and "out of memory" not in str(err).lower():
+            raise
+        first_line = str(err).splitlines()[0]
+        print(
+            f"error: compare: {args.model} at L = {args.depth} ran out of {jax.default_backend()} "
+            f"memory ({first_line}); try a smaller --depth",
+            file=sys.stderr,
+        )
+        return 1
     if args.json:
         # Strict JSON: a diverged method's NaN/inf becomes null, not the invalid token NaN.
         finite = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v

@@ -190,3 +190,33 @@ def test_cli_help_states_defaults_and_method_names(capsys):
     # Per model (it once listed anchored for every model and not revnet's across_stages).
     assert "mlp: moonwalk, mixed_moonwalk, forward, projected_forward" in text
     assert "revnet: across_stages" in text and "mlp and transformer: anchored" in text
+
+
+def test_running_out_of_memory_is_one_line_not_a_traceback(capsys, monkeypatch):
+    """A depth too large for the device (``--depth 1000000000`` tried to allocate 512 GB) ended
+    in XLA's traceback; the CLI now names the model and depth and suggests a smaller one."""
+    import revjax.compare as compare_module
+
+    def exhausted(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 5 bytes.")
+
+    monkeypatch.setattr(compare_module, "compare", exhausted)
+    assert cli(["compare", "--depth", "7"]) == 1
+    err = capsys.readouterr().err
+    assert "error: compare: mlp at L = 7 ran out of cpu memory (RESOURCE_EXHAUSTED" in err
+    assert "try a smaller --depth" in err and "Traceback" not in err
+
+    def cpu_out_of_memory(*args, **kwargs):  # how XLA:CPU words it
+        raise jax.errors.JaxRuntimeError("INTERNAL: Out of memory allocating 512000000000 bytes.")
+
+    monkeypatch.setattr(compare_module, "compare", cpu_out_of_memory)
+    assert cli(["compare", "--depth", "7"]) == 1
+    assert "(INTERNAL: Out of memory allocating" in capsys.readouterr().err
+
+    # Any other runtime error still shows its traceback.
+    def internal(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(compare_module, "compare", internal)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
+        cli(["compare", "--depth", "7"])
