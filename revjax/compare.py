@@ -285,7 +285,11 @@ def _cell(value: Any, fmt: str) -> str:
 def render(rows: list[dict[str, Any]], title: str) -> str:
     """The rows as a rich table when rich is installed (the bench extra), else Markdown;
     methods that were not run are listed under the table with the reason."""
-    notes = "".join(f"\n{row['method']}: {row['note']}" for row in rows if row["note"])
+    by_note: dict[str, list[str]] = {}  # one line per reason, naming every method it covers
+    for row in rows:
+        if row["note"]:
+            by_note.setdefault(row["note"], []).append(row["method"])
+    notes = "".join(f"\n{', '.join(methods)}: {note}" for note, methods in by_note.items())
     cells = [[_cell(row[key], fmt) for key, _, fmt in COLUMNS] for row in rows]
     try:
         from rich.console import Console

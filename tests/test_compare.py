@@ -164,6 +164,14 @@ def test_markdown_fallback_lists_methods_not_run_after_the_table(monkeypatch):
     table, notes = text.split("\n\n")[1:]
     assert table.splitlines()[-1].startswith("| forward | - | - | -")
     assert notes == "forward: not run: too many parameters"
+    # Methods skipped for the same reason share one line (revnet printed one reason 4 times).
+    same = {"grad_error": None, "temp_mib": None, "ms": None, "note": "not offered for revnet"}
+    rows += [{"method": "moonwalk", **same}, {"method": "mixed_moonwalk", **same}]
+    notes = render(rows, "title").split("\n\n")[2]
+    assert notes.splitlines() == [
+        "forward: not run: too many parameters",
+        "moonwalk, mixed_moonwalk: not offered for revnet",
+    ]
 
 
 def test_json_output_is_strict_when_a_method_diverges(capsys, monkeypatch):
