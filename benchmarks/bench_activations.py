@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ResultFile, environment
+from benchmarks.common import ResultFile, add_out_argument, environment
 from revjax import activations
 from revjax.memory import compiled_memory
 from revjax.models.mlp import init_mlp, residual_mlp_loss
@@ -65,7 +65,7 @@ def derivative_recovery() -> list[dict]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None)
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     params, x = inputs()
     timed = jax.default_backend() != "cpu"

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ResultFile, environment
+from benchmarks.common import ResultFile, add_out_argument, environment
 from revjax import moonwalk as mw
 from revjax.diagnostics import relative_error
 from revjax.memory import memory_of
@@ -158,8 +158,13 @@ def speedups(runs: int) -> list[dict]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--size", choices=sorted(SIZES), default="cpu",
+        help="cpu: a small network, compiled memory of every method; gpu: a larger one, also "
+        "timed, without exact forward mode; both time Moonwalk vs exact forward mode on the "
+        "small network (default: cpu)",
+    )  # fmt: skip
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     size = SIZES[args.size]
     timed = jax.default_backend() != "cpu"

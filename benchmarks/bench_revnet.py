@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import add_out_argument, environment, write_json
 from revjax.memory import compiled_memory
 from revjax.models.revnet import init_revnet, revnet_logits
 
@@ -45,7 +45,7 @@ def bytes_per_pixel(blocks: int, options: dict) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None)
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     rows = [
         {

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ResultFile, environment
+from benchmarks.common import ResultFile, add_out_argument, environment
 from revjax import reversible_scan
 from revjax.diagnostics import format_table, relative_error
 from revjax.memory import compiled_memory
@@ -119,14 +119,17 @@ def run(size: str, out_dir: Path | None, dtype: str = "float32") -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument(
+        "--size", choices=sorted(SIZES), default="cpu",
+        help="cpu: a small stack for orientation; gpu: the H100 size (default: cpu)",
+    )  # fmt: skip
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
         default="float32",
         help="dtype of parameters, stream and compute",
     )
-    parser.add_argument("--out", type=Path, default=None, help="results folder")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     run(args.size, args.out, args.dtype)
 

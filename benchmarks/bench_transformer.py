@@ -49,10 +49,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
     ResultFile,
+    add_out_argument,
     affine_guess,
     budget_bytes,
     deepest_fitting,
     environment,
+    positive,
 )
 from revjax.memory import CompiledMemory, compiled_memory, device_peak_bytes, memory_of
 from revjax.models.lm_training import functional_train_step
@@ -206,18 +208,30 @@ class OutOfTime(Exception):
 
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    parser.add_argument("--budget-gib", type=float, default=4.0, help="memory budget on CPU")
+    parser.add_argument(
+        "--size", choices=sorted(SIZES), default="cpu",
+        help="cpu: compiled memory only; gpu (and smoke, its small twin): timed, each row in "
+        "its own process (default: cpu)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--budget-gib", type=positive(float), default=4.0,
+        help="memory budget where JAX reports no device limit, e.g. a CPU (default: 4.0)",
+    )  # fmt: skip
     parser.add_argument(
         "--budget-s", type=float, default=None,
-        help="seconds the whole run may take (GPU path): children are stopped in time and the "
-        "JSON written with what was measured (default: no limit)",
+        help="seconds the whole run may take (gpu and smoke sizes; at least "
+        f"{RESERVE_S + MIN_CHILD_S:g}): children are stopped in time and the JSON written "
+        "with what was measured (default: no limit)",
     )  # fmt: skip
-    parser.add_argument("--out", type=Path, default=None)
+    add_out_argument(parser)
     parser.add_argument("--task", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.budget_s is not None and not args.budget_s > 0:
-        parser.error(f"--budget-s must be > 0 seconds, got {args.budget_s}")
+    if args.budget_s is not None and not args.budget_s >= RESERVE_S + MIN_CHILD_S:
+        # Less leaves no child process its minimum time: nothing could be measured.
+        parser.error(
+            f"--budget-s must be at least {RESERVE_S + MIN_CHILD_S:g} seconds (the time kept "
+            f"for writing results plus one measurement's minimum), got {args.budget_s}"
+        )
     size = SIZES[args.size]
     if args.task:  # a child process of in_child
         print(json.dumps(child_task(size, args.task, budget_bytes(args.budget_gib))), flush=True)
@@ -293,6 +307,10 @@ def _measure(size, payload, result, isolated, child, budget) -> None:
         result.save()
 
 
+def exit_status(result: dict | None) -> int:
+    """The script's exit status: 1 when ``--budget-s`` stopped the run, else 0."""
+    return 0 if result is None or result["complete"] else 1
+
+
 if __name__ == "__main__":
-    result = main()
-    sys.exit(0 if result is None or result["complete"] else 1)  # 1: stopped by --budget-s
+    sys.exit(exit_status(main()))

@@ -3,6 +3,7 @@ deepest-depth search."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -13,9 +14,43 @@ from typing import Any
 
 import jax
 
+from revjax._validate import output_path_problem
 from revjax.bench import CONCURRENT_ENV
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def results_dir(text: str) -> Path:
+    """``argparse`` type of ``--out``: a folder for result files, created when missing. A path
+    that cannot be one (a file, or below a file) is a usage error before any work, not a
+    traceback when the first result is written."""
+    problem = output_path_problem(text, directory=True)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return Path(text)
+
+
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--out`` option every benchmark script shares."""
+    parser.add_argument(
+        "--out", type=results_dir, default=None,
+        help="folder for the result JSON (default: benchmarks/results); created if missing",
+    )  # fmt: skip
+
+
+def positive(kind: type) -> Callable[[str], Any]:
+    """``argparse`` type: a ``kind`` (int or float) above 0 (``nan`` refused)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
 
 
 def environment() -> dict[str, Any]:

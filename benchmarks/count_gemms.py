@@ -19,7 +19,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_scan import grad_fn
-from benchmarks.common import environment, write_json
+from benchmarks.common import add_out_argument, environment, write_json
 from revjax.models.mlp import init_mlp_stack
 
 # cuBLAS GEMM custom-calls (``__cublas$gemm``, ``__cublas$lt$matmul...``) on GPU, and ``dot``
@@ -54,7 +54,7 @@ def matmuls_per_layer(counts: dict[int, int]) -> int:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None)
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     width, hidden, rows = 128, 512, 256
     x = (jax.random.normal(jax.random.key(1), (rows, width)),) * 2

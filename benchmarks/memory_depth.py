@@ -42,10 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (
     RESULTS,
     ResultFile,
+    add_out_argument,
     affine_guess,
     budget_bytes,
     deepest_fitting,
     environment,
+    positive,
 )
 from revjax import moonwalk as mw
 from revjax.compare import anchor_interval_for
@@ -160,10 +162,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None)
+    add_out_argument(parser)
     parser.add_argument(
-        "--budget-gib", type=float, default=1.0, help="memory budget where JAX reports no limit"
-    )
+        "--budget-gib", type=positive(float), default=1.0,
+        help="memory budget where JAX reports no device limit, e.g. a CPU (default: 1.0)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     budget = budget_bytes(args.budget_gib)
     env = environment()

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import add_out_argument, environment, write_json
 from revjax import layers, reversible_scan, sequence
 from revjax.diagnostics import reconstruction_report, relative_error
 from revjax.models.mlp import init_mlp_stack, mlp_coupling
@@ -115,7 +115,7 @@ def layerwise_snr(depth: int = 16, channels: int = 16, batch: int = 64) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None)
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     with jax.default_matmul_precision("highest"):
         payload = {

@@ -54,7 +54,7 @@ from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, ResultFile, environment
+from benchmarks.common import RESULTS, ResultFile, add_out_argument, environment, positive
 from revjax import reversible_scan
 from revjax.coupling import Coupling
 from revjax.diagnostics import bitwise_equal, format_table, relative_error
@@ -325,9 +325,15 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    parser.add_argument("--depths", type=int, nargs="*", default=None)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--size", choices=sorted(SIZES), default="cpu",
+        help="cpu: batch 32, float32 arrays of the bf16 weights; gpu: batch 8192 (default: cpu)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--depths", type=positive(int), nargs="+", default=None, metavar="L",
+        help=f"depths to measure, each >= 1 (default: {' '.join(map(str, DEPTHS))})",
+    )  # fmt: skip
+    add_out_argument(parser)
     parser.add_argument(
         "--append",
         action="store_true",
@@ -336,7 +342,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     size = dict(SIZES[args.size])
     if args.depths:
-        size["depths"] = args.depths
+        size["depths"] = sorted(set(args.depths))  # each depth measured once
     timed = jax.default_backend() != "cpu"
     budget = memory_budget()
     env = environment()
@@ -403,7 +409,14 @@ def is_complete(payload: dict) -> bool:
 def earlier_run(path: Path, size: dict, env: dict) -> dict:
     """The run recorded at ``path``, checked to be the same measurement as this one (sizes other
     than the depths, and the device), so that appending to it mixes nothing."""
-    earlier = json.loads(path.read_text())
+    try:
+        earlier = json.loads(path.read_text())
+        earlier["size"], earlier["env"]["device"], earlier["rows"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise SystemExit(
+            f"numerics_depth: --append to {path}, which is not a numerics_depth result "
+            f"({type(err).__name__}: {err}); run without --append to measure afresh"
+        ) from None
     same_size = {k: v for k, v in earlier["size"].items() if k != "depths"} == {
         k: v for k, v in size.items() if k != "depths"
     }

@@ -83,9 +83,18 @@ PLOTS: dict[str, Callable] = {
 
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--out", type=Path, default=None, help="default: next to the results")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS,
+        help="folder of result JSON to plot (default: benchmarks/results)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder for the PNGs (default: --results)"
+    )
     args = parser.parse_args(argv)
+    if not args.results.is_dir():  # else nothing is drawn and nothing said
+        parser.error(f"--results {args.results}: not a folder")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out}: exists and is not a folder")
     out_dir = args.out or args.results
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import add_out_argument, environment, write_json
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 BUDGET_SECONDS = 120.0
@@ -54,7 +54,7 @@ def run_notebook(path: Path, timeout: int = 600) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None)
+    add_out_argument(parser)
     parser.add_argument("--jobs", type=int, default=2, help="notebooks run at a time")
     args = parser.parse_args(argv)
     if args.jobs < 1:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import add_out_argument, environment, write_json
+from revjax._validate import output_path_problem
 from revjax.data import load_stdlib_text, unigram_entropy
 from revjax.models.lm_training import LMConfig, resume, train_lm
 
@@ -65,16 +66,39 @@ def progress_bar(total: int, label: str):
     return report
 
 
+#: Help text of each :class:`LMConfig` field's option.
+CONFIG_HELP = {
+    "depth": "reversible blocks",
+    "dim": "model width",
+    "heads": "attention heads (must divide --dim)",
+    "seq_len": "context length in bytes",
+    "batch": "sequences per step",
+    "steps": "training steps",
+    "lr": "peak AdamW learning rate (warm-up, then cosine decay to 0)",
+    "weight_decay": "AdamW weight decay",
+    "warmup": "linear warm-up steps",
+    "dropout": "dropout rate in attention and MLP",
+    "eval_every": "steps between held-out evaluations",
+    "eval_batches": "held-out batches per evaluation",
+    "seed": "seed of the initialisation, the batches and the dropout masks",
+}
+
+
 def main(argv: list[str] | None = None) -> dict:
     defaults = LMConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for field in dataclasses.fields(LMConfig):
+        default = getattr(defaults, field.name)
         parser.add_argument(
             f"--{field.name.replace('_', '-')}",
-            type=type(getattr(defaults, field.name)),
-            default=getattr(defaults, field.name),
+            type=type(default),
+            default=default,
+            help=f"{CONFIG_HELP[field.name]} (default: {default})",
         )
-    parser.add_argument("--max-bytes", type=int, default=500_000)
+    parser.add_argument(
+        "--max-bytes", type=int, default=500_000,
+        help="bytes of the standard library's source to train and evaluate on (default: 500000)",
+    )  # fmt: skip
     parser.add_argument(
         "--checkpoint",
         type=Path,
@@ -84,8 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--resume-from", type=Path, help="continue the reversible run from this checkpoint"
     )
-    parser.add_argument("--out", type=Path, default=None)
+    add_out_argument(parser)
     args = parser.parse_args(argv)
+    problem = None if args.checkpoint is None else output_path_problem(args.checkpoint)
+    if problem is not None:  # else training runs to the first logged step, then fails
+        parser.error(f"--checkpoint {args.checkpoint}: {problem}")
     try:
         config = LMConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LMConfig)})
         resumed = None
@@ -96,9 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{args.resume_from} is at step {resumed[2]}, the run's last (--steps "
                     f"{config.steps}): nothing left to train"
                 )
+        corpus = load_stdlib_text(args.max_bytes)
     except ValueError as err:
         parser.error(str(err))
-    corpus = load_stdlib_text(args.max_bytes)
 
     runs = {}
     for method in METHODS:

@@ -14,6 +14,7 @@ import pytest
 from revjax import bench
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+sys.path.insert(0, str(README.parent))  # the benchmarks package
 GEMMS = f"gemm_count_{jax.default_backend()}.json"
 
 
@@ -348,3 +349,24 @@ def test_the_readme_names_the_cpu_suite_and_the_scripts_that_share_the_machine()
         assert f"`{' '.join(entry)}`" in text, entry
     sentence = text.split("The CPU scripts that time nothing (", 1)[1].split(")", 1)[0]
     assert set(re.findall(r"`([\w.]+)`", sentence)) == bench.SHARED["cpu"]
+
+
+SCRIPTS = [
+    "bench_activations", "bench_moonwalk", "bench_revnet", "bench_scan", "bench_transformer",
+    "count_gemms", "memory_depth", "numerics_cpu", "numerics_depth", "run_notebooks", "train_lm",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_refuses_an_unusable_out_before_measuring(name, tmp_path, capsys):
+    """A file as --out used to fail at the first write, after the script's work (minutes for
+    train_lm and run_notebooks), with a traceback; now argparse refuses it at once."""
+    import importlib
+
+    script = importlib.import_module(f"benchmarks.{name}")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--out", str(afile / "sub")])
+    assert exit_info.value.code == 2
+    assert f"argument --out: {afile} is a file" in capsys.readouterr().err

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_transformer import SIZES, deepest, in_child
@@ -167,12 +169,22 @@ def test_budget_s_cuts_child_timeouts_and_stops_in_time(tmp_path, monkeypatch):
     assert bench.Deadline(None).timeout("deepest") == bench.CHILD_TIMEOUT_S["deepest"]
 
 
-def test_a_run_stopped_by_its_budget_exits_with_status_1(tmp_path):
-    import subprocess
+def test_a_run_stopped_by_its_budget_exits_with_status_1():
+    """The script's exit status: 1 when the budget stopped it (``complete`` false)."""
+    from benchmarks import bench_transformer as bench
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_transformer.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--size", "smoke", "--budget-s", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 1 and "--budget-s 1.0 leaves no time" in done.stderr
+    assert bench.exit_status({"complete": False, "rows": []}) == 1
+    assert bench.exit_status({"complete": True, "rows": []}) == 0
+    assert bench.exit_status(None) == 0  # a child process's task
+
+
+def test_a_budget_too_small_for_any_measurement_is_a_usage_error(tmp_path, capsys):
+    """Below RESERVE_S + MIN_CHILD_S (30 s) no child could ever start: refused at once (it used
+    to start the run and fail in the probe)."""
+    from benchmarks import bench_transformer as bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--size", "smoke", "--budget-s", "1", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--budget-s must be at least 30 seconds" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

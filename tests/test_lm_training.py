@@ -128,3 +128,22 @@ def test_batches_are_windows_of_the_corpus_and_seeded(corpus):
     assert all(bytes(row.astype(np.uint8).tobytes()) in text for row in a)
     with pytest.raises(ValueError, match="shorter than"):
         sample_batch(corpus.train[:10], 1, 16, seed=0, step=0)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-bytes", "0"], "max_bytes must be >= 1000, got 0"),
+        (["--max-bytes", "1000"], "so the validation part would be empty"),
+        (["--checkpoint", "/no/such/dir/c.msgpack"], "directory /no/such/dir does not exist"),
+    ],
+)
+def test_script_refuses_bad_data_and_checkpoint_paths_before_training(args, message, capsys):
+    """Each used to fail with a traceback, the checkpoint one after training to the first
+    logged step."""
+    from benchmarks import train_lm as script
+
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -182,3 +182,20 @@ def test_xla_cpu_converts_the_whole_stack_to_write_one_bf16_slice():
     for dtype, converted in ((jnp.bfloat16, True), (jnp.float32, False)):
         hlo = jax.jit(stacked).lower(jnp.ones((16, 8, 8), dtype)).compile().as_text()
         assert bool(whole_stack_to_f32.search(hlo)) == converted, dtype
+
+
+def test_bad_depths_and_an_unreadable_earlier_run_are_refused(tmp_path, monkeypatch, capsys):
+    """--depths 0 ran the L = 32 equivalence check, then failed deep in XLA; a corrupt earlier
+    file for --append gave a JSONDecodeError or KeyError traceback."""
+    for depths in (["0"], ["-1"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--depths", *depths, "--out", str(tmp_path)])
+        assert exit_info.value.code == 2
+    assert "argument --depths: must be > 0, got 0" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "measure", _fake_measure)
+    monkeypatch.setitem(bench.SIZES, "tiny", {**TINY, "depths": [2, 4]})
+    earlier = tmp_path / f"numerics_depth_tiny_{jax.default_backend()}.json"
+    for text in ("{not json", '{"rows": []}'):
+        earlier.write_text(text)
+        with pytest.raises(SystemExit, match="which is not a numerics_depth result"):
+            bench.main(["--size", "tiny", "--depths", "4", "--out", str(tmp_path), "--append"])

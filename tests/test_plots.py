@@ -51,3 +51,13 @@ def test_gpu_results_are_plotted_like_cpu_ones_and_partial_runs_say_so(tmp_path,
     assert titles == [
         f"moonwalk_gpu_gpu (PARTIAL RUN, NVIDIA H100 80GB HBM3, {payload['env']['date']})"
     ]
+
+
+def test_a_missing_results_folder_is_an_error_not_an_empty_run(tmp_path, capsys):
+    """It used to exit 0 having drawn and said nothing."""
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        plots.main(["--results", str(tmp_path / "none")])
+    assert exit_info.value.code == 2
+    assert "not a folder" in capsys.readouterr().err
