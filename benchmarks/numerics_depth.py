@@ -365,8 +365,8 @@ def main(argv=None) -> None:
         "weights ~ N(0, (0.5/sqrt(width))^2)",
         "rows": [],
     }
-    if earlier is not None:  # rows of the depths this run does not measure
-        payload["rows"] = [r for r in earlier["rows"] if r["depth"] not in size["depths"]]
+    if earlier is not None:  # a depth's earlier rows stay until this run has measured it anew
+        payload["rows"] = list(earlier["rows"])
         # The depths both runs set out to measure, measured or not: the earlier run may have
         # stopped before its last depths, and those stay missing until a run measures them.
         wanted = {*earlier["size"]["depths"], *size["depths"]}
@@ -384,9 +384,9 @@ def main(argv=None) -> None:
                 f"substitutions"
             )
     for depth in size["depths"]:  # written after every depth: a crash keeps what was measured
-        payload["rows"] = sorted(
-            payload["rows"] + measure(depth, size, timed, budget), key=lambda r: r["depth"]
-        )
+        rows = measure(depth, size, timed, budget)
+        others = [r for r in payload["rows"] if r["depth"] != depth]  # replaced, not doubled
+        payload["rows"] = sorted(others + rows, key=lambda r: r["depth"])
         result.save()
     path = result.finish(complete=is_complete(payload))
     rows = payload["rows"]

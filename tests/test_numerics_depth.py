@@ -129,6 +129,15 @@ def test_append_completes_a_run_that_stopped_early(tmp_path, monkeypatch):
     bench.main(["--size", "tiny", "--depths", "8", "--out", str(tmp_path), "--append"])
     third = json.loads(path.read_text())
     assert third["complete"] and [r["depth"] for r in third["rows"]] == [2, 4, 8]
+    # Re-measuring depths 2 and 4, stopped during 4: depth 4's earlier rows are still there
+    # (they used to be dropped at the first save, so the stopped run lost them).
+    calls.clear()
+    monkeypatch.setattr(bench, "measure", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--size", "tiny", "--depths", "4", "2", "--out", str(tmp_path), "--append"])
+    assert calls == [2, 4]
+    fourth = json.loads(path.read_text())
+    assert [r["depth"] for r in fourth["rows"]] == [2, 4, 8]
 
 
 def test_the_cpu_substitutions_change_no_bit_of_any_gradient():
