@@ -14,7 +14,8 @@ same loss at the same parameters and inputs. One row per method:
 
 Methods: ``backprop``, ``checkpoint`` (``jax.checkpoint`` per layer), ``reversible``
 (``reversible_scan``), ``anchored`` (``reversible_scan`` storing the stream every ``k`` layers,
-``k`` the largest divisor of L not above sqrt(L); ``mlp`` and ``transformer``), and
+``k`` the largest divisor of L not above sqrt(L); ``mlp`` and ``transformer``; not run where
+``k`` would be 1, L prime or below 4), and
 
 * for ``mlp``, Moonwalk's ``moonwalk`` (pure forward) and ``mixed_moonwalk``, exact forward
   mode ``forward`` (one JVP per parameter, so only run up to ``FORWARD_MAX_PARAMS``
@@ -75,6 +76,17 @@ def anchor_interval_for(depth: int) -> int:
     return max(k for k in range(1, math.isqrt(depth) + 1) if depth % k == 0)
 
 
+def _anchors_unavailable(depth: int) -> dict[str, str]:
+    """``{"anchored": reason}`` where the anchor interval is 1 (``depth`` prime, or below 4):
+    an anchor at every layer stores each layer's input, which ``checkpoint`` already shows."""
+    if anchor_interval_for(depth) > 1:
+        return {}
+    return {
+        "anchored": f"not run: L = {depth} has no divisor between 2 and sqrt(L), so anchors "
+        "would be every layer, storing each layer's input as checkpoint does"
+    }
+
+
 def _cast(tree: PyTree, dtype: Any) -> PyTree:
     return jax.tree.map(
         lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
@@ -101,8 +113,9 @@ def mlp_problem(
         "backprop": lambda p, x: plain_scan(block, p, x),
         "checkpoint": lambda p, x: plain_scan(block, p, x, remat=True),
         "reversible": lambda p, x: reversible_scan(block, p, x),
-        f"anchored (k={k})": lambda p, x: reversible_scan(block, p, x, checkpoint_every=k),
     }
+    if k > 1:
+        scans[f"anchored (k={k})"] = lambda p, x: reversible_scan(block, p, x, checkpoint_every=k)
     methods = {
         name: jax.grad(lambda p, scan=scan: mean(scan(p, x))) for name, scan in scans.items()
     }
@@ -110,7 +123,7 @@ def mlp_problem(
     for name in ("moonwalk", "mixed_moonwalk"):
         fn = mw.value_and_grad(net, per_example, method=name)
         methods[name] = lambda p, fn=fn: fn(p, x)[1]
-    unavailable = {}
+    unavailable = _anchors_unavailable(depth)
     size = sum(leaf.size for leaf in jax.tree.leaves(params))
     if size <= FORWARD_MAX_PARAMS:
         forward = mw.value_and_grad(net, per_example, method="forward")
@@ -170,8 +183,9 @@ def transformer_problem(depth: int, dtype: Any, batch: int = 8, length: int = 64
         "backprop": {"method": "backprop"},
         "checkpoint": {"method": "checkpoint"},
         "reversible": {"method": "reversible"},
-        f"anchored (k={k})": {"method": "reversible", "checkpoint_every": k},
     }
+    if k > 1:
+        variants[f"anchored (k={k})"] = {"method": "reversible", "checkpoint_every": k}
 
     def grad_for(options):
         def fn(p):
@@ -183,7 +197,10 @@ def transformer_problem(depth: int, dtype: Any, batch: int = 8, length: int = 64
         return jax.grad(fn)
 
     methods = {name: grad_for(options) for name, options in variants.items()}
-    return methods, params, _not_offered("transformer", "layer norm and the unembedding")
+    unavailable = _anchors_unavailable(depth) | _not_offered(
+        "transformer", "layer norm and the unembedding"
+    )
+    return methods, params, unavailable
 
 
 PROBLEMS: dict[str, Callable[..., Problem]] = {

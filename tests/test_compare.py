@@ -109,6 +109,14 @@ def test_anchor_interval():
     assert [anchor_interval_for(d) for d in (1, 7, 16, 24, 64)] == [1, 1, 4, 4, 8]
 
 
+@pytest.mark.parametrize(("model", "depth"), [("mlp", 7), ("mlp", 1), ("transformer", 3)])
+def test_anchors_every_layer_are_not_offered_as_a_method(model, depth):
+    """At a prime depth (or below 4) k = 1: "anchored (k=1)" stored every layer's input, a
+    second checkpoint row. It is listed as not run, with the reason."""
+    with pytest.raises(ValueError, match=rf"anchored for {model} at L = {depth}: not run: L ="):
+        compare(model, depth, methods=["anchored"])
+
+
 def test_cli_table_and_json(capsys):
     assert cli(["compare", "--model", "mlp", "--depth", "4", "--repeats", "1", "--json"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -125,7 +133,10 @@ def test_cli_table_and_json(capsys):
     assert "forward: not run" not in capsys.readouterr().out  # only the chosen methods
     assert cli(["compare", "--depth", "2", "--repeats", "1", "--methods", "backprop"]) == 0
     assert cli(["compare", "--depth", "2", "--repeats", "1"]) == 0
-    assert "forward: not run: 33408 parameters" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "forward: not run: 33408 parameters" in out
+    # k would be 1 at L = 2: listed with the reason, not run as a copy of checkpointing.
+    assert "anchored: not run: L = 2 has no divisor between 2 and sqrt(L)" in out
     try:
         import rich  # noqa: F401
     except ImportError:
