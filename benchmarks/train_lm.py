@@ -39,7 +39,8 @@ def curve_gap(a: dict, b: dict, key: str) -> float:
         for s, x in zip(a["steps"], a[key], strict=True)
         if s in b_at
     ]
-    return max(gaps) if gaps else float("nan")
+    # A NaN gap (a diverged curve) is the answer, not a value for max() to skip.
+    return float("nan") if not gaps or any(g != g for g in gaps) else max(gaps)
 
 
 def progress_bar(total: int, label: str):

@@ -77,7 +77,16 @@ def test_float16_derivative_recovery_on_a_dense_grid(fn):
 
 
 @pytest.mark.parametrize("fn", list(FUNCTIONS))
-@given(x=hnp.arrays(np.float32, 64, elements=st.floats(-20, 20, width=32)))
+@given(
+    x=hnp.arrays(
+        np.float32,
+        64,
+        # Every element drawn (no repeated fill value), many near the minima (GELU -0.75,
+        # SiLU -1.28), where the recovery is hardest.
+        elements=st.floats(-20, 20, width=32) | st.floats(-1.5, -0.5, width=32),
+        fill=st.nothing(),
+    )
+)
 def test_derivative_recovery_property(fn, x):
     error = np.asarray(act.derivative_error(fn, jnp.asarray(x)))
     far = far_from_minimum(fn, x)
@@ -96,7 +105,10 @@ def test_custom_vjp_gradient_is_the_recovered_derivative(fn):
     true = jax.vmap(jax.grad(reference))(x) * g
     far = far_from_minimum(fn, x)
     # jax.nn's own float32 derivative carries round-off of a few 1e-6 (tanh form), so 2e-5.
-    assert np.max(np.abs(grad - true)[far] / np.maximum(np.abs(np.asarray(g))[far], 1.0)) <= 2e-5
+    scaled = np.abs(grad - true) / np.maximum(np.abs(np.asarray(g)), 1.0)
+    assert np.max(scaled[far]) <= 2e-5
+    # Everywhere, the minimum included: the 1e-3, against this independent derivative.
+    assert np.max(scaled) <= 1e-3
 
 
 @pytest.mark.parametrize("fn", list(FUNCTIONS))
@@ -164,8 +176,8 @@ def test_hessian_of_a_small_network_matches_jax_nn():
     w = jax.random.normal(jax.random.key(1), (8, 8))
     hessian = lambda act_fn: jax.jacrev(jax.grad(lambda w: jnp.sum(act_fn(x @ w) ** 2)))(w)
     ours, reference = hessian(act.gelu), hessian(jax.nn.gelu)
-    # Measured 5.5e-6.
-    assert float(jnp.linalg.norm(ours - reference) / jnp.linalg.norm(reference)) <= 1e-4
+    # Measured 5.5e-6: the recovered x near the minimum (see above); 2e-5 leaves a 3.6x margin.
+    assert float(jnp.linalg.norm(ours - reference) / jnp.linalg.norm(reference)) <= 2e-5
 
 
 @pytest.mark.parametrize("fn", list(FUNCTIONS))

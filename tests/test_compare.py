@@ -67,7 +67,12 @@ def test_revnet_and_transformer_and_bf16():
     assert 1e-4 < bf16["backprop"]["grad_error"] < 0.1
     assert 1e-4 < bf16["reversible"]["grad_error"] < 0.1
     tf16 = by_method(compare("transformer", 2, "bfloat16", repeats=1, methods=["reversible"]))
-    assert 1e-4 < tf16["reversible"]["grad_error"] < 0.2
+    # Against bf16 backprop's own error: the MLP's reconstruction adds little (measured 8.0e-3
+    # vs 7.5e-3). The transformer's stream is bf16 too (its parameters' dtype), and the
+    # attention blocks' reconstruction error compounds in it (measured 5.4e-2 vs 1.2e-2: a
+    # bf16 stream's drift, README "Numerics"); 10x still refuses a broken reconstruction (~1).
+    assert bf16["reversible"]["grad_error"] <= 2 * bf16["backprop"]["grad_error"], bf16
+    assert tf16["reversible"]["grad_error"] <= 10 * tf16["backprop"]["grad_error"], tf16
 
 
 def test_bad_arguments():

@@ -160,9 +160,9 @@ def test_pytree_halves():
 
 
 def test_affine_log_det_matches_jacobian():
-    block, params, x = make_case("affine", 3, 1, 3, 4)
-    flat = lambda x_: jnp.concatenate([x_[0][0], x_[1][0]])
-    unflat = lambda v: (v[None, :3], v[None, 3:])
+    block, params, x = make_case("affine", 3, 2, 3, 4)  # N = 2: the log-det sums the batch
+    flat = lambda x_: jnp.concatenate([x_[0].ravel(), x_[1].ravel()])
+    unflat = lambda v: (v[:6].reshape(2, 3), v[6:].reshape(2, 4))
     jac = jax.jacfwd(lambda v: flat(block.forward(params, unflat(v))))(flat(x))
     _, logabsdet = jnp.linalg.slogdet(jac)
     assert jnp.allclose(block.log_det(params, x), logabsdet, rtol=1e-5, atol=1e-5)
@@ -260,9 +260,12 @@ def test_bf16_branch_keeps_float32_stream():
     """Branch outputs are cast to the half's dtype: a bf16 branch adds into a float32 stream."""
     bf16_branch = lambda p, h: jnp.tanh(h.astype(jnp.bfloat16))
     block = rj.additive_coupling(bf16_branch, bf16_branch)
-    x = (jnp.ones((2, 3), jnp.float32), jnp.ones((2, 3), jnp.float32))
+    # 1 + 2^-20 has no bf16 value: a sum taken in bf16 (then cast back) would lose the 2^-20.
+    x = (jnp.full((2, 3), 1 + 2**-20, jnp.float32), jnp.ones((2, 3), jnp.float32))
     y = block.forward((None, None), x)
     chex.assert_trees_all_equal_dtypes(y, x)
+    branch = jnp.tanh(jnp.ones((2, 3), jnp.bfloat16)).astype(jnp.float32)
+    np.testing.assert_array_equal(y[0], x[0] + branch)
 
 
 def test_branches_that_are_not_pure_functions_are_refused_at_construction():

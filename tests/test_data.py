@@ -15,6 +15,15 @@ def test_digits_split_is_disjoint_standardised_and_seeded():
     np.testing.assert_array_equal(a.x_test, b.x_test)
     assert set(np.unique(a.y_train)) == set(range(10))
     assert np.abs(a.x_train.mean(0)).max() < 1e-4  # standardised with training statistics
+    spread = a.x_train.std(0)
+    np.testing.assert_allclose(spread[spread > 1e-6], 1.0, atol=1e-3)  # blank pixels stay 0
+    # A partition of scikit-learn's images: standardising is one injective affine map per
+    # pixel, so a picture in both parts (or in neither) would change the count of distinct rows.
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    both = np.concatenate([a.x_train, a.x_test])
+    distinct = len(np.unique(sk_load_digits().data, axis=0))
+    assert len(both) == 1797 and len(np.unique(both, axis=0)) == distinct
     assert not np.array_equal(load_digits(seed=1).y_test, a.y_test)
 
 
@@ -37,7 +46,13 @@ def test_stdlib_text_is_disjoint_interleaved_and_bounded():
     assert 2.0 < unigram_entropy(split.train) < np.log(256)
     assert unigram_entropy(np.zeros(10, np.uint8)) == 0.0
     only = load_stdlib_text(5_000, modules=("typing",), block_bytes=100)
-    assert b"TypeVar" in only.train.tobytes() + only.valid.tobytes()
+    # Built by hand: typing.py's first 5000 bytes, every 10th block of 100 held out.
+    import sysconfig
+
+    raw = (Path(sysconfig.get_paths()["stdlib"]) / "typing.py").read_bytes()[:5_000]
+    blocks = [raw[i : i + 100] for i in range(0, 5_000, 100)]
+    assert only.valid.tobytes() == b"".join(blocks[9::10])
+    assert only.train.tobytes() == b"".join(b for i, b in enumerate(blocks) if i % 10 != 9)
     with pytest.raises(ValueError, match="no stdlib modules named"):
         load_stdlib_text(5_000, modules=("no_such_module",))
     with pytest.raises(ValueError, match="valid_fraction"):

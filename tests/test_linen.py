@@ -37,6 +37,10 @@ def test_linen_stack_gradient_equals_plain_scan(rate):
     block = linen_coupling(Branch(rate), Branch(rate))
     params = init_linen_stack(Branch(rate), Branch(rate), jax.random.key(1), DEPTH, x)
     assert all(leaf.shape[0] == DEPTH for leaf in jax.tree.leaves(params))
+    # Independently initialised layers, not copies of one (the gradient checks below would
+    # pass either way, both sides using the same parameters).
+    kernels = [leaf for leaf in jax.tree.leaves(params) if leaf.ndim == 3]
+    assert kernels and all(float(jnp.abs(k[0] - k[1]).max()) > 1e-3 for k in kernels)
     key = jax.random.key(2) if rate else None
 
     def loss(scan):

@@ -14,6 +14,7 @@ from revjax.diagnostics import relative_error
 from revjax.memory import compiled_memory
 from revjax.models.mlp import init_mlp_stack, mlp_coupling
 from revjax.moonwalk.gradients import first_coupled_example
+from revjax.scan import plain_scan
 
 
 def normal(seed, shape, scale=1.0):
@@ -44,17 +45,35 @@ def submersive_mlp(widths=(64, 64, 48, 32, 16), batch=7, seed=2):
 NETWORKS = {"revnet": revnet, "submersive_mlp": submersive_mlp}
 
 
+def submersive_mlp_by_hand(params, x):
+    """submersive_mlp's forward written out in jnp, independent of the Layer code."""
+    for linear in params[::2]:
+        k = linear["upper"].shape[0]
+        w = jnp.concatenate([jnp.eye(k) + jnp.triu(linear["upper"], 1), linear["lower"]])
+        x = x @ w + linear["bias"]
+        x = jnp.where(x >= 0, x, 0.1 * x)
+    return x
+
+
+# Reference forwards that share no code with the Layers under test.
+BY_HAND = {
+    "revnet": lambda params, x: plain_scan(mlp_coupling(), params, x),
+    "submersive_mlp": submersive_mlp_by_hand,
+}
+
+
 @pytest.mark.parametrize("network", list(NETWORKS))
 @pytest.mark.parametrize("method", ["revbackprop", "moonwalk", "mixed_moonwalk", "forward"])
 def test_methods_match_jax_grad(network, method):
-    """1e-4 (the issue's bound) for float32; measured 2e-7 to 3e-7 (RevNet) and 2e-5
-    (submersive MLP: the sweep divides by each leaky ReLU's slope 0.1, amplifying round-off;
-    see test_drift_witnesses_the_sweeps_round_off_amplification)."""
+    """Against jax.grad of a forward written independently of the Layers. RevNet 1e-5
+    (measured 2e-7 to 3e-7); the submersive MLP 1e-4, the issue's float32 bound (measured
+    2e-5: the sweep divides by each leaky ReLU's slope 0.1, amplifying round-off; see
+    test_drift_witnesses_the_sweeps_round_off_amplification)."""
     layers, params, x, loss, args = NETWORKS[network]()
-    loss_ref, grads_ref = mw.value_and_grad(layers, loss, method="backprop")(params, x, *args)
-    net = mw.chain(*layers) if isinstance(layers, list) else layers
-    mean_loss = lambda p: jnp.mean(loss(net.forward(p, x), *args))
-    assert float(relative_error(grads_ref, jax.grad(mean_loss)(params))) == 0.0
+    mean_loss = lambda p: jnp.mean(loss(BY_HAND[network](p, x), *args))
+    loss_ref, grads_ref = jax.value_and_grad(mean_loss)(params)
+    _, backprop = mw.value_and_grad(layers, loss, method="backprop")(params, x, *args)
+    assert float(relative_error(backprop, grads_ref)) <= 1e-6  # the same arithmetic
     fn = jax.jit(mw.value_and_grad(layers, loss, method=method))
     if network == "submersive_mlp" and method == "revbackprop":
         with pytest.raises(TypeError, match="layer 'linear0' is not a reversible coupling"):
@@ -63,7 +82,8 @@ def test_methods_match_jax_grad(network, method):
     value, grads = fn(params, x, *args)
     assert float(value) == pytest.approx(float(loss_ref), rel=1e-6)
     jax.tree.map(lambda g, r: np.testing.assert_equal(g.shape, r.shape), grads, grads_ref)
-    assert float(relative_error(grads, grads_ref)) <= 1e-4
+    bound = {"revnet": 1e-5, "submersive_mlp": 1e-4}[network]
+    assert float(relative_error(grads, grads_ref)) <= bound
 
 
 def test_projected_forward_gradient_is_unbiased():

@@ -1,5 +1,6 @@
 """moonwalk.layers: vijp inverts vjp per layer type, the coupling formula, bfloat16, bad input."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,6 +100,13 @@ def test_vijp_inverts_vjp(name):
     # where backpropagated cotangents live (a = vjp(b') for a random b').
     a2 = like(200, x) if square else pullback(like(300, y))[0]
     assert float(relative_error(pullback(mw.vijp(layer, params, x, a2))[0], a2)) <= 1e-5
+    # One step also returns y and the parameter cotangent, vjp_theta(b), that Moonwalk sums.
+    y_step, b_step, p_bar = layer.step(params, x, a)
+    chex.assert_trees_all_close(y_step, y, rtol=1e-6, atol=1e-6)
+    assert float(relative_error(b_step, b)) <= 1e-5
+    if jax.tree.leaves(params):
+        p_bar_ref = jax.vjp(layer.forward, params, x)[1](b)[0]
+        assert float(relative_error(p_bar, p_bar_ref)) <= 1e-5
 
 
 def test_additive_coupling_vijp_is_the_derived_formula():

@@ -110,6 +110,16 @@ def test_reconstruction_across_stages_matches_backprop(downsample):
     g = jax.grad(loss(across_stages=True), argnums=(0, 1))(params, x)
     g_ref = jax.grad(loss(reversible=False), argnums=(0, 1))(params, x)
     assert float(relative_error(g, g_ref)) <= 1e-5
+
+    def custom_vjps(**options) -> int:
+        """custom_vjp calls at the top of the trunk's jaxpr (a stage's scan is one each)."""
+        trunk = lambda p, x_: revnet_features(p, x_, downsample=downsample, **options)
+        eqns = jax.make_jaxpr(trunk)(params, x).jaxpr.eqns
+        return sum("custom_vjp" in eqn.primitive.name for eqn in eqns)
+
+    # The option took effect: one custom_vjp for the trunk, against one per stage.
+    stages = len(params["stages"])
+    assert stages > 1 and (custom_vjps(across_stages=True), custom_vjps()) == (1, stages)
     with pytest.raises(ValueError, match="across_stages=True needs reversible=True"):
         revnet_logits(params, x, reversible=False, across_stages=True)
 

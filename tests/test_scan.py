@@ -18,7 +18,7 @@ from revjax.diagnostics import relative_error
 from revjax.memory import compiled_memory
 from revjax.models.mlp import init_mlp_stack, mlp, mlp_coupling
 from revjax.precision import Policy
-from revjax.scan import layer_key, plain_scan
+from revjax.scan import plain_scan
 
 DEPTH, WIDTH, HIDDEN, BATCH = 16, 32, 64, 64
 
@@ -56,11 +56,22 @@ def test_dropout_keys_matter_and_are_replayed():
     params, x = init_mlp_stack(jax.random.key(0), DEPTH, WIDTH, HIDDEN), stream()
     g = lambda k: jax.grad(loss_with(rj.reversible_scan, block, k))(params, x)
     assert float(relative_error(g(jax.random.key(1)), g(jax.random.key(2)))) > 1e-2
-    # Layer l sees fold_in(key, l): a hand-written loop with those keys gives the same output.
-    key, y = jax.random.key(5), x
-    for layer in range(DEPTH):
-        y = block.forward(jax.tree.map(lambda a, i=layer: a[i], params), y, layer_key(key, layer))
+    # Layer l sees fold_in(key, l): a hand-written loop with those keys gives the same output,
+    # and the backward pass replays them (the gradient equals the loop's).
+    key = jax.random.key(5)
+
+    def by_hand(params, y):
+        for layer in range(DEPTH):
+            p = jax.tree.map(lambda a, i=layer: a[i], params)
+            y = block.forward(p, y, jax.random.fold_in(key, layer))
+        return y
+
+    y = by_hand(params, x)
     assert float(relative_error(rj.reversible_scan(block, params, x, key=key), y)) <= 1e-6
+    loss = lambda out: jnp.sum(jnp.sin(out[0]) * out[1])
+    g_hand = jax.grad(lambda p: loss(by_hand(p, x)))(params)
+    g_rev = jax.grad(lambda p: loss(rj.reversible_scan(block, p, x, key=key)))(params)
+    assert float(relative_error(g_rev, g_hand)) <= 1e-5  # float32 reconstruction round-off
 
 
 def test_legacy_uint32_keys_work():
@@ -537,6 +548,12 @@ def test_numpy_and_jax_integer_anchor_interval_is_accepted(every):
     params, x = init_mlp_stack(jax.random.key(0), DEPTH, 8, 16), stream(width=8)
     y = rj.reversible_scan(mlp_coupling(), params, x, checkpoint_every=every)
     np.testing.assert_array_equal(y[0], rj.reversible_scan(mlp_coupling(), params, x)[0])
+    # The forward pass never reads the interval; the gradient does, and sees 4.
+    assert rj.scan.anchor_interval(DEPTH, every) == 4
+    grad = lambda k: jax.grad(
+        lambda p: jnp.sum(rj.reversible_scan(mlp_coupling(), p, x, checkpoint_every=k)[0])
+    )(params)
+    chex.assert_trees_all_equal(grad(every), grad(4))
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,6 +46,9 @@ def test_reversible_scan_gradients_equal_single_device(results, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_shardings_are_kept(results, layout):
     run = results["scan"][layout]
+    if layout != "data":  # the hidden axis really is split (else 2d would be data parallel)
+        # up kernel, up bias and down kernel, in f and in g
+        assert sum("model" in spec for spec in run["param_grad_specs"]) >= 6, run
     assert run["param_grads_like_params"], run["param_grad_specs"]
     assert run["input_grads_like_inputs"], run["input_grad_specs"]
     assert run["outputs_like_inputs"], run["output_specs"]
@@ -102,6 +105,9 @@ def test_reversible_transformer_tensor_and_data_parallel(results):
     # kernels (measured 6e-6), whose gradients are small at initialisation (near-uniform
     # attention) so round-off of the sharded reductions weighs more; joint measured 3e-6.
     assert run["joint_grad_error"] <= 1e-5
+    # Per leaf (a wrong leaf with a small gradient hides in the joint norm): 2e-5, a 3x margin
+    # over the query/key kernels' measured 6e-6, for the reason above.
+    assert run["grad_error"] <= 2e-5
     assert_no_gathers(run["collectives"])
     assert run["restore_keeps_shardings"]  # revjax.nnx.restore_state, same values and specs
 
@@ -109,6 +115,7 @@ def test_reversible_transformer_tensor_and_data_parallel(results):
 def test_reversible_transformer_on_an_explicit_mesh_and_refused_layouts(results):
     run = results["transformer"]
     assert run["explicit_data_joint_grad_error"] <= 1e-5
+    assert run["explicit_data_grad_error"] <= 2e-5  # per leaf; see the test above
     assert "dim=20 not divisible by the size 8 of mesh axis 'model'" in run["refusals"]["uneven"]
     assert "AxisType.Explicit axis" in run["refusals"]["explicit"]
 
