@@ -18,14 +18,28 @@ sys.path.insert(0, str(README.parent))  # the benchmarks package
 GEMMS = f"gemm_count_{jax.default_backend()}.json"
 
 
-def test_only_runs_the_named_scripts_into_out_and_leaves_the_readme(tmp_path, capsys):
+def test_only_runs_the_named_scripts_into_out_and_leaves_the_readme(tmp_path, capsys, monkeypatch):
     assert bench.main(["--only", "count_gemms.py", "--out", str(tmp_path), "--list"]) == 0
     listed = capsys.readouterr().out.strip().splitlines()
     assert listed == [f"count_gemms.py --out {tmp_path}"]  # no plots.py / report.py refresh
     readme = README.read_text()
+    # The scripts run through Popen; subprocess.run would be the refresh, which rewrites the
+    # plots in benchmarks/results and the README (identically when in sync, so unseen there).
+    ran = []
+    real_run = bench.subprocess.run
+    monkeypatch.setattr(
+        bench.subprocess,
+        "run",
+        lambda command, *a, **k: ran.append(command) or real_run(command, *a, **k),
+    )
     assert bench.main(["--only", "count_gemms.py", "--out", str(tmp_path)]) == 0
+    assert not any(Path(str(part)).name in ("plots.py", "report.py") for c in ran for part in c)
     record = json.loads((tmp_path / GEMMS).read_text())
     assert record["env"]["backend"] == jax.default_backend()
+    # What the README's scan summary argues from: reconstruction needs one matmul more per
+    # layer than checkpointing (compile-only counts, deterministic).
+    counts = record["matmuls_per_layer"]
+    assert counts["reversible"] > counts["checkpoint"] > 0, counts
     assert README.read_text() == readme
     assert not list(tmp_path.glob("bench_suite_*.json"))  # a partial run records no total
 
@@ -77,21 +91,37 @@ def test_a_failing_script_does_not_stop_the_others(tmp_path, capsys, monkeypatch
 
 def test_a_script_past_its_timeout_is_killed_with_its_children(tmp_path, capsys, monkeypatch):
     """The script starts a child that would outlive it; the timeout kills the whole group."""
-    marker = tmp_path / "child_survived"
+    marker, pid_file = tmp_path / "child_survived", tmp_path / "child.pid"
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "benchmarks" / "report.py").write_text("")
     child = tmp_path / "child.py"
-    child.write_text(f"import time\ntime.sleep(4)\nopen({str(marker)!r}, 'w').close()\n")
+    child.write_text(
+        f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        f"time.sleep(30)\nopen({str(marker)!r}, 'w').close()\n"
+    )
     (tmp_path / "benchmarks" / "slow.py").write_text(
-        "import subprocess, sys, time\n"
+        "import os, subprocess, sys, time\n"
         f"subprocess.Popen([sys.executable, {str(child)!r}])\n"
+        f"while not os.path.exists({str(pid_file)!r}):\n    time.sleep(0.05)\n"
         "time.sleep(60)\n"
     )
     monkeypatch.setattr(bench, "ROOT", tmp_path)  # bench looks for ROOT/benchmarks/<script>
     monkeypatch.setitem(bench.SUITES, "cpu", [["slow.py"]])
-    assert bench.main(["--out", str(tmp_path), "--timeout", "1"]) == 1
-    assert "timed out after 1 s" in capsys.readouterr().err
-    time.sleep(5)  # past the moment the orphaned child would have written the marker
+    assert bench.main(["--out", str(tmp_path), "--timeout", "5"]) == 1
+    assert "timed out after 5 s" in capsys.readouterr().err
+    assert pid_file.exists(), "the child never started, so the test proves nothing"
+    pid = int(pid_file.read_text())
+
+    def running() -> bool:  # a zombie (killed, not yet reaped) counts as gone
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(), f"child {pid} outlived the timed-out script"
     assert not marker.exists()
 
 
@@ -112,10 +142,17 @@ def test_the_environment_records_the_matmul_precision():
     from benchmarks.common import environment
 
     env = environment()
-    assert env["default_matmul_precision"] == jax.config.jax_default_matmul_precision
+    assert json.loads(json.dumps(env)) == env  # stored as JSON as it is
     with jax.default_matmul_precision("bfloat16"):
         assert environment()["default_matmul_precision"] == "bfloat16"
-    assert json.loads(json.dumps(env)) == env  # stored as JSON as it is
+    previous = jax.config.jax_default_matmul_precision  # "highest" under tests/conftest.py
+    try:
+        jax.config.update("jax_default_matmul_precision", None)
+        assert environment()["default_matmul_precision"] is None
+        jax.config.update("jax_default_matmul_precision", "highest")
+        assert environment()["default_matmul_precision"] == "highest"
+    finally:
+        jax.config.update("jax_default_matmul_precision", previous)
 
 
 # Every benchmark rewrites its JSON after each unit of work, marked incomplete until the end, so

@@ -11,13 +11,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import report
 
+# Frozen copies of results (make bench and GPU runs rewrite benchmarks/results): the renderers
+# are tested on fixed inputs whose measured facts (bitwise at L = 8, overflow at L = 256, ...)
+# the assertions below rely on.
+DATA = Path(__file__).with_name("data")
 NUMERICS = "numerics_depth_cpu_cpu.json"
 GPU_ENV = {"backend": "gpu", "device": "NVIDIA H100 80GB HBM3", "jax": "0.11.2", "date": "today"}
 
 
 def _numerics(**exact_row) -> dict:
     """The committed CPU error-vs-depth result with every measured exact-mode row changed."""
-    payload = json.loads((report.RESULTS / NUMERICS).read_text())
+    payload = json.loads((DATA / NUMERICS).read_text())
     for r in payload["rows"]:
         if r["method"] == "exact" and not r["overflow"]:
             r |= exact_row
@@ -55,7 +59,7 @@ def test_the_numerics_summary_names_the_depths_where_exact_mode_was_bitwise():
 
 def _results_with(tmp_path, monkeypatch, *names: str) -> Path:
     for name in names:
-        shutil.copy(report.RESULTS / name, tmp_path / name)
+        shutil.copy(DATA / name, tmp_path / name)
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     return tmp_path
 
@@ -104,7 +108,7 @@ def test_the_numerics_table_explains_the_cpu_substitutions_instead_of_tagging_ev
     """The CPU size checkpoints every reference on purpose and checks that this (and float32
     arrays for the bf16 weights) changes no bit: the table says so once; a reference
     checkpointed because backprop did not fit is still tagged cell by cell."""
-    payload = json.loads((report.RESULTS / NUMERICS).read_text())
+    payload = json.loads((DATA / NUMERICS).read_text())
     assert all(payload["equivalence"]["bitwise_equal"].values())
     assert {r["reference"] for r in payload["rows"] if "reference" in r} == {"checkpoint"}
     text = report.render_numerics_depth(payload, NUMERICS)
@@ -140,3 +144,52 @@ def test_the_activation_recovery_line_adds_float16_only_where_it_was_measured():
     )  # fmt: skip
     new = report.render_activation_recovery(payload, "activations_cpu.json")
     assert "; float16 at most 1.2e-3 away from the minimum and 7.0e-3 at it" in new
+
+
+def test_number_formatting_and_percent_changes_by_hand():
+    """The helpers every README sentence goes through, against hand-written strings."""
+    expected = {0.22: "0.22", 2.1: "2.1", 210.0: "210", 0.0996: "0.10", 2.9e-6: "2.9e-6",
+                0.011: "1.1e-2", 3.1e7: "3.1e7", 0.0: "0"}  # fmt: skip
+    assert {x: report._num(x) for x in expected} == expected
+    assert report._percent_change([1.02, 1.06], "slower", "faster") == "2 to 6% slower"
+    assert report._percent_change([0.95, 0.99], "slower", "faster") == "1 to 5% faster"
+    assert report._percent_change([0.97, 1.02], "slower", "faster") == (
+        "between 3% faster and 2% slower"
+    )
+    assert report._span([1.04, 1.0449]) == "1.0"
+    assert report._series(["a", "b", "c"]) == "a, b and c"
+
+
+def test_the_scan_summary_numbers_are_recomputed_from_the_json(tmp_path, monkeypatch):
+    """Each number of the GPU scan summary, derived here independently of the renderer."""
+    results = _results_with(
+        tmp_path, monkeypatch, "scan_gpu_gpu.json", "scan_gpu_gpu_bfloat16.json",
+        "gemm_count_cpu.json",
+    )  # fmt: skip
+    f32 = json.loads((results / "scan_gpu_gpu.json").read_text())
+    bf16 = json.loads((results / "scan_gpu_gpu_bfloat16.json").read_text())
+    counts = json.loads((results / "gemm_count_cpu.json").read_text())["matmuls_per_layer"]
+    text = report.render_readme("<!-- results:scan_summary -->\n<!-- /results:scan_summary -->")
+    text = " ".join(text.split())
+    at = lambda p, method, depth: next(
+        r for r in p["rows"] if r["method"] == method and r["depth"] == depth
+    )
+    deep = max(f32["config"]["depths"])
+    f32_ratio = 1 / at(f32, "reversible", deep)["temp_ratio_to_backprop"]
+    bf16_ratio = 1 / at(bf16, "reversible", deep)["temp_ratio_to_backprop"]
+    assert f"needs 1/{f32_ratio:.0f} of plain backprop's" in text
+    assert f"and 1/{bf16_ratio:.0f} in bfloat16" in text
+    more = 100 * (counts["reversible"] - counts["checkpoint"]) / counts["checkpoint"]
+    assert f"{more:.1f}% more matmul work" in text
+    slower = [
+        100 * (r["time_ratio_to_checkpoint"] - 1)
+        for p in (f32, bf16)
+        for r in p["rows"]
+        if r["method"] == "reversible"
+    ]
+    assert all(s > 0 for s in slower)  # the committed GPU run: slower at every depth
+    assert f"is {min(slower):.0f} to {max(slower):.0f}% slower than per-layer" in text
+    stream_mib = 2 * f32["config"]["rows"] * f32["config"]["width"] * 4 / 2**20
+    k = next(r["method"] for r in f32["rows"] if r["method"].startswith("reversible_k"))
+    extra = at(f32, k, deep)["temp_mib"] - at(f32, "reversible", deep)["temp_mib"]
+    assert f"add exactly {extra / stream_mib:.0f} streams ({extra:.0f} MiB in float32)" in text

@@ -49,3 +49,14 @@ def test_output_path_problem_for_a_directory(tmp_path):
     assert output_path_problem(afile / "sub", directory=True) == (
         f"{afile} is a file, so the directory {afile / 'sub'} cannot be created"
     )
+
+
+def test_output_path_problem_for_paths_without_write_permission(tmp_path, monkeypatch):
+    """os.access says no (faked, so the test also means something when CI runs as root)."""
+    import revjax._validate as validate
+
+    monkeypatch.setattr(validate.os, "access", lambda *args, **kwargs: False)
+    target = tmp_path / "out.json"
+    assert output_path_problem(target) == f"{target} is not writable"
+    folder = tmp_path / "new" / "dir"
+    assert output_path_problem(folder, directory=True) == f"directory {tmp_path} is not writable"
