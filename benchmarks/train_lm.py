@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def curve_gap(a: dict, b: dict, key: str) -> float:
         if s in b_at
     ]
     # A NaN gap (a diverged curve) is the answer, not a value for max() to skip.
-    return float("nan") if not gaps or any(g != g for g in gaps) else max(gaps)
+    return float("nan") if not gaps or any(math.isnan(g) for g in gaps) else max(gaps)
 
 
 def progress_bar(total: int, label: str):
