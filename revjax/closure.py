@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.extend.core
 
-from revjax.coupling import Coupling, call_with_key
+from revjax.coupling import Coupling, call_with_key, with_aux
 
 PyTree = Any
 
@@ -77,40 +77,62 @@ def hoist_traced_constants(
     With ``log_det``, the block's ``log_det`` is kept too (hoisted like ``forward`` and
     ``inverse``; without a fused step, ``reversible_scan(..., return_log_det=True)`` then
     takes one more ``jax.vjp``, of ``log_det``, per layer); otherwise the closure-free block
-    has none. A block with side information
-    (``aux``, e.g. batch norm) is returned as it is.
+    has none. A block with side information (``aux``, e.g. batch norm) keeps it: its ``aux``
+    is hoisted too, and its ``inverse`` is traced with the side information as an input
+    (shaped as ``aux`` returns it), which the rebuilt ``inverse`` passes on.
     """
-    if block.aux is not None:
-        # Its inverse needs the forward's side information; such blocks are used as they are
-        # (a closure over a vmapped or differentiated value then fails as JAX reports it).
-        return block, None
     call = lambda fn: lambda p, h, k: call_with_key(fn, p, h, key=k)
     forward, forward_consts, out_tree = _as_jaxpr(call(block.forward), layer_params, x, key)
-    inverse, inverse_consts, in_tree = _as_jaxpr(call(block.inverse), layer_params, x, key)
+    if block.aux is None:
+        inverse, inverse_consts, in_tree = _as_jaxpr(call(block.inverse), layer_params, x, key)
+        aux_consts: list = []
+    else:
+        aux_closed, side = jax.make_jaxpr(call(block.aux), return_shape=True)(layer_params, x, key)
+        aux_jaxpr, aux_consts = aux_closed.jaxpr, list(aux_closed.consts)
+        aux_tree = jax.tree.structure(side)
+        inverse, inverse_consts, in_tree = _as_jaxpr(
+            lambda p, h, k, s: call_with_key(with_aux(block.inverse, block, s), p, h, key=k),
+            layer_params,
+            x,
+            key,
+            side,
+        )
     log_det_consts: list = []
     if log_det:
         log_det_jaxpr, log_det_consts, log_det_tree = _as_jaxpr(
             call(block.log_det), layer_params, x, key
         )
-    constants = [*forward_consts, *inverse_consts, *log_det_consts]
+    constants = [*forward_consts, *inverse_consts, *aux_consts, *log_det_consts]
     if not any(_must_be_an_input(c) for c in constants):
         return block, None
-    n, m = len(forward_consts), len(forward_consts) + len(inverse_consts)
+    n = len(forward_consts)
+    m = n + len(inverse_consts)
+    a = m + len(aux_consts)
 
     def free_forward(params: PyTree, h: PyTree, key: Any = None) -> PyTree:
         p, shared = params
         return _evaluate(forward, out_tree, shared[:n], p, h, key)
 
-    def free_inverse(params: PyTree, h: PyTree, key: Any = None) -> PyTree:
+    def free_inverse(params: PyTree, h: PyTree, key: Any = None, aux: PyTree = None) -> PyTree:
         p, shared = params
-        return _evaluate(inverse, in_tree, shared[n:m], p, h, key)
+        side = () if block.aux is None else (aux,)
+        return _evaluate(inverse, in_tree, shared[n:m], p, h, key, *side)
+
+    def free_aux(params: PyTree, h: PyTree, key: Any = None) -> PyTree:
+        p, shared = params
+        return _evaluate(aux_jaxpr, aux_tree, shared[m:a], p, h, key)
 
     def free_log_det(params: PyTree, h: PyTree, key: Any = None) -> jax.Array:
         p, shared = params
-        return _evaluate(log_det_jaxpr, log_det_tree, shared[m:], p, h, key)
+        return _evaluate(log_det_jaxpr, log_det_tree, shared[a:], p, h, key)
 
-    free = Coupling(forward=free_forward, inverse=free_inverse)
-    return (free._replace(log_det=free_log_det) if log_det else free), tuple(constants)
+    free = Coupling(
+        forward=free_forward,
+        inverse=free_inverse,
+        aux=None if block.aux is None else free_aux,
+        log_det=free_log_det if log_det else None,
+    )
+    return free, tuple(constants)
 
 
 __all__ = ["hoist_traced_constants"]

@@ -208,11 +208,19 @@ def round_to_grid(x: jax.Array, fraction_bits: int) -> jax.Array:
 
 
 def _max_abs(tree: PyTree) -> jax.Array:
-    """Largest |entry| over all leaves in float32; 0 for empty leaves (a zero-size batch)."""
+    """Largest |entry| over all leaves, in the widest of their dtypes and float32; 0 for empty
+    leaves (a zero-size batch).
+
+    Reduced in that dtype, not in float32: a float64 stream's entry just inside the range
+    (8191.9999 with a range of 8192) would round up to the bound in float32 and be reported
+    as out of range.
+    """
+    leaves = jax.tree.leaves(tree)
+    dtype = jnp.result_type(jnp.float32, *(jnp.result_type(leaf) for leaf in leaves))
     return functools.reduce(
         jnp.maximum,
-        [jnp.max(jnp.abs(leaf), initial=0).astype(jnp.float32) for leaf in jax.tree.leaves(tree)],
-        jnp.float32(0.0),
+        [jnp.max(jnp.abs(leaf), initial=0).astype(dtype) for leaf in leaves],
+        jnp.zeros((), dtype),
     )
 
 

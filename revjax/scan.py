@@ -109,8 +109,9 @@ def check_stream(x: PyTree, *, where: str = "reversible_scan") -> None:
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(
                 f"{where}: stream leaf {jax.tree_util.keystr(path) or 'x'} has dtype {dtype}; "
-                "reversible streams must be floating point (use revjax.precision's exact mode "
-                "for fixed-point streams)"
+                "reversible streams must be floating point; cast it to float32 (or float64). "
+                "For exact reconstruction, revjax.precision's exact mode keeps such a float "
+                "stream on a fixed-point grid; it does not take integer streams either"
             )
 
 

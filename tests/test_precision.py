@@ -306,6 +306,24 @@ def test_exact_overflow_of_the_input_and_nan():
         jax.block_until_ready(rj.reversible_scan(block, nan_params, (zeros, zeros), policy=policy))
 
 
+def test_a_float64_stream_just_inside_the_range_is_accepted():
+    """The range check reduces in the stream's dtype: 8191.9999 rounds up to 8192 in float32,
+    which once reported an in-range float64 stream as out of range (-8192, 8192)."""
+    with jax.enable_x64(True):
+        block, params = _constant_push(depth=2, push=0.0)
+        policy = Policy(stream_dtype=jnp.float64, fraction_bits=40)
+        assert policy.grid_range == 8192.0
+        inside = (jnp.full((1, 2), 8191.9999, jnp.float64), jnp.zeros((1, 2), jnp.float64))
+        assert float(jnp.float32(8191.9999)) == 8192.0  # what made the float32 check fail
+        y = jax.block_until_ready(rj.reversible_scan(block, params, inside, policy=policy))
+        assert y[0].dtype == jnp.float64
+        # On the grid 2^-40: round(8191.9999 * 2^40) / 2^40, within 2^-41 of the input.
+        assert abs(float(y[0][0, 0]) - 8191.9999) <= 2.0**-41
+        outside = (jnp.full((1, 2), 8192.0, jnp.float64), jnp.zeros((1, 2), jnp.float64))
+        with raises_overflow(r"the input stream has max \|x\| = 8192"):
+            jax.block_until_ready(rj.reversible_scan(block, params, outside, policy=policy))
+
+
 # --- acceptance on the reference network ---------------------------------------------------------
 # GELU-MLP additive couplings, width 256, hidden 1024, batch 256, L = 64, bf16 params and compute,
 # both weight matrices ~ N(0, (0.5/sqrt(width))^2). Errors: relative norm of the parameter
