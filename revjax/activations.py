@@ -278,25 +278,46 @@ def _check_float(x: jax.Array, name: str) -> jax.Array:
     return x
 
 
+def _reverse_mode_only(activation: Callable[[jax.Array], jax.Array], x: jax.Array, name: str):
+    """``activation(x)``, with a way out added to JAX's bare TypeError when forward mode
+    (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) meets the custom_vjp. Caught where the
+    activation is traced, so a JVP applied to an already traced jaxpr still gets JAX's text
+    alone."""
+    try:
+        return activation(x)
+    except TypeError as err:
+        if "forward-mode" not in str(err):
+            raise
+        raise TypeError(
+            f"{err}\n\nrevjax.activations.{name} is a jax.custom_vjp (it saves its output and "
+            "one bit instead of its input), so it has reverse-mode derivatives only: for a "
+            "second derivative use reverse over reverse, jax.jacrev(jax.grad(f)), instead of "
+            f"jax.hessian (forward over reverse); for forward mode use jax.nn.{name}."
+        ) from err
+
+
 def gelu(x: jax.Array, approximate: bool = True) -> jax.Array:
     """``jax.nn.gelu`` (same ``approximate`` default) whose backward pass stores ``gelu(x)`` and
     one bit per element instead of ``x``. Any shape; float32, bfloat16 or float16 (computes in
     float32; float64 raises ``TypeError``).
 
-    Reverse mode only (a ``jax.custom_vjp``): ``jax.jvp``/``jax.jacfwd`` raise ``TypeError``, so
-    Moonwalk's forward-mode methods (``"moonwalk"``, ``"forward"``, ``"projected_forward"``)
-    need ``jax.nn.gelu`` (``"mixed_moonwalk"`` takes this one, its ``dense`` Jacobians too).
-    First and second derivatives (``grad``, ``grad`` of ``grad``, ``jax.jacrev(jax.grad(...))``);
-    a third raises
-    ``NotImplementedError``, as does a second for float16 (it overflows float16's range)."""
+    Reverse mode only (a ``jax.custom_vjp``): ``jax.jvp``/``jax.jacfwd``/``jax.hessian`` raise
+    ``TypeError`` (JAX's message, plus the way out), so Moonwalk's forward-mode methods
+    (``"moonwalk"``, ``"forward"``, ``"projected_forward"``) need ``jax.nn.gelu``
+    (``"mixed_moonwalk"`` takes this one, its ``dense`` Jacobians too). First and second
+    derivatives (``grad``, ``grad`` of ``grad``, ``jax.jacrev(jax.grad(...))``); a third raises
+    ``NotImplementedError``, as does a second for float16 (it overflows float16's range).
+
+    Raises:
+      TypeError: a non-floating or float64 ``x``; forward-mode differentiation."""
     x = _check_float(x, "gelu")
-    return (_GELU_TANH if approximate else _GELU_ERF)(x)
+    return _reverse_mode_only(_GELU_TANH if approximate else _GELU_ERF, x, "gelu")
 
 
 def silu(x: jax.Array) -> jax.Array:
     """``jax.nn.silu`` whose backward pass stores ``silu(x)`` and one bit per element. Same
-    dtypes and derivative orders as :func:`gelu`."""
-    return _SILU_FN(_check_float(x, "silu"))
+    dtypes, derivative orders and errors as :func:`gelu`."""
+    return _reverse_mode_only(_SILU_FN, _check_float(x, "silu"), "silu")
 
 
 def derivative_error(fn: str, x: jax.Array) -> jax.Array:

@@ -39,7 +39,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -325,9 +325,26 @@ def render(rows: list[dict[str, Any]], title: str) -> str:
     return console.export_text() + notes.lstrip("\n")
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are one line on stderr,
+    ``error: <command>: <argparse's message> (see <prog> --help)``, exit status 2 (argparse
+    prints the whole usage, then the error); ``--help`` is argparse's own."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("python -m revjax ")
+        self.exit(2, f"error: {command}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m revjax compare [options]``; returns the exit status (2 for a usage error)."""
-    parser = argparse.ArgumentParser(
+    """``python -m revjax compare [options]``; returns the exit status (1 when the device runs
+    out of memory, 2 for a bad value that :func:`compare` refuses).
+
+    Raises:
+      SystemExit: 0 after ``--help``; 2 for an option argparse refuses (unknown option or
+        choice, a value that is not an int, ``--methods`` with no names), after printing one
+        line to stderr.
+    """
+    parser = OneLineArgumentParser(
         prog="python -m revjax compare",
         description=__doc__.splitlines()[0].replace("``", ""),
     )

@@ -56,7 +56,7 @@ class TextSplit(NamedTuple):
 def load_stdlib_text(
     max_bytes: int = 2_000_000,
     valid_fraction: float = 0.1,
-    modules: tuple[str, ...] = (),
+    modules: str | tuple[str, ...] = (),
     block_bytes: int = 4096,
 ) -> TextSplit:
     """A byte-level text corpus from the Python standard library's own ``.py`` source files.
@@ -66,11 +66,17 @@ def load_stdlib_text(
     bytes are cut into blocks of ``block_bytes``; every ``round(1 / valid_fraction)``-th block
     is validation data (so the fraction is ``1 / round(1 / valid_fraction)``, e.g. 1/3 for
     0.3), the rest training data: disjoint, from the same mix of files, both non-empty.
-    ``modules`` restricts the corpus to the named modules (e.g. ``("typing", "argparse")``).
+    ``modules`` restricts the corpus to the named modules (e.g. ``("typing", "argparse")``; a
+    single name may be given as a string, ``"typing"``).
     Modules generated when Python is built or installed (``_sysconfigdata*``, which records the
     install paths, and ``sitecustomize``) are left out, so the result depends on the Python
     version (and on any patches a distribution applies to the stdlib), not on where it is
     installed.
+
+    Raises:
+      ValueError: ``valid_fraction`` outside ``(0, 0.5]``, ``max_bytes`` below 1000, a name in
+        ``modules`` that is no top-level stdlib module, or too few bytes for one validation
+        block.
     """
     import sysconfig
     from pathlib import Path
@@ -84,6 +90,8 @@ def load_stdlib_text(
     root = Path(sysconfig.get_paths()["stdlib"])
     generated = lambda p: p.stem.startswith("_sysconfigdata") or p.stem == "sitecustomize"
     files = sorted(p for p in root.glob("*.py") if not generated(p))
+    if isinstance(modules, str):  # one name, not a sequence of one-letter names
+        modules = (modules,)
     if modules:
         files = [p for p in files if p.stem in modules]
         missing = sorted(set(modules) - {p.stem for p in files})

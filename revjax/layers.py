@@ -333,7 +333,9 @@ def squeeze() -> Coupling:
     def forward(params, x, key=None):
         _check_even(x, "squeeze")
         phases = _split_2x2(x)
-        return phases.reshape(*phases.shape[:3], -1)
+        # Sizes spelled out, not -1: reshape cannot infer -1 for an empty batch (0 / 0).
+        n, h2, w2, four, c = phases.shape
+        return phases.reshape(n, h2, w2, four * c)
 
     def inverse(params, y, key=None):
         if y.ndim != 4 or y.shape[-1] % 4:
@@ -351,7 +353,8 @@ def batch_pool() -> Coupling:
     def forward(params, x, key=None):
         _check_even(x, "batch_pool")
         phases = _split_2x2(x)  # (n, h/2, w/2, 4, c)
-        return jnp.moveaxis(phases, 3, 0).reshape(-1, *phases.shape[1:3], phases.shape[-1])
+        n, h2, w2, four, c = phases.shape  # not -1: ambiguous when another axis is 0
+        return jnp.moveaxis(phases, 3, 0).reshape(four * n, h2, w2, c)
 
     def inverse(params, y, key=None):
         if y.ndim != 4 or y.shape[0] % 4:

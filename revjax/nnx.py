@@ -77,11 +77,13 @@ def reversible(cls: type) -> type:
 
     * ``__call__(x)``: ``x = (x1, x2) -> (y1, y2)``, ``y1 = x1 + f(x2)``, ``y2 = x2 + g(y1)``
       (the additive coupling :class:`Stack` runs: branch outputs cast to the half's dtype,
-      their shapes checked, pytree halves accepted);
+      their shapes checked, pytree halves accepted; its errors start with the class name);
     * ``inverse(y)``: ``(y1, y2) -> (x1, x2)``, ``x2 = y2 - g(y1)``, ``x1 = y1 - f(x2)``
       (refused while dropout is active: a single block's masks come from its RNG counter);
 
-    and checks every instance when it is built (see :func:`check_block`).
+    and checks every instance when it is built (see :func:`check_block`), once the outermost
+    ``__init__`` has returned: a subclass whose ``__init__`` calls ``super().__init__()`` and
+    then replaces a branch is checked with its own branches.
 
     Raises:
       TypeError: ``cls`` is not an ``nnx.Module`` subclass, or defines its own ``__call__`` or
@@ -95,11 +97,28 @@ def reversible(cls: type) -> type:
                 f"revjax.nnx.reversible: {cls.__name__} defines {name}; a reversible block only "
                 "defines its branches self.f and self.g, and the decorator supplies the coupling"
             )
-    init = cls.__init__
+    if not getattr(vars(cls).get("__init__"), _CHECKED_INIT, False):
+        cls.__init__ = _checked_init(cls.__init__)
+    cls.__init_subclass__ = _checking_init_subclass(cls)
+    cls.__call__ = _block_forward
+    cls.inverse = _block_inverse
+    cls.__revjax_reversible__ = True
+    return cls
+
+
+_CHECKED_INIT = "__revjax_checked_init__"
+
+
+def _checked_init(init: Any) -> Any:
+    """``init`` followed by the block checks, which run only in the outermost checked
+    ``__init__`` of the instance's class: a subclass's ``__init__`` that calls
+    ``super().__init__()`` and then sets its own branches is checked after it has set them."""
 
     @functools.wraps(init)
     def checked_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
+        if _outermost_checked_init(type(self)) is not checked_init:
+            return  # a subclass's __init__ is still running; it checks when it returns
         for method, expected in (("__call__", _block_forward), ("inverse", _block_inverse)):
             if getattr(type(self), method) is not expected:
                 raise TypeError(
@@ -108,11 +127,34 @@ def reversible(cls: type) -> type:
                 )
         check_block(self)
 
-    cls.__init__ = checked_init
-    cls.__call__ = _block_forward
-    cls.inverse = _block_inverse
-    cls.__revjax_reversible__ = True
-    return cls
+    setattr(checked_init, _CHECKED_INIT, True)
+    return checked_init
+
+
+def _outermost_checked_init(cls: type) -> Any:
+    """The first checked ``__init__`` along ``cls``'s MRO (the one that returns last)."""
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if getattr(init, _CHECKED_INIT, False):
+            return init
+    return None
+
+
+def _checking_init_subclass(cls: type) -> classmethod:
+    """An ``__init_subclass__`` for the decorated ``cls`` that wraps every subclass's own
+    ``__init__`` with :func:`_checked_init` (after the hook ``cls`` had, e.g. NNX's)."""
+    own = vars(cls).get("__init_subclass__")
+
+    def __init_subclass__(sub, **kwargs):
+        if own is not None:
+            own.__func__(sub, **kwargs)
+        else:
+            super(cls, sub).__init_subclass__(**kwargs)
+        init = vars(sub).get("__init__")
+        if init is not None and not getattr(init, _CHECKED_INIT, False):
+            sub.__init__ = _checked_init(init)
+
+    return classmethod(__init_subclass__)
 
 
 def _block_coupling(self) -> Coupling:
@@ -124,21 +166,29 @@ def _block_coupling(self) -> Coupling:
 
 
 def _block_forward(self, x: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    x = _halves(x, type(self).__name__)
-    return tuple(_block_coupling(self).forward((None, None), x))
+    name = type(self).__name__
+    x = _halves(x, name)
+    with _named(name):
+        return tuple(_block_coupling(self).forward((None, None), x))
 
 
 def _block_inverse(self, y: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    y1, y2 = _halves(y, type(self).__name__)
+    name = type(self).__name__
+    y1, y2 = _halves(y, name)
     # g runs at y1 and f at x2, which has y2's shape.
     if _branch_draws_random(self.g, y1) or _branch_draws_random(self.f, y2):
+        quiet = nnx.with_attributes(self, deterministic=True, raise_if_not_found=False)
+        if _branch_draws_random(quiet.g, y1) or _branch_draws_random(quiet.f, y2):
+            advice = ", even in eval mode (e.g. a noise layer); use"  # .eval() would not help
+        else:
+            advice = "; call .eval() first (dropout off), or use"
         raise ValueError(
-            f"{type(self).__name__}.inverse: the block has active dropout or other random "
-            "draws, which come from its RNG counter and cannot be replayed here; call .eval() "
-            "first, or use revjax.nnx.Stack with key= for a stochastic forward that can be "
-            "inverted"
+            f"{name}.inverse: the block has active dropout or other random draws, which come "
+            f"from its RNG counter and cannot be replayed here{advice} revjax.nnx.Stack with "
+            "key= for a stochastic forward that can be inverted"
         )
-    return tuple(_block_coupling(self).inverse((None, None), (y1, y2)))
+    with _named(f"{name}.inverse"):
+        return tuple(_block_coupling(self).inverse((None, None), (y1, y2)))
 
 
 def _halves(x: Any, name: str) -> tuple[Any, Any]:
@@ -185,9 +235,7 @@ def _branch_draws_random(branch: nnx.Module, h: jax.Array) -> bool:
     if not jax.tree.leaves(streams):
         return False
     pure = _pure_branch(graphdef, _stream_template(streams, stacked=False), rest, "the branch")
-    shape = jax.ShapeDtypeStruct(jnp.shape(h), jnp.result_type(h))
-    closed = jax.make_jaxpr(lambda k, x: pure(params, x, k))(jax.random.key(0), shape)
-    return _output_uses_first_input(closed.jaxpr)
+    return _depends_on_key(pure, params, h)
 
 
 def _state_entries(module: nnx.Module, prefix: tuple) -> list[tuple[str, Any]]:
@@ -285,19 +333,34 @@ def _fresh_streams(template: tuple[Any, list], key: Key) -> nnx.State:
 
 
 def _pure_branch(
-    graphdef: nnx.GraphDef, template: tuple[Any, list] | None, rest: nnx.State, where: str
+    graphdef: nnx.GraphDef,
+    template: tuple[Any, list] | None,
+    rest: nnx.State,
+    where: str,
+    owner: str = "the branch",
 ):
     """The branch as a pure function ``(params, h[, key]) -> out`` of one layer's parameters.
 
     ``rest`` is the array-free remainder of the branch's state (e.g. the empty capture slots
     ``nnx.capture`` adds); it is merged back unchanged. A call that leaves new state in the
     branch (``sow``, ``perturb``) raises ``TypeError`` naming ``where``: such values are created
-    inside the scan and could only escape it as leaked tracers."""
+    inside the scan and could only escape it as leaked tracers. A branch with RNG streams
+    called without a key runs if its output does not depend on them (eval mode, rate 0),
+    and otherwise raises ``ValueError`` naming ``owner``: its draws could not be replayed."""
 
     def branch(params: nnx.State, h: jax.Array, key: Key | None = None) -> jax.Array:
         if template is None:
             module = nnx.merge(graphdef, params, rest)
         else:
+            if key is None:
+                if _depends_on_key(branch, params, h):
+                    raise ValueError(
+                        f"{owner}: {where} draws random numbers (active dropout, noise) and "
+                        "was called without a key, so its draws could not be replayed; pass "
+                        "key= (e.g. reversible_scan(block, params, x, key=key)) and the same "
+                        "key to inverse_scan"
+                    )
+                key = jax.random.key(0)  # never used: the output does not depend on it
             module = nnx.merge(graphdef, params, _fresh_streams(template, key), rest)
         out = module(h)
         created = [
@@ -316,6 +379,16 @@ def _pure_branch(
     return branch
 
 
+def _depends_on_key(branch: Any, params: PyTree, h: PyTree) -> bool:
+    """Whether ``branch(params, h, key)`` depends on ``key``, traced on shapes only (so it
+    can be asked inside another trace, of ``params`` and ``h`` that are tracers)."""
+    shape = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+    closed = jax.make_jaxpr(lambda k, p, x: branch(p, x, k))(
+        jax.random.key(0), jax.tree.map(shape, params), jax.tree.map(shape, h)
+    )
+    return _output_uses_first_input(closed.jaxpr)
+
+
 # --------------------------------------------------------------------------- the stack
 
 
@@ -332,10 +405,16 @@ class Stack(nnx.Module):
       method: ``"reversible"`` (default; no stored activations), ``"backprop"`` (plain
         ``lax.scan``, the non-reversible twin with the same parameters and dropout masks) or
         ``"checkpoint"`` (``jax.checkpoint`` per block).
-      deterministic: set by ``model.eval()`` / ``model.train()`` (dropout off in eval mode). It
-        does not change ``method``: a gradient taken in eval mode (fine-tuning without dropout,
-        saliency maps) still stores no per-block activations. A forward pass costs the same
-        either way, since ``reversible_scan`` only differs under differentiation.
+      deterministic: set by ``model.eval()`` / ``model.train()`` (``nnx.view``), or directly.
+        ``True`` runs the blocks as ``model.eval()`` would set them: every ``deterministic``
+        attribute inside them is ``True`` for the call (dropout off), whatever the layers' own
+        flags. ``False`` (the default) leaves each layer's own flag in charge
+        (``model.train()`` sets those to ``False`` as well). Randomness not governed by a
+        ``deterministic`` attribute (a noise layer, dropout whose mode is given at call time)
+        is unaffected. It does not change ``method``: a gradient taken in eval mode
+        (fine-tuning without dropout, saliency maps) still stores no per-block activations. A
+        forward pass costs the same either way, since ``reversible_scan`` only differs under
+        differentiation.
       checkpoint_every, policy: passed to :func:`revjax.reversible_scan` (anchors, precision).
 
     ``rng_stream`` (constructor argument, default ``"dropout"``) names the stream of ``rngs``
@@ -392,7 +471,7 @@ class Stack(nnx.Module):
             return block(*args, rngs=layer_rngs, **kwargs)
 
         try:
-            self.blocks = build(rngs)
+            blocks = build(rngs)
         except KeyError as err:  # e.g. nnx.Dropout(rngs=rngs) with no stream of its name
             if "RngStream" in str(err):
                 streams = _stream_names(rngs)
@@ -402,6 +481,10 @@ class Stack(nnx.Module):
                     "the streams the block's layers use (Dropout: 'dropout')."
                 )
             raise
+        # The class checks each block when its outermost __init__ returns; checking the built
+        # stack as well covers a subclass whose own __init__ escaped that wrapping.
+        check_block(blocks)
+        self.blocks = blocks
         self.depth = depth
         self.method = method
         self.checkpoint_every = checkpoint_every
@@ -421,22 +504,41 @@ class Stack(nnx.Module):
     def coupling(self) -> tuple[Coupling, PyTree]:
         """The stack as pure JAX: ``(block, params)`` for :func:`revjax.reversible_scan`.
 
-        ``block`` is an additive coupling whose branches merge fresh copies of ``f`` and ``g``;
-        ``params = (params_f, params_g)`` are the branches' ``nnx.Param`` states, leading axis L.
+        ``block`` is an additive coupling whose branches merge fresh copies of ``f`` and ``g``
+        (in the mode :attr:`deterministic` selects, as :meth:`__call__` runs them);
+        ``params = (params_f, params_g)`` are the branches' ``nnx.Param`` states, leading axis
+        L. The branches take the scan's per-layer key (``reversible_scan(block, params, x,
+        key=key)``, :func:`revjax.diagnostics.reconstruction_report` likewise). Without a key
+        they run whenever their output does not depend on their RNG streams (eval mode,
+        dropout rate 0, no random layers) and ignore the streams.
+
+        Raises:
+          TypeError: state other than parameters and RNG streams in the blocks.
+          ValueError: (when the returned block is called) a branch that draws random numbers
+            (:func:`draws_random`) is called without a key, naming the stack and the branch.
         """
+        return self._coupling(self.deterministic)
+
+    def _coupling(self, deterministic: bool) -> tuple[Coupling, PyTree]:
+        """:meth:`coupling` with the blocks' dropout forced off (``deterministic=True``, as
+        ``model.eval()`` sets it) or left to the layers' own flags (``False``)."""
+        blocks = self.blocks
+        if deterministic:
+            blocks = nnx.with_attributes(blocks, deterministic=True, raise_if_not_found=False)
+        owner = f"Stack({type(self.blocks).__name__})"
         branches, params = [], []
         for name in BRANCHES:
-            module = getattr(self.blocks, name)
+            module = getattr(blocks, name)
             graphdef, p, streams, rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
             if jax.tree.leaves(rest):
                 paths = [".".join(map(str, path)) for path, _ in nnx.to_flat_state(rest)]
                 raise TypeError(
-                    f"Stack({type(self.blocks).__name__}).{name}: state other than nnx.Param and "
-                    f"RNG streams appeared after construction at {paths[:5]}; reversible "
-                    "branches cannot carry it through the reconstruction"
+                    f"{owner}.{name}: state other than nnx.Param and RNG streams appeared after "
+                    f"construction at {paths[:5]}; reversible branches cannot carry it through "
+                    "the reconstruction"
                 )
             template = _stream_template(streams) if jax.tree.leaves(streams) else None
-            branches.append(_pure_branch(graphdef, template, rest, f"branch {name}"))
+            branches.append(_pure_branch(graphdef, template, rest, f"branch {name}", owner))
             params.append(p)
         return additive_coupling(*branches), tuple(params)
 
@@ -448,7 +550,7 @@ class Stack(nnx.Module):
         ``key`` (optional) fixes the dropout masks and any other random draw; without it,
         and only when the blocks draw random numbers (:func:`draws_random`), the stack draws
         one from its own RNG stream. Pass the same key to :meth:`inverse` to invert a
-        stochastic forward.
+        stochastic forward. With :attr:`deterministic` set, dropout is off.
         """
         x = _halves(x, f"Stack({type(self.blocks).__name__})")
         _check_method(self.method)
@@ -474,16 +576,23 @@ class Stack(nnx.Module):
 
         Raises:
           ValueError: the blocks draw random numbers (:func:`draws_random`: active dropout,
-            noise) and no ``key`` is given (the draws of the forward pass cannot be known).
+            noise) and no ``key`` is given (the draws of the forward pass cannot be known);
+            the message suggests ``model.eval()`` only where eval mode would stop the draws.
         """
         y = _halves(y, f"Stack({type(self.blocks).__name__})")
         block, params = self.coupling()
         if key is None and self.rngs is not None:
             if draws_random(block, params, y):
+                if not self.deterministic and not draws_random(*self._coupling(True), y):
+                    hint = ", or call model.eval() first (dropout off)"
+                else:  # eval mode does not govern these draws (e.g. a noise layer)
+                    hint = (
+                        " (they draw even in eval mode, e.g. a noise layer, so only the key "
+                        "can replay them)"
+                    )
                 raise ValueError(
                     f"Stack({type(self.blocks).__name__}).inverse: the blocks have active "
-                    "dropout or other random draws; pass the key= given to the forward call, "
-                    "or call model.eval() first"
+                    f"dropout or other random draws; pass the key= given to the forward call{hint}"
                 )
             key = jax.random.key(0)  # unused: deterministic blocks ignore their streams
         with _named(f"Stack({type(self.blocks).__name__}).inverse"):

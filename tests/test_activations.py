@@ -151,6 +151,25 @@ def test_reverse_mode_only_as_documented(fn):
         jax.jvp(ours, (x,), (jnp.ones_like(x),))
 
 
+@pytest.mark.parametrize("fn", list(FUNCTIONS))
+def test_hessian_error_keeps_jax_text_and_names_the_way_out(fn):
+    """jax.hessian (forward over reverse) gave JAX's bare 'can't apply forward-mode autodiff
+    (jvp) to a custom_vjp function'; now the same TypeError also says what works."""
+    ours, reference = FUNCTIONS[fn]
+    name = fn.split("_")[0]
+    f = lambda v: jnp.sum(ours(v))
+    x = jnp.linspace(-2.0, 2.0, 3)
+    with pytest.raises(TypeError) as info:
+        jax.hessian(f)(x)
+    message = str(info.value)
+    assert "can't apply forward-mode autodiff (jvp) to a custom_vjp function" in message
+    assert f"revjax.activations.{name} is a jax.custom_vjp" in message
+    assert "jax.jacrev(jax.grad(f))" in message and f"jax.nn.{name}" in message
+    # The way out it names works and is otherwise unchanged: jacrev of grad is the Hessian.
+    expected = jax.hessian(lambda v: jnp.sum(reference(v)))(x)
+    np.testing.assert_allclose(jax.jacrev(jax.grad(f))(x), expected, atol=1e-5)
+
+
 def second_derivative(f, x):
     return jax.vmap(jax.grad(jax.grad(f)))(x)
 

@@ -149,7 +149,8 @@ def test_cli_table_and_json(capsys):
     else:
         assert "┃" in out  # rendered by rich, not the Markdown fallback
     assert cli(["compare", "--methods", "magic"]) == 2
-    assert "unknown methods" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown methods" in err and len(err.splitlines()) == 1
 
 
 def test_bench_lists_every_benchmark(capsys):
@@ -203,6 +204,29 @@ def test_json_output_is_strict_when_a_method_diverges(capsys, monkeypatch):
 
     record = json.loads(capsys.readouterr().out, parse_constant=refuse)
     assert record["rows"] == [{"method": "reversible", "grad_error": None, "ms": None}]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "foo"], "argument --model: invalid choice: 'foo'"),
+        (["--dtype", "x"], "argument --dtype: invalid choice: 'x'"),
+        (["--depth", "abc"], "argument --depth: invalid int value: 'abc'"),
+        (["--methods"], "argument --methods: expected at least one argument"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(args, message, capsys):
+    """README: bad options exit 2 "with a one-line message"; argparse printed its usage first."""
+    with pytest.raises(SystemExit) as info:
+        cli(["compare", *args])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: compare: {message}")
+    assert lines[0].endswith("(see python -m revjax compare --help)")
 
 
 def test_cli_help_states_defaults_and_method_names(capsys):

@@ -55,6 +55,11 @@ def test_stdlib_text_is_disjoint_interleaved_and_bounded():
     assert only.train.tobytes() == b"".join(b for i, b in enumerate(blocks) if i % 10 != 9)
     with pytest.raises(ValueError, match="no stdlib modules named"):
         load_stdlib_text(5_000, modules=("no_such_module",))
+    # One name as a string is one module (it was read as the names "t", "y", "p", ...).
+    one = load_stdlib_text(5_000, modules="typing", block_bytes=100)
+    assert one.train.tobytes() == only.train.tobytes()
+    with pytest.raises(ValueError, match=r"no stdlib modules named \['no_such_module'\]"):
+        load_stdlib_text(5_000, modules="no_such_module")
     with pytest.raises(ValueError, match="valid_fraction"):
         load_stdlib_text(5_000, valid_fraction=0.0)
     with pytest.raises(ValueError, match="valid_fraction"):

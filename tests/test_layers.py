@@ -170,6 +170,19 @@ def test_layers_compose_and_run_in_reversible_scan():
     assert float(relative_error(g, g_ref)) <= 1e-5
 
 
+@pytest.mark.parametrize("kind", ["squeeze", "batch_pool"])
+@pytest.mark.parametrize("shape", [(0, 2, 2, 1), (0, 4, 6, 3), (2, 0, 4, 3)])
+def test_reshaping_layers_round_trip_an_empty_array(kind, shape):
+    """squeeze raised ZeroDivisionError at batch 0 (a reshape with -1 over zero elements);
+    batch_pool and conv1x1 already took an empty batch. Exact: no arithmetic, only moves."""
+    layer, params = make(kind, 0, shape[-1])
+    n, h, w, c = shape
+    expected = (n, h // 2, w // 2, 4 * c) if kind == "squeeze" else (4 * n, h // 2, w // 2, c)
+    y = layer.forward(params, jnp.zeros(shape))
+    assert y.shape == expected
+    assert layer.inverse(params, y).shape == shape
+
+
 @pytest.mark.parametrize("slope", [0.0, -1.0, float("inf")])
 def test_bad_slope_is_rejected(slope):
     with pytest.raises(ValueError, match="slope must be finite and > 0"):

@@ -130,6 +130,18 @@ def test_batches_are_windows_of_the_corpus_and_seeded(corpus):
         sample_batch(corpus.train[:10], 1, 16, seed=0, step=0)
 
 
+def test_every_window_can_be_drawn_including_the_last():
+    """The upper bound of the start was one short: the last window (and so the corpus's last
+    byte) was never drawn, and a corpus of exactly one window was refused."""
+    corpus = np.arange(10, dtype=np.uint8)  # windows of 9 bytes start at 0 and 1
+    starts = {int(row[0]) for step in range(200) for row in sample_batch(corpus, 4, 8, 0, step)}
+    assert starts == {0, 1}
+    one_window = sample_batch(np.arange(9, dtype=np.uint8), 3, 8, seed=0, step=0)
+    np.testing.assert_array_equal(one_window, np.tile(np.arange(9, dtype=np.int32), (3, 1)))
+    with pytest.raises(ValueError, match="8 bytes is shorter than one window of 9"):
+        sample_batch(np.arange(8, dtype=np.uint8), 1, 8, seed=0, step=0)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

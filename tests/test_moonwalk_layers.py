@@ -1,5 +1,7 @@
 """moonwalk.layers: vijp inverts vjp per layer type, the coupling formula, bfloat16, bad input."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -166,6 +168,36 @@ def test_dense_rejects_width_increase_and_singular_jacobians():
     tanh = mw.dense(lambda p, x: jnp.tanh(x @ p), name="tanh")
     with pytest.raises(ValueError, match=r"dense\('tanh'\): the Jacobian has non-finite entries"):
         jax.block_until_ready(mw.vijp(tanh, normal(6, (4, 3)), x.at[1, 0].set(jnp.nan), a))
+
+
+@pytest.mark.parametrize("method", ["moonwalk", "mixed_moonwalk"])
+@pytest.mark.parametrize(
+    ("shape", "loss"),
+    [((5, 2, 6), lambda y: jnp.sum(y, (1, 2))), ((5,), lambda y: y)],
+    ids=["3-D", "1-D"],
+)
+def test_dense_names_an_input_that_is_not_batch_by_width(method, shape, loss):
+    """A (5, 2, 6) input was reported as a singular Jacobian ('ratio is 0'), a (5,) one as
+    JAX's internal 'svd must have rank at least 2'; the layer is fine, its input is not."""
+    layer = mw.dense(lambda p, h: h * p, name="scale")
+    message = r"dense\('scale'\): expects x of shape \(batch, n\).*" + re.escape(
+        f"got x of shape {shape}"
+    )
+    with pytest.raises(ValueError, match=message):
+        mw.value_and_grad(layer, loss, method=method)(2.0, jnp.ones(shape))
+    # A (batch, n) input whose output is not (batch, k) is named too.
+    split = mw.dense(lambda p, h: h.reshape(h.shape[0], 2, -1), name="split")
+    with pytest.raises(ValueError, match=r"dense\('split'\): expects forward.*got \(3, 2, 2\)"):
+        mw.vijp(split, None, normal(0, (3, 4)), normal(1, (3, 4)))
+
+
+def test_dense_singular_message_prints_a_zero_ratio_as_0():
+    """A singular value of -0.0 printed the ratio as '-0'."""
+    from revjax.moonwalk.layers import _raise_if_singular
+
+    with pytest.raises(ValueError, match=r"singular value ratio is 0 <= 1e-06") as info:
+        _raise_if_singular(np.array([-0.0, 0.5]), np.array([True, True]), name="d", tolerance=1e-6)
+    assert "ratio is -0" not in str(info.value)
 
 
 # --- dtypes, pytree types and composition ---------------------------------------------------

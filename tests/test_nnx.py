@@ -183,10 +183,12 @@ def test_inverse_reconstructs_the_input():
     assert max_relative_error(x_rec, x) <= 1e-5
     with pytest.raises(ValueError, match="pass the key"):
         stack.inverse(stack(x, key=key))
-    # Only the stack flagged deterministic while its dropout layers are live: still refused.
+    # Only the stack flagged deterministic while its dropout layers are live: the flag turns
+    # them off for its calls (it was once ignored, and this inverse refused), so the forward
+    # and the inverse agree without a key.
     view = nnx.view(stack, only=rnnx.Stack, deterministic=True)
-    with pytest.raises(ValueError, match="active dropout"):
-        view.inverse(view(x))
+    assert not view.blocks.f.dropout.deterministic
+    assert max_relative_error(view.inverse(view(x)), x) <= 1e-5
     stack.eval()
     x_rec = stack.inverse(stack(x))
     assert max_relative_error(x_rec, x) <= 1e-5
@@ -235,6 +237,20 @@ def test_any_random_branch_gets_fresh_draws_and_replays_with_a_key(branch):
         stack.inverse(stack(x, key=key))
     assert max_relative_error(stack.inverse(stack(x, key=key), key=key), x) <= 1e-5
     assert not rnnx.draws_random(*make_stack(0.0).coupling(), x)
+    # Eval mode does not stop these draws: the refusal no longer says "call model.eval()".
+    stack.eval()
+    with pytest.raises(ValueError, match="even in eval mode") as info:
+        stack.inverse(stack(x, key=key))
+    assert "eval() first" not in str(info.value)
+
+
+def test_the_inverse_suggests_eval_mode_only_where_it_helps():
+    stack, x, key = make_stack(0.5), inputs(), jax.random.key(2)
+    with pytest.raises(ValueError, match=r"pass the key= .*, or call model\.eval\(\) first"):
+        stack.inverse(stack(x, key=key))
+    block = Block(DIM, 0.5, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"call \.eval\(\) first"):
+        block.inverse(block(x))
 
 
 def test_eval_mode_turns_dropout_off_and_keeps_the_method():
@@ -253,6 +269,52 @@ def test_eval_mode_turns_dropout_off_and_keeps_the_method():
     twin = nnx.view(stack, method="backprop")
     grads = nnx.grad(loss_of)(stack, x, None)
     assert max_relative_error(grads, nnx.grad(loss_of)(twin, x, None)) <= 1e-5
+
+
+def test_the_deterministic_attribute_turns_dropout_off():
+    """``Stack.deterministic`` was documented as a settable attribute that turns dropout off,
+    but calls never read it: ``stack.deterministic = True`` left dropout on."""
+    stack, x = make_stack(0.5), inputs()
+    reference = make_stack(0.5)
+    reference.eval()
+    stack.deterministic = True
+    count = int(stack.rngs.count[...])
+    y_a, y_b = stack(x), stack(x, key=jax.random.key(1))
+    assert int(stack.rngs.count[...]) == count  # nothing random: no key drawn
+    np.testing.assert_array_equal(y_a[0], y_b[0])
+    np.testing.assert_array_equal(y_a[0], reference(x)[0])  # what eval mode computes
+    assert not stack.blocks.f.dropout.deterministic  # the layers' own flags are untouched
+    assert max_relative_error(stack.inverse(y_a), x) <= 1e-5  # no key needed
+    grads = nnx.grad(loss_of)(stack, x, None)
+    assert max_relative_error(grads, nnx.grad(loss_of)(reference, x, None)) <= 1e-6
+    stack.deterministic = False  # the layers' flags (training mode) are in charge again
+    assert float(jnp.abs(stack(x)[0] - y_a[0]).max()) > 1e-3
+
+
+def test_coupling_runs_without_a_key_when_nothing_is_random():
+    """``Stack.coupling()`` without ``key=`` failed on any block with an RNG stream (e.g.
+    Dropout) with "unexpected PRNG key type NoneType", even in eval mode."""
+    from revjax.diagnostics import reconstruction_report
+    from revjax.scan import inverse_scan, reversible_scan
+
+    stack, x, key = make_stack(0.5), inputs(), jax.random.key(3)
+    stack.eval()
+    y = reversible_scan(*stack.coupling(), x)
+    np.testing.assert_allclose(y[0], stack(x)[0], rtol=1e-6, atol=1e-6)
+    assert max_relative_error(inverse_scan(*stack.coupling(), y), x) <= 1e-5
+    reconstruction_report(*stack.coupling(), x)
+    # Dropout of rate 0 in training mode draws nothing either.
+    plain = make_stack(0.0)
+    np.testing.assert_allclose(
+        reversible_scan(*plain.coupling(), x)[0], plain(x)[0], rtol=1e-6, atol=1e-6
+    )
+    # Active dropout needs the key: refused by name without one, the stack's output with it.
+    stack.train()
+    with pytest.raises(ValueError, match=r"Stack\(Block\): branch f draws random .*pass key="):
+        reversible_scan(*stack.coupling(), x)
+    np.testing.assert_array_equal(
+        reversible_scan(*stack.coupling(), x, key=key)[0], stack(x, key=key)[0]
+    )
 
 
 def test_the_twin_shares_parameters_not_modes():
@@ -375,6 +437,41 @@ def test_batch_norm_state_is_refused_with_its_path():
     # The advice once said "wrap constants in nnx.Param", which an optimizer then trains.
     with pytest.raises(TypeError, match=r"subclass of nnx\.Param .* a plain nnx\.Param would be"):
         Buffered(DIM, rngs=nnx.Rngs(0))
+
+
+def test_a_subclass_is_checked_after_its_own_init():
+    """The check ran when the decorated base's __init__ returned, before a subclass's
+    __init__ replaced a branch: a BatchNorm branch was built, then failed at the first call
+    with a false "appeared after construction"."""
+
+    @rnnx.reversible
+    class Base(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f, self.g = nnx.Linear(dim, dim, rngs=rngs), nnx.Linear(dim, dim, rngs=rngs)
+
+    class WithBatchNorm(Base):
+        def __init__(self, dim, *, rngs):
+            super().__init__(dim, rngs=rngs)
+            self.g = nnx.BatchNorm(dim, rngs=rngs)
+
+    refused = r"WithBatchNorm\.g\.mean is state of type BatchStat"
+    with pytest.raises(TypeError, match=refused):
+        WithBatchNorm(DIM, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=refused):
+        rnnx.Stack(WithBatchNorm, 2, DIM, rngs=nnx.Rngs(0))
+
+    class Repaired(WithBatchNorm):  # checked once, with the branches it ends with
+        def __init__(self, dim, *, rngs):
+            super().__init__(dim, rngs=rngs)
+            self.g = nnx.Linear(dim, dim, rngs=rngs)
+
+    class Inherited(Base):  # no __init__ of its own
+        pass
+
+    for cls in (Repaired, Inherited):
+        block, x = cls(DIM, rngs=nnx.Rngs(0)), inputs()
+        assert max_relative_error(block.inverse(block(x)), x) <= 1e-6
+        assert rnnx.Stack(cls, 2, DIM, rngs=nnx.Rngs(0))(x)[0].shape == (BATCH, DIM)
 
 
 def test_other_bad_blocks():
@@ -535,6 +632,33 @@ def test_single_block_inverse_refuses_any_random_branch():
     block, x = NoisyBlock(DIM, rngs=nnx.Rngs(0)), inputs()
     with pytest.raises(ValueError, match=r"NoisyBlock\.inverse: .* other random draws"):
         block.inverse(block(x))
+    block.eval()  # does not stop the noise, and the message does not suggest it
+    with pytest.raises(ValueError, match="even in eval mode") as info:
+        block.inverse(block(x))
+    assert "eval() first" not in str(info.value)
+
+
+def test_single_block_errors_name_the_block_class():
+    """A single block's shape error said only "additive_coupling: g must ...", while the same
+    block in a stack said "Stack(Wide): ..."; the class name leads both now."""
+
+    class Widen(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.linear = nnx.Linear(dim, 2 * dim, rngs=rngs)
+
+        def __call__(self, h):
+            return self.linear(h)
+
+    @rnnx.reversible
+    class Wide(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f, self.g = nnx.Linear(dim, dim, rngs=rngs), Widen(dim, rngs=rngs)
+
+    block, x = Wide(DIM, rngs=nnx.Rngs(0)), inputs()
+    with pytest.raises(ValueError, match=r"^Wide: additive_coupling: g must return .*\(6, 16\)"):
+        block(x)
+    with pytest.raises(ValueError, match=r"^Wide\.inverse: additive_coupling: g must return"):
+        block.inverse(x)
 
 
 def test_stack_works_under_nnx_capture():

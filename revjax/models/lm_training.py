@@ -94,12 +94,21 @@ class History(NamedTuple):
 
 def sample_batch(corpus: np.ndarray, batch: int, length: int, seed: int, step: int) -> np.ndarray:
     """``batch`` windows of ``length + 1`` consecutive bytes at offsets drawn from
-    ``(seed, step)``: int32 ``(batch, length + 1)``."""
-    if len(corpus) <= length + 1:
+    ``(seed, step)``: int32 ``(batch, length + 1)``.
+
+    Every window of the corpus can be drawn: the starts are uniform over
+    ``0 .. len(corpus) - length - 1``, so a corpus of exactly ``length + 1`` bytes has one.
+
+    Raises:
+      ValueError: the corpus is shorter than ``length + 1`` bytes (no whole window).
+    """
+    if len(corpus) < length + 1:
         raise ValueError(
-            f"sample_batch: corpus of {len(corpus)} bytes is shorter than {length + 2}"
+            f"sample_batch: corpus of {len(corpus)} bytes is shorter than one window of "
+            f"{length + 1} (length + 1)"
         )
-    starts = np.random.default_rng((seed, step)).integers(0, len(corpus) - length - 1, batch)
+    # integers' upper bound is exclusive: the last window starts at len(corpus) - length - 1.
+    starts = np.random.default_rng((seed, step)).integers(0, len(corpus) - length, batch)
     return np.stack([corpus[s : s + length + 1] for s in starts]).astype(np.int32)
 
 

@@ -14,7 +14,7 @@ from jax.flatten_util import ravel_pytree
 from revjax._tree_metrics import relative_error
 from revjax._validate import positive_int
 from revjax.coupling import Coupling
-from revjax.moonwalk.layers import Layer, chain, check_layer
+from revjax.moonwalk.layers import Layer, cast_like, chain, check_layer
 
 PyTree = Any
 METHODS = ("backprop", "revbackprop", "moonwalk", "mixed_moonwalk", "forward", "projected_forward")
@@ -55,6 +55,34 @@ def _separating_masks(batch: int) -> np.ndarray:
     index = np.arange(batch)
     bits = [(index >> k) & 1 == 1 for k in range(max(batch - 1, 0).bit_length())]
     return np.array([m for bit in bits for m in (bit, ~bit)], dtype=bool).reshape(-1, batch)
+
+
+def _ravel_inexact(params: PyTree) -> tuple[jax.Array, Callable, Callable]:
+    """``(flat, params_at, grads_from)`` for the forward-mode methods, which must not perturb an
+    integer or bool leaf (it has no tangent space): ``flat`` is the floating leaves of
+    ``params`` raveled, ``params_at(v)`` is ``params`` with those leaves read from ``v`` and the
+    others unchanged, and ``grads_from(g)`` the gradient tree of a flat gradient ``g``, in the
+    leaves' dtypes, with ``float0`` zeros at the other leaves (as ``jax.grad(...,
+    allow_int=True)``)."""
+    leaves, treedef = jax.tree.flatten(params)
+    inexact = [jnp.issubdtype(jnp.result_type(a), jnp.inexact) for a in leaves]
+    floats = [a for a, keep in zip(leaves, inexact, strict=True) if keep]
+    others = [a for a, keep in zip(leaves, inexact, strict=True) if not keep]
+    flat, unravel = ravel_pytree(floats)
+
+    def merge(float_leaves, other_leaves):
+        float_leaves, other_leaves = iter(float_leaves), iter(other_leaves)
+        return treedef.unflatten([next(float_leaves if k else other_leaves) for k in inexact])
+
+    def params_at(v):
+        return merge(unravel(v), others)
+
+    def grads_from(g):  # JVPs come out in the loss's dtype: back to each leaf's
+        grads = unravel(g.astype(flat.dtype))
+        grads = [d.astype(jnp.result_type(a)) for d, a in zip(grads, floats, strict=True)]
+        return merge(grads, [np.zeros(np.shape(a), jax.dtypes.float0) for a in others])
+
+    return flat, params_at, grads_from
 
 
 def first_coupled_example(
@@ -181,12 +209,15 @@ def value_and_grad(
         is not small, neither is the gradient's error (README, Moonwalk).
 
     Returns:
-      The function; ``grads`` has the structure of ``params``. Jit it as usual.
+      The function; ``grads`` has the structure of ``params`` and its leaves' dtypes, except
+      that an integer or bool leaf gets a ``float0`` zero (as ``jax.grad(...,
+      allow_int=True)``), by every method. Jit it as usual.
 
     Raises:
       ValueError: unknown ``method``, ``num_tangents`` / ``chunk_size`` not positive ints,
         ``with_drift`` for a method without a forward sweep; when called, an empty batch
         (``x`` with leading axis 0).
+      TypeError: ``layers`` not a :class:`Layer` or a sequence of them (naming the item).
     """
     if method not in METHODS:
         raise ValueError(f"value_and_grad: unknown method {method!r}; choose from {METHODS}")
@@ -203,14 +234,21 @@ def value_and_grad(
         # A Coupling is a NamedTuple, so it would otherwise be taken for a list of layers.
         net = check_layer(layers, "value_and_grad")  # raises, naming what was given
     else:
+        layers = list(layers)  # may be a generator
+        for i, layer in enumerate(layers):  # named as the caller wrote it, not as chain's item
+            check_layer(layer, f"value_and_grad: layers[{i}]")
         net = chain(*layers)
     mean_loss = lambda y, *args: jnp.mean(loss_fn(y, *args))
 
+    # allow_int: an integer or bool leaf of params (a count, a mask) gets a float0 zero, as in
+    # every other method, instead of jax.grad's TypeError.
     def backprop(params, x, *args, key=None):
-        return jax.value_and_grad(lambda p: mean_loss(net.forward(p, x), *args))(params)
+        objective = lambda p: mean_loss(net.forward(p, x), *args)
+        return jax.value_and_grad(objective, allow_int=True)(params)
 
     def revbackprop(params, x, *args, key=None):
-        return jax.value_and_grad(lambda p: mean_loss(net.reversible_forward(p, x), *args))(params)
+        objective = lambda p: mean_loss(net.reversible_forward(p, x), *args)
+        return jax.value_and_grad(objective, allow_int=True)(params)
 
     def moonwalk(params, x, *args, key=None):
         forward_x = lambda x_: net.forward(params, x_)
@@ -225,29 +263,28 @@ def value_and_grad(
         y, residuals = net.save_forward(params, x)
         loss, h_y = jax.value_and_grad(mean_loss)(y, *args)
         _, h0 = net.pull(params, residuals, y, h_y)
-        _, h_end, grads = net.step(params, x, h0)
+        # The pull's h0 comes out in the dtypes of the first layer's parameters or of the
+        # cotangents it was given, which need not be x's.
+        _, h_end, grads = net.step(params, x, cast_like(h0, x))
         return (loss, grads, relative_error(h_end, h_y)) if with_drift else (loss, grads)
 
-    def like_params(grads, params):  # JVPs come out in the loss's dtype
-        return jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, params)
-
     def forward(params, x, *args, key=None):
-        flat, unravel = ravel_pytree(params)
-        objective = lambda v: mean_loss(net.forward(unravel(v), x), *args)
-        if flat.size == 0:  # a parameter-free network: nothing to differentiate
-            return objective(flat), unravel(flat)
+        flat, params_at, grads_from = _ravel_inexact(params)
+        objective = lambda v: mean_loss(net.forward(params_at(v), x), *args)
+        if flat.size == 0:  # nothing to differentiate (float0 zeros for integer leaves)
+            return objective(flat), grads_from(flat)
         one_hot = lambda i: jnp.zeros_like(flat).at[i].set(1)
         coordinate = lambda i: jax.jvp(objective, (flat,), (one_hot(i),))[1]
         grads = lax.map(coordinate, jnp.arange(flat.size), batch_size=chunk_size)
-        return objective(flat), like_params(unravel(grads.astype(flat.dtype)), params)
+        return objective(flat), grads_from(grads)
 
     def projected_forward(params, x, *args, key=None):
         if key is None:
             raise ValueError("value_and_grad(method='projected_forward') needs key=")
-        flat, unravel = ravel_pytree(params)
-        objective = lambda v: mean_loss(net.forward(unravel(v), x), *args)
-        if flat.size == 0:  # a parameter-free network: nothing to differentiate
-            return objective(flat), unravel(flat)
+        flat, params_at, grads_from = _ravel_inexact(params)
+        objective = lambda v: mean_loss(net.forward(params_at(v), x), *args)
+        if flat.size == 0:  # nothing to differentiate (float0 zeros for integer leaves)
+            return objective(flat), grads_from(flat)
 
         def estimate(k):
             tangent = jax.random.normal(k, flat.shape, flat.dtype)
@@ -255,8 +292,7 @@ def value_and_grad(
 
         keys = jax.random.split(key, num_tangents)
         estimates = lax.map(estimate, keys, batch_size=min(chunk_size, num_tangents))
-        estimate = jnp.mean(estimates, axis=0).astype(flat.dtype)
-        return objective(flat), like_params(unravel(estimate), params)
+        return objective(flat), grads_from(jnp.mean(estimates, axis=0))
 
     implementation = {
         "backprop": backprop,

@@ -19,6 +19,11 @@ linear map of full rank. A :class:`Layer` bundles what the gradient methods of
   (RevBackprop), None for a layer that is not a coupling; call it through
   :meth:`Layer.reversible_forward`, which raises ``TypeError`` naming such a layer.
 
+A step or pull takes its cotangent in any floating dtype and casts it to its primal's before
+it meets a pullback, so layers of different dtypes (a bfloat16 layer, then a float32 one)
+compose. A step returns ``y_bar`` in ``y``'s dtypes; a pull, which need not know ``x``'s,
+leaves that cast to its caller (``value_and_grad`` casts ``h_0`` to ``x``'s dtypes).
+
 Layer constructors here: :func:`from_coupling` (any Coupling without side information),
 :func:`leaky_relu`, :func:`submersive_linear`, :func:`dense` (explicit-Jacobian fallback for
 small layers), and the combinators :func:`chain` (composition) and :func:`stack` (``lax.scan``
@@ -35,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from revjax.coupling import Coupling, reconstruct_and_vjp, sequence
+from revjax.coupling import Coupling, sequence
 from revjax.scan import reversible_scan, stack_depth
 
 PyTree = Any
@@ -74,6 +79,20 @@ def check_layer(layer: Any, where: str) -> Layer:
     return layer
 
 
+def cast_like(cotangent: PyTree, primal: PyTree) -> PyTree:
+    """``cotangent`` in ``primal``'s floating dtypes, leaf by leaf (other leaves as they are).
+
+    A pullback takes a cotangent only in its primal's dtype, and in a network whose layers have
+    different dtypes (a bfloat16 layer, then a float32 one) the cotangent a layer receives comes
+    out in its neighbour's dtype; each step and pull casts it before it meets a pullback."""
+    inexact = lambda a: jnp.issubdtype(jnp.result_type(a), jnp.inexact)
+    return jax.tree.map(
+        lambda c, a: c.astype(jnp.result_type(a)) if inexact(c) and inexact(a) else c,
+        cotangent,
+        primal,
+    )
+
+
 def vijp(layer: Layer, params: PyTree, x: PyTree, cotangent: PyTree) -> PyTree:
     """The output cotangent ``b`` with ``b J = cotangent``, ``J = d forward / dx`` at ``x``."""
     return check_layer(layer, "moonwalk.vijp").step(params, x, cotangent)[1]
@@ -103,20 +122,30 @@ def from_coupling(block: Coupling, name: str = "coupling") -> Layer:
 
     def generic_step(params, x, x_bar):
         y, forward_pullback = jax.vjp(block.forward, params, x)
-        _, inverse_pullback = jax.vjp(lambda y_: block.inverse(params, y_), y)
-        (y_bar,) = inverse_pullback(x_bar)
+        # inverse(y) comes out in the dtypes y and the params promote to, not necessarily x's
+        # (a bfloat16 x through float32 params gives a float32 y, and a float32 inverse).
+        x_again, inverse_pullback = jax.vjp(lambda y_: block.inverse(params, y_), y)
+        (y_bar,) = inverse_pullback(cast_like(x_bar, x_again))
         return y, y_bar, forward_pullback(y_bar)[0]
 
-    backward = reconstruct_and_vjp(block)
+    def fused_step(params, x, x_bar):
+        y, y_bar, params_bar = block.vijp_step(params, x, cast_like(x_bar, x))
+        return y, cast_like(y_bar, y), params_bar
 
     def pull(params, residual, y, y_bar):
-        x, x_bar, _ = backward(params, y, y_bar)
-        return x, x_bar
+        if block.backward is not None:  # fused: takes y_bar in y's dtypes
+            x, x_bar, _ = block.backward(params, y, cast_like(y_bar, y))
+            return x, x_bar
+        # reconstruct_and_vjp's generic step, without the unused parameter cotangent; y_bar
+        # is cast to what forward returns at the reconstructed input.
+        x = block.inverse(params, y)
+        y_again, pullback = jax.vjp(lambda x_: block.forward(params, x_), x)
+        return x, pullback(cast_like(y_bar, y_again))[0]
 
     return Layer(
         name=name,
         forward=block.forward,
-        step=block.vijp_step or generic_step,
+        step=generic_step if block.vijp_step is None else fused_step,
         save_forward=lambda params, x: (block.forward(params, x), None),
         pull=pull,
         reconstructs=True,
@@ -175,6 +204,7 @@ def leaky_relu(slope: float = 0.1, name: str = "leaky_relu") -> Layer:
         return jnp.where(positive, 1.0, slope).astype(like.dtype)
 
     def step(params, x, x_bar):
+        x_bar = cast_like(x_bar, x)
         return forward(params, x), x_bar / derivative(x >= 0, x_bar), params
 
     def save_forward(params, x):
@@ -256,10 +286,10 @@ def submersive_linear(name: str = "submersive_linear") -> Layer:
     def step(params, x, x_bar):
         y, pullback = jax.vjp(forward, params, x)
         u = submersive_weight(params, name)[: y.shape[-1]]
-        a = x_bar[..., : y.shape[-1]]
+        a = cast_like(x_bar, x)[..., : y.shape[-1]]
         flat = a.reshape(-1, a.shape[-1])  # solve U b^T = a^T for every row at once
         y_bar = jax.scipy.linalg.solve_triangular(u, flat.T, lower=False, unit_diagonal=True)
-        y_bar = y_bar.T.reshape(a.shape)
+        y_bar = y_bar.T.reshape(a.shape).astype(y.dtype)  # promoted if x and W differ
         return y, y_bar, pullback(y_bar)[0]
 
     def pull(params, residual, y, y_bar):
@@ -282,7 +312,7 @@ def _raise_if_singular(ratio, finite, *, name: str, tolerance: float):
             f"dense({name!r}): the Jacobian has non-finite entries at batch rows {rows[:8]} (a "
             "NaN or inf in the input, the params or the layer), so the vijp is undefined"
         )
-    worst = float(np.min(ratio))
+    worst = abs(float(np.min(ratio)))  # >= 0; abs() prints a -0.0 singular value as "0"
     if not worst > tolerance:
         raise ValueError(
             f"dense({name!r}): the layer is not submersive at this input: its Jacobian's "
@@ -309,8 +339,9 @@ def dense(
     to the output's dtype.
 
     Raises:
-      ValueError: ``k > n`` (at trace time), or (at run time, through ``jax.debug.callback``) a
-        Jacobian whose singular values have a ratio ``<= tolerance`` or are not finite; both name
+      ValueError: (at trace time, in the vijp) ``x`` not of shape ``(batch, n)``, the output
+        not ``(batch, k)``, or ``k > n``; or (at run time, through ``jax.debug.callback``) a
+        Jacobian whose singular values have a ratio ``<= tolerance`` or are not finite; all name
         the layer. Under ``jax.jit`` the run-time error reaches the caller wrapped in
         ``jax.errors.JaxRuntimeError`` (the callback's exception cannot cross the compiled
         call), with the same message.
@@ -320,7 +351,19 @@ def dense(
         return forward(params, row[None])[0]
 
     def step(params, x, x_bar):
+        shape = lambda a: getattr(a, "shape", jax.tree.structure(a))
+        if getattr(x, "ndim", None) != 2:
+            raise ValueError(
+                f"dense({name!r}): expects x of shape (batch, n), one row per example (its "
+                f"Jacobian is taken row by row); got x of shape {shape(x)}. Flatten each "
+                "example to a row, or use method='backprop'"
+            )
         y, pullback = jax.vjp(forward, params, x)
+        if getattr(y, "ndim", None) != 2 or y.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"dense({name!r}): expects forward(params, x) of shape (batch, k) for x of shape "
+                f"(batch, n) = {x.shape}; got {shape(y)}"
+            )
         if y.shape[-1] > x.shape[-1]:
             raise ValueError(
                 f"dense({name!r}): maps width {x.shape[-1]} to {y.shape[-1]}; a width-increasing "
@@ -338,8 +381,8 @@ def dense(
         return y, y_bar, pullback(y_bar)[0]
 
     def pull(params, x, y, y_bar):
-        _, pullback = jax.vjp(lambda x_: forward(params, x_), x)
-        return None, pullback(y_bar)[0]
+        y_again, pullback = jax.vjp(lambda x_: forward(params, x_), x)
+        return None, pullback(cast_like(y_bar, y_again))[0]
 
     return Layer(name, forward, step, lambda params, x: (forward(params, x), x), pull)
 
@@ -386,7 +429,7 @@ def chain(*layers: Layer, name: str = "chain") -> Layer:
     def step(params, x, x_bar):
         grads = []
         for layer, p in zip(layers, _params(params), strict=True):
-            x, x_bar, g = layer.step(p, x, x_bar)
+            x, x_bar, g = layer.step(p, x, cast_like(x_bar, x))  # for Layers written elsewhere
             grads.append(g)
         return x, x_bar, _like(params, grads)
 
@@ -444,9 +487,9 @@ def stack(layer: Layer, name: str | None = None) -> Layer:
 
         def body(carry, p):
             y, y_bar, g = layer.step(p, *carry)
-            return (y, y_bar), g
+            return (y, cast_like(y_bar, y)), g  # the carry keeps its dtypes
 
-        (y, y_bar), grads = lax.scan(body, (x, x_bar), params)
+        (y, y_bar), grads = lax.scan(body, (x, cast_like(x_bar, x)), params)
         return y, y_bar, grads
 
     def save_forward(params, x):
@@ -465,7 +508,8 @@ def stack(layer: Layer, name: str | None = None) -> Layer:
             y_, y_bar_ = carry
             p, r, stored = inputs
             x_, x_bar_ = layer.pull(p, r, stored if keep_output else y_, y_bar_)
-            return (x_ if layer.reconstructs else y_, x_bar_), None
+            # The scan carry keeps its dtypes; a stack's layers keep the stream's dtype.
+            return (x_ if layer.reconstructs else y_, cast_like(x_bar_, y_bar_)), None
 
         (x, x_bar), _ = lax.scan(body, (y, y_bar), (params, rs, outputs), reverse=True)
         return (x if layer.reconstructs else None), x_bar
