@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 PyTree = Any
@@ -116,20 +117,44 @@ def relative_error(approx: PyTree, reference: PyTree) -> jax.Array:
     return relative_norm(*metric_leaves("relative_error", approx, reference))
 
 
+def _given_dtype(value: Any) -> np.dtype:
+    """The dtype of ``value`` as given (a NumPy float64 stays float64 without x64)."""
+    return np.dtype(value.dtype) if hasattr(value, "dtype") else np.dtype(jnp.result_type(value))
+
+
+def _on_host(value: Any) -> bool:
+    return isinstance(value, np.ndarray | np.generic)
+
+
+def _host_bitwise_equal(x: np.ndarray, y: np.ndarray) -> bool:
+    """:func:`bitwise_equal` of two NumPy arrays of one dtype, in NumPy."""
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        x, y = np.stack([x.real, x.imag]), np.stack([y.real, y.imag])
+    if jnp.issubdtype(x.dtype, jnp.floating):  # bfloat16 too (NumPy's issubdtype misses it)
+        bits = np.dtype(f"uint{8 * x.dtype.itemsize}")
+        x, y = np.ascontiguousarray(x).view(bits), np.ascontiguousarray(y).view(bits)
+    return bool(np.array_equal(x, y))
+
+
 def bitwise_equal(a: PyTree, b: PyTree) -> jax.Array:
     """Whether two pytrees have the same structure, shapes, dtypes and bit patterns (a boolean
     scalar; usable under ``jit``).
 
     Stricter than ``array_equal``: ``+0.0`` and ``-0.0`` differ, and a NaN equals a NaN with the
-    same payload. This is the check behind every "bitwise" claim of revjax.
+    same payload. This is the check behind every "bitwise" claim of revjax. Dtypes are those
+    of the leaves as given, and two NumPy leaves are compared on the host: a NumPy float64 is
+    neither float32 nor converted to it when JAX runs without x64.
     """
     if jax.tree.structure(a) != jax.tree.structure(b):
         return jnp.bool_(False)
     same = [jnp.bool_(True)]
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        x, y = jnp.asarray(x), jnp.asarray(y)
-        if x.shape != y.shape or x.dtype != y.dtype:
+        if jnp.shape(x) != jnp.shape(y) or _given_dtype(x) != _given_dtype(y):
             return jnp.bool_(False)
+        if _on_host(x) and _on_host(y):
+            same.append(jnp.bool_(_host_bitwise_equal(np.asarray(x), np.asarray(y))))
+            continue
+        x, y = jnp.asarray(x), jnp.asarray(y)
         if jnp.issubdtype(x.dtype, jnp.complexfloating):  # compare both parts' bits
             x, y = jnp.stack([x.real, x.imag]), jnp.stack([y.real, y.imag])
         if jnp.issubdtype(x.dtype, jnp.floating):

@@ -50,6 +50,9 @@ def output_path_problem(path: str | os.PathLike, *, directory: bool = False) -> 
     if path.is_dir():
         return f"{path} is a directory; name a file"
     if not path.parent.is_dir():
+        existing = next(p for p in path.parents if p.exists())
+        if not existing.is_dir():
+            return f"{existing} is a file, so {path} cannot be created"
         return f"directory {path.parent} does not exist"
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         return f"{path} is not writable"

@@ -213,7 +213,7 @@ def _run_all(
                 if code is None:
                     _kill_group(process)
                 failure = (
-                    f"timed out after {timeout:.0f} s"
+                    f"timed out after {timeout:g} s"
                     if code is None
                     else (f"exit {code}" if code else None)
                 )

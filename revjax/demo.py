@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("depth", "deep", "epochs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**32:  # NumPy's generator and jax.random.key both take these
+        parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
     problem = None if args.json is None else output_path_problem(args.json)
     if problem is not None:
         parser.error(f"--json {args.json}: {problem}")

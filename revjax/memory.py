@@ -33,8 +33,10 @@ class CompiledMemory:
     def footprint_bytes(self) -> int:
         """Arguments + outputs + temps - donated (aliased) bytes: the executable's planned peak,
         what must fit in device memory to run it. Arrays the function closes over become
-        constants of the executable and appear in none of these fields: pass them as
-        arguments to have them counted."""
+        constants of the executable, not arguments: XLA:CPU counts them in ``temp_bytes``
+        (a closed-over ``n x n`` float32 matrix adds ``4 n^2`` bytes, ``tests/test_memory.py``),
+        so a temp figure meant to hold only activations needs the weights passed as
+        arguments."""
         return self.temp_bytes + self.argument_bytes + self.output_bytes - self.alias_bytes
 
 

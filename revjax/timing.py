@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numbers
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
+
+from revjax._validate import positive_int
 
 
 def median_ms(fn: Callable[..., Any], *args: Any, repeats: int = 10, warmup: int = 2) -> float:
@@ -16,9 +19,13 @@ def median_ms(fn: Callable[..., Any], *args: Any, repeats: int = 10, warmup: int
     The first ``warmup`` calls (compilation, autotuning) are not timed; every call is
     synchronised with ``jax.block_until_ready``. Only GPU/TPU timings are claims: CPU numbers on
     a shared 2-core machine are for orientation.
+
+    Raises:
+      ValueError: ``repeats`` not an int >= 1 or ``warmup`` not an int >= 0.
     """
-    if repeats < 1:
-        raise ValueError(f"median_ms: repeats must be >= 1, got {repeats}")
+    positive_int(repeats, "repeats", "median_ms")
+    if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0:
+        raise ValueError(f"median_ms: warmup must be an int >= 0, got {warmup!r}")
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []

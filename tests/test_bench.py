@@ -89,6 +89,17 @@ def test_a_failing_script_does_not_stop_the_others(tmp_path, capsys, monkeypatch
     assert (tmp_path / GEMMS).exists()  # the second script still ran
 
 
+def test_a_fractional_timeout_is_reported_as_given(tmp_path, capsys, monkeypatch):
+    """``--timeout 0.5`` was reported as "timed out after 0 s" (formatted with ``.0f``)."""
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "report.py").write_text("")
+    (tmp_path / "benchmarks" / "slow.py").write_text("import time\ntime.sleep(30)\n")
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    monkeypatch.setitem(bench.SUITES, "cpu", [["slow.py"]])
+    assert bench.main(["--out", str(tmp_path), "--timeout", "0.5"]) == 1
+    assert "timed out after 0.5 s" in capsys.readouterr().err
+
+
 def test_a_script_past_its_timeout_is_killed_with_its_children(tmp_path, capsys, monkeypatch):
     """The script starts a child that would outlive it; the timeout kills the whole group."""
     marker, pid_file = tmp_path / "child_survived", tmp_path / "child.pid"

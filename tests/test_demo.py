@@ -53,6 +53,9 @@ def test_cli_usage(capsys):
         (["--epochs", "0"], "--epochs must be >= 1, got 0"),
         (["--depth", "-1"], "--depth must be >= 1, got -1"),
         (["--deep", "0"], "--deep must be >= 1, got 0"),
+        # Both crashed with a traceback (NumPy's generator, then jax.random.key) and exit 1.
+        (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+        (["--seed", str(2**70)], f"--seed must be in [0, 2**32), got {2**70}"),
         (["--json", "/no/such/dir/demo.json"], "directory /no/such/dir does not exist"),
         # A directory passed the old check and failed after the training (IsADirectoryError).
         (["--json", "/"], "--json /: / is a directory; name a file"),

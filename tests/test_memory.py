@@ -33,6 +33,17 @@ def test_temp_grows_with_stored_intermediates():
     assert temp(2).temp_mib == short / 2**20
 
 
+def test_closed_over_arrays_count_as_temp_bytes_on_cpu():
+    """The docstring once said closed-over arrays appear in no field; XLA:CPU counts them in
+    ``temp_bytes`` (a probe found it), which would inflate an "activation" temp figure."""
+    n = 256
+    weight = jnp.ones((n, n))
+    closed = compiled_memory(lambda a: a @ weight, jnp.ones((4, n)))
+    passed = compiled_memory(lambda a, w: a @ w, jnp.ones((4, n)), weight)
+    assert closed.temp_bytes - passed.temp_bytes >= 4 * n * n
+    assert passed.argument_bytes - closed.argument_bytes == 4 * n * n
+
+
 def test_accepts_jitted_functions_and_concrete_arrays():
     fn = jax.jit(lambda x, y: x @ y)
     mem = compiled_memory(fn, jnp.ones((8, 4)), y=jnp.ones((4, 2)))

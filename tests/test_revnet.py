@@ -140,6 +140,37 @@ def test_checkpointed_twin_matches_backprop_with_less_memory():
         revnet_logits(params, x, checkpoint=True)
 
 
+@pytest.mark.parametrize("downsample", ["squeeze", "batch_pool"])
+def test_an_empty_batch_gives_empty_logits(downsample):
+    """Found by a probe: the pooling reshape inferred its phase count with -1, which fails
+    for an empty batch (ZeroDivisionError), although the trunk itself took it."""
+    params = init_revnet(jax.random.key(0), stages=2, blocks=1, hidden=4, downsample=downsample)
+    assert revnet_logits(params, jnp.ones((0, 8, 8, 1)), downsample=downsample).shape == (0, 10)
+
+
+def test_the_inverse_refuses_features_the_trunk_cannot_have_produced():
+    """Found by a probe: the inverse checked nothing and failed inside ``jnp.split`` or a
+    pooling layer's inverse; it now names the expected channels, phases or ``downsample``."""
+    params = init_revnet(jax.random.key(0), stages=2, blocks=1, hidden=4)
+    pooled = init_revnet(jax.random.key(0), stages=2, blocks=1, hidden=4, downsample="batch_pool")
+    z = revnet_features(pooled, jnp.zeros((2, 8, 8, 1)), downsample="batch_pool")
+    assert z.shape == (8, 2, 2, 4)
+    x = revnet_features_inverse(pooled, z, downsample="batch_pool")
+    assert x.shape == (2, 8, 8, 1)
+    where = "revnet_features_inverse"
+    with pytest.raises(ValueError, match=rf"{where}: z must be \(N, h, w, C\) features"):
+        revnet_features_inverse(params, jnp.zeros((2, 2, 16)))
+    with pytest.raises(ValueError, match=r"z has shape \(2, 8, 8, 3\), but .* 16 channels"):
+        revnet_features_inverse(params, jnp.ones((2, 8, 8, 3)))
+    with pytest.raises(ValueError, match=r"z has shape \(3, 2, 2, 4\), .* multiple of 4"):
+        revnet_features_inverse(pooled, jnp.ones((3, 2, 2, 4)), downsample="batch_pool")
+    wrong_downsample = rf'{where}: stage 1 .* built with downsample="batch_pool"'
+    with pytest.raises(ValueError, match=wrong_downsample):
+        revnet_features_inverse(pooled, z)
+    with pytest.raises(TypeError, match=rf"{where}: z is bfloat16 but the parameters are float32"):
+        revnet_features_inverse(params, jnp.ones((2, 2, 2, 16), jnp.bfloat16))
+
+
 def test_bad_inputs_are_refused_with_the_expected_values():
     """Each case once failed deep inside a convolution (or reported an intermediate shape)."""
     params = init_revnet(jax.random.key(0), stages=2, blocks=1, hidden=4)

@@ -1,6 +1,7 @@
 """timing: median of synchronised runs."""
 
 import itertools
+import re
 
 import jax.numpy as jnp
 import pytest
@@ -30,3 +31,18 @@ def test_median_ms_is_the_median_of_the_timed_synchronised_calls(monkeypatch):
 def test_median_ms_rejects_no_repeats():
     with pytest.raises(ValueError, match="repeats"):
         median_ms(lambda: 0, repeats=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"repeats": 2.5}, "repeats must be a positive int, got 2.5"),  # was range's TypeError
+        ({"warmup": -1}, "warmup must be an int >= 0, got -1"),  # was silently no warmup
+        ({"warmup": 1.5}, "warmup must be an int >= 0, got 1.5"),
+    ],
+)
+def test_median_ms_rejects_bad_counts_by_name(kwargs, message):
+    calls = []
+    with pytest.raises(ValueError, match=re.escape(f"median_ms: {message}")):
+        median_ms(lambda: calls.append(1), **kwargs)
+    assert not calls  # refused before running anything

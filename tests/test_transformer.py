@@ -114,6 +114,12 @@ def test_token_ids_outside_the_vocabulary_give_nan():
     narrow = np.asarray(model(jnp.array([[1, 2, -56]], jnp.int8)))
     assert np.isnan(narrow[0, 2]).all()
     np.testing.assert_array_equal(np.asarray(model(jnp.array([[1, 2, 3]], jnp.int8))), logits[:1])
+    # A bad id used only as a target (the last position): a negative one was read by optax as
+    # counted from the end of the vocabulary, a finite loss equal to that of id 255.
+    assert np.isfinite(next_token_loss(model, jnp.array([[1, 2, 255]])))
+    for bad in (-1, 256):
+        assert np.isnan(next_token_loss(model, jnp.array([[1, 2, bad]]))), bad
+    assert np.isfinite(next_token_loss(model, [[1, 2, 3]]))  # a nested list, as jnp takes it
     with pytest.raises(ValueError, match="hidden must be a positive int, got 0"):
         ReversibleTransformer(256, 32, 1, 4, 16, hidden=0, rngs=nnx.Rngs(0))
 

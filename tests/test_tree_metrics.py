@@ -75,6 +75,20 @@ def test_bitwise_equal_compares_bits():
     assert not bool(bitwise_equal(z, jnp.array([complex(1.0, -0.0)])))  # imaginary -0 vs +0
 
 
+def test_bitwise_equal_keeps_numpy_float64_leaves_as_given():
+    """Found by a probe: without x64, ``jnp.asarray`` turned NumPy float64 into float32 first,
+    so two different float64 arrays compared equal, and a float64 equalled a float32."""
+    a = np.array([0.1, -0.0, np.nan])
+    b = np.nextafter(a, 1.0)  # differs from a in the last bit of each entry
+    assert not bool(bitwise_equal(a, b))
+    assert bool(bitwise_equal(a, a.copy()))
+    assert not bool(bitwise_equal(a, np.array([0.1, 0.0, np.nan])))  # -0 vs +0 on the host
+    assert not bool(bitwise_equal(jnp.array([0.1], jnp.float32), np.array([0.1])))
+    assert bool(bitwise_equal(np.float32(0.5), jnp.float32(0.5)))  # same dtype, mixed kinds
+    h = np.array([1.0, -0.0], jnp.bfloat16)  # NumPy's issubdtype does not know bfloat16
+    assert not bool(bitwise_equal(h, np.array([1.0, 0.0], jnp.bfloat16)))
+
+
 def test_relative_error_rejects_different_structures():
     with pytest.raises(ValueError, match="structure"):
         relative_error({"a": jnp.ones(2)}, (jnp.ones(2),))

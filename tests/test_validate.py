@@ -38,6 +38,12 @@ def test_output_path_problem_for_a_file(tmp_path):
     assert output_path_problem(tmp_path) == f"{tmp_path} is a directory; name a file"
     missing = tmp_path / "no" / "x.json"
     assert output_path_problem(missing) == f"directory {tmp_path / 'no'} does not exist"
+    # Below a file: said "directory ... does not exist" although it exists, as a file.
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert output_path_problem(afile / "x.json") == (
+        f"{afile} is a file, so {afile / 'x.json'} cannot be created"
+    )
 
 
 def test_output_path_problem_for_a_directory(tmp_path):

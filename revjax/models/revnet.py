@@ -120,7 +120,9 @@ def _check_downsample(downsample: str) -> None:
         )
 
 
-def _check_input(params: dict[str, Any], x: jax.Array, downsample: str, where: str) -> None:
+def _check_input(
+    params: dict[str, Any], x: jax.Array, downsample: str, where: str, name: str = "x"
+) -> None:
     """Refuses, naming the stage and the expected and actual values, an input the trunk cannot
     take: not ``(N, H, W, C)``, H or W not divisible by ``2^stages``, channels or dtype other
     than the parameters', or parameters built for the other ``downsample``."""
@@ -153,8 +155,8 @@ def _check_input(params: dict[str, Any], x: jax.Array, downsample: str, where: s
     dtype = params["head"]["w"].dtype
     if jax.dtypes.canonicalize_dtype(x.dtype) != dtype:  # NumPy float64 is float32 without x64
         raise TypeError(
-            f"{where}: x is {x.dtype} but the parameters are {dtype}; cast one to the other "
-            f"(e.g. x.astype({dtype.name}))"
+            f"{where}: {name} is {x.dtype} but the parameters are {dtype}; cast one to the "
+            f"other (e.g. {name}.astype({dtype.name}))"
         )
 
 
@@ -252,8 +254,38 @@ def revnet_features(
 def revnet_features_inverse(
     params: dict[str, Any], z: jax.Array, *, downsample: str = "squeeze"
 ) -> jax.Array:
-    """The trunk's inverse: the image ``x`` with ``revnet_features(params, x) == z``."""
+    """The trunk's inverse: the image ``x`` with ``revnet_features(params, x) == z``.
+
+    Raises:
+      ValueError: z not 4-D, its channels other than the trunk's output channels, its batch
+        not a multiple of the batch-pooling phases, parameters built for another
+        ``downsample`` (checked as :func:`revnet_features` checks its input), an unknown
+        ``downsample``.
+      TypeError: z's dtype differs from the parameters'.
+    """
     _check_downsample(downsample)
+    where = "revnet_features_inverse"
+    if jnp.ndim(z) != 4:
+        raise ValueError(f"{where}: z must be (N, h, w, C) features, got shape {jnp.shape(z)}")
+    stages = params["stages"]
+    if stages:
+        in_channels = stages[0][0]["w1"].shape[-2] // 2  # stage 0 couples 4 C channels
+        out_channels = 2 * stages[-1][0]["w1"].shape[-2]
+        phases = 4 ** (len(stages) - 1) if downsample == "batch_pool" else 1
+    else:
+        in_channels = out_channels = params["head"]["w"].shape[0]
+        phases = 1
+    scale = 2 ** len(stages)
+    image = jax.ShapeDtypeStruct(
+        (z.shape[0] // phases, z.shape[1] * scale, z.shape[2] * scale, in_channels), z.dtype
+    )
+    _check_input(params, image, downsample, where, name="z")
+    if z.shape[-1] != out_channels or z.shape[0] % phases:
+        raise ValueError(
+            f"{where}: z has shape {z.shape}, but the trunk's output has {out_channels} "
+            f"channels and a batch that is a multiple of {phases} ({len(stages)} stages, "
+            f'downsample="{downsample}")'
+        )
     block = revnet_block()
     for s in reversed(range(len(params["stages"]))):
         z1, z2 = inverse_scan(block, params["stages"][s], tuple(jnp.split(z, 2, axis=-1)))
@@ -280,7 +312,9 @@ def revnet_logits(
         across_stages=across_stages,
         checkpoint=checkpoint,
     )
-    features = features.reshape(-1, x.shape[0], *features.shape[1:])  # (phases, N, h, w, C)
+    # (phases, N, h, w, C); phases spelled out, as -1 cannot be inferred for an empty batch.
+    phases = features.shape[0] // max(x.shape[0], 1)
+    features = features.reshape(phases, x.shape[0], *features.shape[1:])
     pooled = jnp.mean(features, axis=(0, 2, 3))
     return pooled @ params["head"]["w"] + params["head"]["b"]
 

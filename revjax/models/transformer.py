@@ -262,13 +262,19 @@ def next_token_loss(
 ) -> jax.Array:
     """Mean cross-entropy (nats) of predicting ``tokens[:, t + 1]`` from ``tokens[:, :t + 1]``.
 
-    ``tokens (B, T)`` with ``T >= 2`` (one input and one target at least)."""
+    ``tokens (B, T)`` with ``T >= 2`` (one input and one target at least). A target id outside
+    ``[0, vocab_size)`` gives a NaN loss, like such an input id (optax would read a negative
+    label as one counted from the end of the vocabulary)."""
+    tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(
             f"next_token_loss: tokens must have shape (batch, T) with T >= 2, got {tokens.shape}"
         )
     logits = model(tokens[:, :-1], key=key)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    labels = tokens[:, 1:].astype(jnp.int32)
+    valid = (labels >= 0) & (labels < logits.shape[-1])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+    return jnp.where(valid, losses, jnp.nan).mean()
 
 
 __all__ = [
