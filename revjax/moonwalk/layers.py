@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from revjax.coupling import Coupling, sequence
+from revjax.coupling import Coupling, reconstruct_and_vjp, sequence
 from revjax.scan import reversible_scan, stack_depth
 
 PyTree = Any
@@ -132,15 +132,13 @@ def from_coupling(block: Coupling, name: str = "coupling") -> Layer:
         y, y_bar, params_bar = block.vijp_step(params, x, cast_like(x_bar, x))
         return y, cast_like(y_bar, y), params_bar
 
+    backward = reconstruct_and_vjp(block)
+
     def pull(params, residual, y, y_bar):
-        if block.backward is not None:  # fused: takes y_bar in y's dtypes
-            x, x_bar, _ = block.backward(params, y, cast_like(y_bar, y))
-            return x, x_bar
-        # reconstruct_and_vjp's generic step, without the unused parameter cotangent; y_bar
-        # is cast to what forward returns at the reconstructed input.
-        x = block.inverse(params, y)
-        y_again, pullback = jax.vjp(lambda x_: block.forward(params, x_), x)
-        return x, pullback(cast_like(y_bar, y_again))[0]
+        # forward at the reconstructed input returns y's dtypes again, so y_bar is cast to
+        # those (jit drops the unused parameter cotangent).
+        x, x_bar, _ = backward(params, y, cast_like(y_bar, y))
+        return x, x_bar
 
     return Layer(
         name=name,
