@@ -80,6 +80,8 @@ LAYERS = [
     {"moonwalk", "moonwalk.gradients", "moonwalk.layers"},
     {
         "nnx",
+        "_nnx_block",
+        "_nnx_branch",
         "nnx_state",
         "linen",
         "models",
@@ -89,7 +91,10 @@ LAYERS = [
     {"compare", "demo", "bench", "__main__", ""},  # "" is the package's __init__
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
-FLAX_ALLOWED = {"nnx", "nnx_state", "linen", "compare", "demo", "bench", "__main__"}
+FLAX_ALLOWED = {
+    *("nnx", "_nnx_block", "_nnx_branch", "nnx_state", "linen"),
+    *("compare", "demo", "bench", "__main__"),
+}
 
 
 def _module_imports(path: Path) -> set[str]:

@@ -1,0 +1,170 @@
+"""Flax NNX branches as pure functions of their parameters, with RNG streams from a key.
+
+Inside :func:`revjax.reversible_scan` nothing may be stateful. ``nnx.split`` separates a
+branch into a graph definition, its ``nnx.Param`` state (the scanned, differentiated
+parameters) and its RNG streams; :func:`pure_branch` turns that into a pure function
+``(params_l, x_half, key) -> out`` that merges a fresh copy of the module, reseeds every RNG
+stream in it from the explicit key (stream ``i`` in ``nnx.iter_graph`` order gets
+``fold_in(key, i)``, count 0), and calls it. Called with the same key in the forward pass and in
+the reconstruction, it replays dropout masks exactly, and no module's mutable RNG counter is
+read or advanced inside the scan.
+
+Whether a branch's output depends on its key (dropout in training mode, noise layers,
+stochastic depth) is read off the traced computation by backward liveness
+(:func:`draws_random`), not from module attributes. Internal to :mod:`revjax.nnx`, which
+re-exports :func:`draws_random`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+from flax import nnx
+
+from revjax.coupling import Coupling
+
+PyTree = Any
+Key = Any
+
+# The state a reversible branch may hold: anything else would be updated twice per step.
+ALLOWED_STATE: tuple[type, ...] = (nnx.Param, nnx.RngState)
+
+
+def stream_template(
+    rng_state: nnx.State, stacked: bool = True
+) -> tuple[Any, list[tuple[tuple[int, ...], Any, bool]]]:
+    """Static description of one layer's RNG state: treedef and (shape, dtype, is_key) per leaf.
+
+    A ``stacked`` ``rng_state`` has a leading layer axis, which the per-layer shapes drop.
+    """
+    leaves, treedef = jax.tree.flatten(rng_state)
+    skip = 1 if stacked else 0
+    spec = [
+        (tuple(leaf.shape[skip:]), leaf.dtype, jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key))
+        for leaf in leaves
+    ]
+    return treedef, spec
+
+
+def _fresh_streams(template: tuple[Any, list], key: Key) -> nnx.State:
+    """One layer's RNG state rebuilt from ``key``: stream ``i`` gets ``fold_in(key, i)``, count
+    0."""
+    treedef, spec = template
+    leaves, stream = [], 0
+    for shape, dtype, is_key in spec:
+        if is_key:
+            leaves.append(jax.random.fold_in(key, stream))
+            stream += 1
+        else:
+            leaves.append(jnp.zeros(shape, dtype))
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def pure_branch(
+    graphdef: nnx.GraphDef,
+    template: tuple[Any, list] | None,
+    rest: nnx.State,
+    where: str,
+    owner: str = "the branch",
+):
+    """The branch as a pure function ``(params, h[, key]) -> out`` of one layer's parameters.
+
+    ``rest`` is the array-free remainder of the branch's state (e.g. the empty capture slots
+    ``nnx.capture`` adds); it is merged back unchanged. A call that leaves new state in the
+    branch (``sow``, ``perturb``) raises ``TypeError`` naming ``where``: such values are created
+    inside the scan and could only escape it as leaked tracers. A branch with RNG streams
+    called without a key runs if its output does not depend on them (eval mode, rate 0),
+    and otherwise raises ``ValueError`` naming ``owner``: its draws could not be replayed."""
+
+    def branch(params: nnx.State, h: jax.Array, key: Key | None = None) -> jax.Array:
+        if template is None:
+            module = nnx.merge(graphdef, params, rest)
+        else:
+            if key is None:
+                if depends_on_key(branch, params, h):
+                    raise ValueError(
+                        f"{owner}: {where} draws random numbers (active dropout, noise) and "
+                        "was called without a key, so its draws could not be replayed; pass "
+                        "key= (e.g. reversible_scan(block, params, x, key=key)) and the same "
+                        "key to inverse_scan"
+                    )
+                key = jax.random.key(0)  # never used: the output does not depend on it
+            module = nnx.merge(graphdef, params, _fresh_streams(template, key), rest)
+        out = module(h)
+        created = [
+            (".".join(map(str, path)), type(leaf).__name__)
+            for path, leaf in nnx.to_flat_state(nnx.state(module))
+            if not isinstance(leaf, ALLOWED_STATE) and jax.tree.leaves(leaf)
+        ]
+        if created:
+            raise TypeError(
+                f"{where} created state while running ({created[:3]}), e.g. by "
+                "sow() or perturb() (nnx.capture); values made inside the scan cannot leave it. "
+                "Return what you need to inspect, or run the block outside the stack"
+            )
+        return out
+
+    return branch
+
+
+def depends_on_key(branch: Any, params: PyTree, h: PyTree) -> bool:
+    """Whether ``branch(params, h, key)`` depends on ``key``, traced on shapes only (so it
+    can be asked inside another trace, of ``params`` and ``h`` that are tracers)."""
+    shape = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+    closed = jax.make_jaxpr(lambda k, p, x: branch(p, x, k))(
+        jax.random.key(0), jax.tree.map(shape, params), jax.tree.map(shape, h)
+    )
+    return output_uses_first_input(closed.jaxpr)
+
+
+def draws_random(block: Coupling, params: PyTree, x: PyTree) -> bool:
+    """Whether one layer of ``block`` (params with a leading layer axis) at stream ``x`` has an
+    output that depends on its key, i.e. whether its branches draw random numbers.
+
+    Decided on the traced computation of layer 0 by backward liveness: an equation is live if
+    one of its outputs is, and then all its inputs are (a live nested computation counts as
+    using all of its inputs, so the answer errs towards True). It sees any use of the
+    streams: dropout, noise layers, stochastic depth, dropout whose mode is given at call
+    time.
+    """
+    layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params)
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x)
+    closed = jax.make_jaxpr(lambda k, p, h: block.forward(p, h, k))(
+        jax.random.key(0), layer, shapes
+    )
+    return output_uses_first_input(closed.jaxpr)
+
+
+def output_uses_first_input(jaxpr: Any) -> bool:
+    """Backward liveness on a jaxpr: whether its first input reaches an output (errs towards
+    True: a live equation counts as using all its inputs)."""
+    variable = lambda v: isinstance(v, jax.extend.core.Var)
+    live = {v for v in jaxpr.outvars if variable(v)}
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in live for v in eqn.outvars):
+            live.update(v for v in eqn.invars if variable(v))
+    return jaxpr.invars[0] in live
+
+
+def branch_draws_random(branch: nnx.Module, h: jax.Array) -> bool:
+    """Whether one (unstacked) branch's output at ``h`` depends on its RNG streams: the
+    branch is traced with its streams rebuilt from a key, as :class:`revjax.nnx.Stack` runs
+    it."""
+    graphdef, params, streams, rest = nnx.split(branch, nnx.Param, nnx.RngState, ...)
+    if not jax.tree.leaves(streams):
+        return False
+    pure = pure_branch(graphdef, stream_template(streams, stacked=False), rest, "the branch")
+    return depends_on_key(pure, params, h)
+
+
+__all__ = [
+    "ALLOWED_STATE",
+    "branch_draws_random",
+    "depends_on_key",
+    "draws_random",
+    "pure_branch",
+    "stream_template",
+]
