@@ -4,10 +4,9 @@ deepest-depth search."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
+import math
 import os
-import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import jax
 
 from revjax._validate import output_path_problem
-from revjax.bench import CONCURRENT_ENV
+from revjax.bench import environment  # noqa: F401  (re-exported for the scripts)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -39,45 +38,27 @@ def add_out_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def positive(kind: type) -> Callable[[str], Any]:
-    """``argparse`` type: a ``kind`` (int or float) above 0 (``nan`` refused)."""
+    """``argparse`` type: a finite ``kind`` (int or float) above 0 (``nan``, ``inf`` refused)."""
 
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be finite and > 0, got {text}")
         return value
 
     return parse
 
 
-def environment() -> dict[str, Any]:
-    """Where and with what a result was measured."""
-    import flax
-
-    device = jax.devices()[0]
-    return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "backend": jax.default_backend(),
-        "device": getattr(device, "device_kind", str(device)),
-        "device_count": jax.device_count(),
-        "jax": jax.__version__,
-        "jaxlib": getattr(jax.lib, "__version__", None) or jax.__version__,
-        "flax": flax.__version__,
-        "python": platform.python_version(),
-        # None: JAX's default, which on a GPU rounds float32 matmul inputs TF32-like.
-        "default_matmul_precision": jax.config.jax_default_matmul_precision,
-        # Benchmark scripts running at once with this one included (`python -m revjax bench`
-        # runs some two at a time); 1: alone, or run by hand.
-        "concurrent_jobs": int(os.environ.get(CONCURRENT_ENV, "1")),
-    }
-
-
 def write_json(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
     """Write ``payload`` to ``out_dir / name`` atomically (a temporary file, then a rename), so
-    a run killed mid-write leaves the previous complete file, never a truncated one."""
+    a run killed mid-write leaves the previous complete file, never a truncated one.
+
+    A non-finite float (a diverged run's error) is kept as such, written as the ``NaN`` /
+    ``Infinity`` tokens Python's ``json`` reads back (``benchmarks/report.py`` renders them as
+    ``nan``/``inf``); turning it into ``null`` would lose which it was."""
     out_dir = Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name

@@ -139,7 +139,7 @@ def _footprints(method: str, depths: tuple[int, ...]) -> dict[int, int]:
     return {d: memory(method, d).footprint_bytes for d in depths}
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, env: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,7 +153,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("layers L")
     ax.set_ylabel("gradient temp memory (MiB)")
-    ax.set_title(f"{WIDTH}-wide halves, hidden {HIDDEN}, batch {BATCH}, float32")
+    where = f"{env['device']}, {env['date']}"  # as the plots of plots.py say it
+    ax.set_title(f"{WIDTH}-wide halves, hidden {HIDDEN}, batch {BATCH}, float32 ({where})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -204,7 +205,7 @@ def main(argv=None) -> dict:
         print("deepest within budget:", method, payload["deepest_depth"][method], flush=True)
         result.save()
     path = result.finish()
-    plot(rows, Path(args.out or RESULTS) / f"memory_depth_{env['backend']}.png")
+    plot(rows, Path(args.out or RESULTS) / f"memory_depth_{env['backend']}.png", env)
     print(f"wrote {path}")
     return payload
 

@@ -314,7 +314,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.text(
         0.01,
         0.01,
-        "exact mode: 0 (plotted at 1e-9); missing points: overflow or NaN",
+        "an error of 0 (bitwise equal to the reference) is plotted at 1e-9; "
+        "missing points: overflow or NaN",
         transform=ax.transAxes,
         fontsize=7,
     )
@@ -393,7 +394,8 @@ def main(argv=None) -> None:
     plot(
         rows,
         path.with_suffix(".png"),
-        f"{env['device']}, batch {size['batch']}, width {size['width']}, hidden {size['hidden']}",
+        f"{'' if payload['complete'] else 'PARTIAL RUN, '}{env['device']}, {env['date']}, "
+        f"batch {size['batch']}, width {size['width']}, hidden {size['hidden']}",
     )
     print(table(rows))
     print(f"wrote {path} and {path.with_suffix('.png')}")
@@ -411,8 +413,13 @@ def earlier_run(path: Path, size: dict, env: dict) -> dict:
     than the depths, and the device), so that appending to it mixes nothing."""
     try:
         earlier = json.loads(path.read_text())
-        earlier["size"], earlier["env"]["device"], earlier["rows"]
-    except (ValueError, KeyError, TypeError) as err:
+        # Everything the merge reads; a field missing here would surface as a traceback after
+        # the measuring.
+        earlier["size"]["depths"], earlier["size"].items(), earlier["env"]["device"]
+        earlier["env"]["date"]
+        for row in earlier["rows"]:
+            row["depth"], row["overflow"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise SystemExit(
             f"numerics_depth: --append to {path}, which is not a numerics_depth result "
             f"({type(err).__name__}: {err}); run without --append to measure afresh"

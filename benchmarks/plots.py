@@ -20,6 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from revjax._validate import output_path_problem
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -93,16 +95,22 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parser.parse_args(argv)
     if not args.results.is_dir():  # else nothing is drawn and nothing said
         parser.error(f"--results {args.results}: not a folder")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out}: exists and is not a folder")
     out_dir = args.out or args.results
+    problem = output_path_problem(out_dir, directory=True)
+    if problem is not None:  # e.g. a path below a file: mkdir's traceback otherwise
+        parser.error(f"--out {out_dir}: {problem}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, unreadable = [], []
     for name, plot in PLOTS.items():
         path = args.results / name
         if not path.exists():
             continue
-        payload = json.loads(path.read_text())
+        try:
+            payload = json.loads(path.read_text())
+            payload["env"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            unreadable.append(f"{path}: {type(err).__name__}: {err}")
+            continue  # the other results are still worth drawing
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         plot(payload, ax)
         partial = "" if payload.get("complete", True) else "PARTIAL RUN, "
@@ -115,6 +123,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         plt.close(fig)
         written.append(target)
         print(f"wrote {target}")
+    if unreadable:
+        raise SystemExit("plots.py: not a result JSON, not plotted:\n  " + "\n  ".join(unreadable))
     return written
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -35,9 +36,12 @@ def _source(env: dict, script: str, *filenames: str) -> str:
 
 def _num(x: float, sig: int = 2) -> str:
     """``x`` to ``sig`` significant digits: plain between 0.1 and 10^4 (``0.22``, ``2.1``,
-    ``210``), else scientific without exponent padding (``2.9e-6``, ``1.1e-2``, ``3.1e7``)."""
+    ``210``), else scientific without exponent padding (``2.9e-6``, ``1.1e-2``, ``3.1e7``);
+    ``inf``/``nan`` as such (a diverged run writes them)."""
     if x == 0:
         return "0"
+    if not math.isfinite(x):
+        return str(x)
     mantissa, power = f"{x:.{sig - 1}e}".split("e")
     exponent = int(power)
     if -1 <= exponent < 4:
@@ -467,8 +471,8 @@ def render_numerics_depth_summary(payload: dict, filename: str) -> str:
     growth = _series([f"~{_num(peak[d])} at L = {d}" for d in sorted(shown)])
     f32 = lambda d: err[("f32 stream", d)]["grad_rel_err"]
     bf16 = lambda d: err[("bf16 stream", d)]["grad_rel_err"]
-    sane = [d for d in depths if f32(d) < 1]
-    lost = next((d for d in depths if f32(d) >= 1 and bf16(d) >= 1), None)
+    sane = [d for d in depths if f32(d) < 1]  # NaN (a diverged gradient) is not
+    lost = next((d for d in depths if not f32(d) < 1 and not bf16(d) < 1), None)
     ratios = [bf16(d) / f32(d) for d in sane if f32(d) > 0]  # 0: reconstruction was exact
     anchored = [r for r in err.values() if ", k=" in r["method"]]
     ks = sorted({int(r["method"].split("k=")[1]) for r in anchored})
@@ -476,14 +480,21 @@ def render_numerics_depth_summary(payload: dict, filename: str) -> str:
     inexact = [err[("exact", d)] for d in depths if ("exact", d) in err and d not in exact]
     overflow = [r["depth"] for r in rows if r["method"] == "exact" and r["overflow"]]
     exact_f32 = [f"L = {d}" for d in sane if err[("f32 stream", d)].get("bitwise_equal")]
-    better = (
-        f"a float32 stream is {_span(ratios, lambda x: f'{x:.0f}')} times better than a bf16 "
-        f"one up to L = {sane[-1]}"
-        + (f" (its gradient bitwise exact at {_series(exact_f32)})" if exact_f32 else "")
-        if ratios
-        else f"a float32 stream is exact up to L = {sane[-1]}"
+    if not sane:
+        better = f"a float32 stream is no better than a bf16 one from L = {depths[0]}"
+    elif ratios:
+        better = (
+            f"a float32 stream is {_span(ratios, lambda x: f'{x:.0f}')} times better than a "
+            f"bf16 one up to L = {sane[-1]}"
+            + (f" (its gradient bitwise exact at {_series(exact_f32)})" if exact_f32 else "")
+        )
+    else:
+        better = f"a float32 stream is exact up to L = {sane[-1]}"
+    lost_text = (
+        f", but both are meaningless (relative error above 1, or not finite) by L = {lost}"
+        if lost
+        else ""
     )
-    lost_text = f", but both are meaningless (relative error above 1) by L = {lost}" if lost else ""
     return (
         f"{_partial(payload)}Without anchors the reconstruction error compounds with depth on "
         f"this expansive stack (the max |x| of its float32 stream is {growth}): {better}"

@@ -126,6 +126,13 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{config.steps}): nothing left to train"
                 )
         corpus = load_stdlib_text(args.max_bytes)
+        for name, split in (("train", corpus.train), ("valid", corpus.valid)):
+            if len(split) < config.seq_len + 1:  # else it fails once the first bar is drawn
+                raise ValueError(
+                    f"--seq-len {config.seq_len}: the {name} split of --max-bytes "
+                    f"{args.max_bytes} has {len(split)} bytes, fewer than one window of "
+                    f"{config.seq_len + 1}; use a shorter --seq-len or a larger --max-bytes"
+                )
     except ValueError as err:
         parser.error(str(err))
 

@@ -59,15 +59,26 @@ def _mesh_shape(parser: argparse.ArgumentParser, mesh: str, batch: int) -> tuple
     return data, model_axis
 
 
+def _positive_int(text: str) -> int:
+    """``argparse`` type: an int >= 1 (a batch, depth or step count of 0 has nothing to run)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mesh", default="2,4", help="devices along (data, model)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=16, help="global batch (rows)")
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--steps", type=_positive_int, default=20)
+    parser.add_argument("--batch", type=_positive_int, default=16, help="global batch (rows)")
+    parser.add_argument("--seq-len", type=_positive_int, default=64)
+    parser.add_argument("--dim", type=_positive_int, default=64)
+    parser.add_argument("--depth", type=_positive_int, default=4)
+    parser.add_argument("--heads", type=_positive_int, default=4)
     parser.add_argument("--distributed", action="store_true", help="multi-host initialisation")
     parser.add_argument("--coordinator", help="HOST:PORT of process 0 (else auto-detected)")
     parser.add_argument("--num-processes", type=int)
@@ -83,10 +94,13 @@ def main(argv: list[str] | None = None) -> dict:
     data, model_axis = _mesh_shape(parser, args.mesh, args.batch)
     mesh = jax.make_mesh((data, model_axis), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     with jax.set_mesh(mesh):
-        model = ReversibleTransformer(
-            256, args.dim, args.depth, args.heads, args.seq_len,
-            dropout=0.1, tensor_parallel="model", rngs=nnx.Rngs(0),
-        )  # fmt: skip
+        try:  # the model names a bad combination, e.g. --dim not divisible by --heads
+            model = ReversibleTransformer(
+                256, args.dim, args.depth, args.heads, args.seq_len,
+                dropout=0.1, tensor_parallel="model", rngs=nnx.Rngs(0),
+            )  # fmt: skip
+        except ValueError as err:
+            parser.error(str(err))
         optimizer = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
 
     @nnx.jit

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from revjax._validate import output_path_problem
 
@@ -73,6 +74,34 @@ SHARED: dict[str, set[str]] = {
 CONCURRENT_JOBS = 2
 #: Set for every script of the shared phase: how many scripts run at once (see module doc).
 CONCURRENT_ENV = "REVJAX_BENCH_CONCURRENT_JOBS"
+
+
+def environment() -> dict[str, Any]:
+    """Where and with what a result was measured: date (UTC), backend, device and count, jax,
+    jaxlib, flax and Python versions, the default matmul precision and ``concurrent_jobs``
+    (benchmark scripts running at once, this one included; 1: alone or run by hand). Every
+    result JSON of ``benchmarks/`` and ``python -m revjax demo --json`` records it as ``env``.
+    Imports JAX and initialises its backend: call it in the process that measures."""
+    import datetime
+    import platform
+
+    import flax
+    import jax
+
+    device = jax.devices()[0]
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "backend": jax.default_backend(),
+        "device": getattr(device, "device_kind", str(device)),
+        "device_count": jax.device_count(),
+        "jax": jax.__version__,
+        "jaxlib": getattr(jax.lib, "__version__", None) or jax.__version__,
+        "flax": flax.__version__,
+        "python": platform.python_version(),
+        # None: JAX's default, which on a GPU rounds float32 matmul inputs TF32-like.
+        "default_matmul_precision": jax.config.jax_default_matmul_precision,
+        "concurrent_jobs": int(os.environ.get(CONCURRENT_ENV, "1")),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,11 +220,12 @@ def _run_all(
 ) -> list[tuple[str, float, str | None]]:
     """Run the benchmarks, ``jobs`` at a time, in the given order; returns ``(command, seconds,
     failure)`` per command in the order they finished (``failure`` None on success, else why:
-    its exit code or the timeout). Each sees :data:`CONCURRENT_ENV` set to ``jobs``. A script
-    past ``timeout`` seconds is killed with its whole process group, so processes it started
-    do not keep the device; Ctrl-C kills every running group."""
+    its exit code or the timeout). Each sees :data:`CONCURRENT_ENV` set to the number of slots
+    it shares, ``jobs``, or fewer when there are fewer commands (one shared script runs
+    alone). A script past ``timeout`` seconds is killed with its whole process group, so
+    processes it started do not keep the device; Ctrl-C kills every running group."""
     waiting, running, done = list(commands), {}, []
-    env = {**os.environ, CONCURRENT_ENV: str(jobs)}
+    env = {**os.environ, CONCURRENT_ENV: str(max(1, min(jobs, len(commands))))}
     try:
         while waiting or running:
             while waiting and len(running) < jobs:
@@ -249,7 +279,7 @@ def _record(
     wall time (``total_seconds``) and which scripts shared the machine, in the order they
     started (``concurrent``)."""
     sys.path.insert(0, str(ROOT))
-    from benchmarks.common import environment, write_json
+    from benchmarks.common import write_json
 
     env = environment()
     payload = {"benchmark": "bench_suite", "size": size, "scripts": timings,

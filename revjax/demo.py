@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from revjax._validate import output_path_problem
+from revjax.bench import environment
 from revjax.data import load_digits
 from revjax.diagnostics import format_table, relative_error
 from revjax.memory import compiled_memory
@@ -180,12 +181,7 @@ def run(
         f"{seconds:.0f} s in all)"
     )
     if json_path is not None:
-        env = {
-            "backend": jax.default_backend(),
-            "device": jax.devices()[0].device_kind,
-            "jax": jax.__version__,
-            "cpu_count": os.cpu_count(),
-        }
+        env = environment() | {"cpu_count": os.cpu_count()}  # with the date and versions
         record = {
             "settings": {"depth": depth, "deep": deep, "epochs": epochs, "seed": seed},
             "seconds": seconds,

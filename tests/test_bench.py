@@ -368,6 +368,28 @@ def test_scripts_that_time_nothing_run_two_at_a_time_and_the_timed_ones_alone(
     assert "ran 2 at a time, the others alone" in text
 
 
+def test_a_shared_script_run_alone_records_that_it_ran_alone(tmp_path, monkeypatch):
+    """``--only`` one of the scripts that share the machine: it ran alone, but its record said
+    ``concurrent_jobs`` 2."""
+    log = tmp_path / "log.txt"
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "report.py").write_text("")
+    for name in ("a.py", "b.py"):
+        (tmp_path / "benchmarks" / name).write_text(
+            f"import os\nopen({str(log)!r}, 'a').write("
+            f"'{name} ' + os.environ[{bench.CONCURRENT_ENV!r}] + '\\n')\n"
+        )
+    monkeypatch.setattr(sys, "path", [*sys.path])  # bench._record prepends ROOT (tmp_path)
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    monkeypatch.setitem(bench.SUITES, "cpu", [["a.py"], ["b.py"]])
+    monkeypatch.setitem(bench.SHARED, "cpu", {"a.py", "b.py"})
+    assert bench.main(["--only", "a.py", "--out", str(tmp_path / "out")]) == 0
+    assert log.read_text().split() == ["a.py", "1"]
+    log.unlink()
+    assert bench.main(["--out", str(tmp_path / "out")]) == 0
+    assert sorted(log.read_text().splitlines()) == ["a.py 2", "b.py 2"]
+
+
 def test_shared_scripts_start_longest_first_by_the_last_recorded_run(tmp_path):
     """The last full run's per-script seconds order the shared phase, longest first; a script
     it never timed starts first, ties keep the suite's order, and a run with no usable record

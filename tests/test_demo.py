@@ -29,6 +29,8 @@ def test_demo_table(capsys, tmp_path):
     assert by["checkpoint"]["temp_deep"] < by["backprop"]["temp_deep"]
     record = json.loads((tmp_path / "demo.json").read_text())
     assert record["rows"] == rows and record["seconds"] > 0
+    # Where and with what, as every benchmark result records it (it had no date or versions).
+    assert {"date", "device", "jax", "jaxlib", "flax", "python", "cpu_count"} <= set(record["env"])
 
 
 def test_cli_usage(capsys):

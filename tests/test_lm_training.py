@@ -119,6 +119,12 @@ def test_train_lm_refuses_an_empty_range(corpus):
         train_lm(config, corpus, start_step=4)
 
 
+def test_train_lm_refuses_a_split_shorter_than_one_window_before_building_a_model(corpus):
+    config = LMConfig(depth=1, dim=16, heads=2, seq_len=len(corpus.valid), batch=4, steps=4)
+    with pytest.raises(ValueError, match=r"valid split has \d+ bytes, fewer than one window"):
+        train_lm(config, corpus, model="not built: the check comes first")
+
+
 def test_batches_are_windows_of_the_corpus_and_seeded(corpus):
     a = sample_batch(corpus.train, 4, 16, seed=0, step=3)
     assert a.shape == (4, 17) and a.dtype == np.int32
@@ -148,6 +154,8 @@ def test_every_window_can_be_drawn_including_the_last():
         (["--max-bytes", "0"], "max_bytes must be >= 1000, got 0"),
         (["--max-bytes", "1000"], "so the validation part would be empty"),
         (["--checkpoint", "/no/such/dir/c.msgpack"], "directory /no/such/dir does not exist"),
+        # 40960 bytes hold a valid split of 4096: the window did not fit, found after the bar.
+        (["--max-bytes", "40960", "--seq-len", "5000"], "--seq-len 5000: the valid split"),
     ],
 )
 def test_script_refuses_bad_data_and_checkpoint_paths_before_training(args, message, capsys):

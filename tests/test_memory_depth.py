@@ -82,3 +82,16 @@ def test_a_stopped_run_keeps_its_rows_and_renders_as_partial(tmp_path, monkeypat
     assert "Deepest stack" not in text  # no search ran
     partial["deepest_depth"] = {"checkpoint": 100}  # a search done, backprop's not
     assert "| checkpoint | 100 | - | - |" in report.render_memory_depth(partial, name)
+
+
+@pytest.mark.parametrize("budget", ["inf", "nan", "0", "-1"])
+def test_a_budget_that_is_not_finite_and_positive_is_refused_at_parse_time(
+    budget, tmp_path, capsys
+):
+    """``--budget-gib inf`` passed the parser and crashed in the measuring with an
+    OverflowError (infinity to int)."""
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--budget-gib", budget, "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    assert "must be finite and > 0" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -102,6 +102,30 @@ def test_append_without_an_earlier_run_is_refused(tmp_path, monkeypatch):
     assert not missing.exists()
 
 
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"size": {"batch": 2}, "env": {"device": "cpu", "date": "d"}, "rows": []},  # no depths
+        {"size": {"depths": [2]}, "env": {"device": "cpu"}, "rows": []},  # no date
+        {"size": {"depths": [2]}, "env": {"device": "cpu", "date": "d"}, "rows": [{"depth": 2}]},
+        {"size": [2], "env": {"device": "cpu", "date": "d"}, "rows": []},  # size not a dict
+        "directory",
+    ],
+)
+def test_append_to_a_malformed_earlier_run_is_refused_in_one_line(tmp_path, monkeypatch, broken):
+    """A field the merge reads that the earlier file lacks (or a directory at its path) gave a
+    KeyError/IsADirectoryError traceback, some only after the measuring."""
+    monkeypatch.setattr(bench, "measure", _fake_measure)
+    monkeypatch.setitem(bench.SIZES, "tiny", {**TINY, "depths": [2, 4]})
+    path = tmp_path / f"numerics_depth_tiny_{jax.default_backend()}.json"
+    if broken == "directory":
+        path.mkdir()
+    else:
+        path.write_text(json.dumps(broken))
+    with pytest.raises(SystemExit, match="is not a numerics_depth result"):
+        bench.main(["--size", "tiny", "--depths", "4", "--out", str(tmp_path), "--append"])
+
+
 def test_append_completes_a_run_that_stopped_early(tmp_path, monkeypatch):
     """A run stopped after its first depth (the GPU's per-call time limit) is completed by
     appending the depths it missed: ``complete`` turns true exactly when every depth the runs
@@ -200,7 +224,7 @@ def test_bad_depths_and_an_unreadable_earlier_run_are_refused(tmp_path, monkeypa
         with pytest.raises(SystemExit) as exit_info:
             bench.main(["--depths", *depths, "--out", str(tmp_path)])
         assert exit_info.value.code == 2
-    assert "argument --depths: must be > 0, got 0" in capsys.readouterr().err
+    assert "argument --depths: must be finite and > 0, got 0" in capsys.readouterr().err
     monkeypatch.setattr(bench, "measure", _fake_measure)
     monkeypatch.setitem(bench.SIZES, "tiny", {**TINY, "depths": [2, 4]})
     earlier = tmp_path / f"numerics_depth_tiny_{jax.default_backend()}.json"

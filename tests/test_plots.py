@@ -7,6 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pytest
+
 from benchmarks import plots
 
 
@@ -55,9 +57,24 @@ def test_gpu_results_are_plotted_like_cpu_ones_and_partial_runs_say_so(tmp_path,
 
 def test_a_missing_results_folder_is_an_error_not_an_empty_run(tmp_path, capsys):
     """It used to exit 0 having drawn and said nothing."""
-    import pytest
-
     with pytest.raises(SystemExit) as exit_info:
         plots.main(["--results", str(tmp_path / "none")])
     assert exit_info.value.code == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_a_bad_out_or_an_unreadable_result_is_said_in_one_line(tmp_path, capsys):
+    """A path below a file raised NotADirectoryError from mkdir, and one malformed result JSON
+    a JSONDecodeError that stopped every other plot."""
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as stop:
+        plots.main(["--out", str(tmp_path / "file" / "sub")])
+    assert stop.value.code == 2 and "is a file" in capsys.readouterr().err
+    results = tmp_path / "results"
+    results.mkdir()
+    names = [n for n in plots.PLOTS if (plots.RESULTS / n).exists()]
+    (results / names[0]).write_text("{not json")
+    (results / names[1]).write_text((plots.RESULTS / names[1]).read_text())
+    with pytest.raises(SystemExit, match=f"not a result JSON, not plotted:\n  .*{names[0]}"):
+        plots.main(["--results", str(results), "--out", str(tmp_path / "png")])
+    assert [p.name for p in (tmp_path / "png").iterdir()] == [Path(names[1]).stem + ".png"]

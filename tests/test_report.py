@@ -57,6 +57,25 @@ def test_the_numerics_summary_names_the_depths_where_exact_mode_was_bitwise():
     )
 
 
+def test_a_diverged_run_renders_its_non_finite_values():
+    """A run whose gradients diverge writes NaN errors (and a float32 stream that overflows an
+    inf peak); ``_num`` raised ValueError on them and the summary indexed an empty list."""
+    assert [report._num(x) for x in (float("inf"), float("nan"), 2.5e-3)] == [
+        "inf",
+        "nan",
+        "2.5e-3",
+    ]
+    payload = _numerics()
+    for r in payload["rows"]:
+        if r["method"] in ("f32 stream", "bf16 stream"):
+            r["grad_rel_err"] = float("nan")
+        r["stream_peak"] = float("inf") if r["depth"] == 256 else r["stream_peak"]
+    text = report.render_numerics_depth_summary(payload, NUMERICS)
+    assert "~inf at L = 256" in text
+    assert "a float32 stream is no better than a bf16 one from L = 8" in text
+    assert "meaningless (relative error above 1, or not finite) by L = 8" in text
+
+
 def _results_with(tmp_path, monkeypatch, *names: str) -> Path:
     for name in names:
         shutil.copy(DATA / name, tmp_path / name)

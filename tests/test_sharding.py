@@ -162,6 +162,11 @@ def test_example_script_trains_on_a_2d_mesh():
         (["--mesh", "2,0"], "--mesh takes two positive ints"),
         (["--mesh", "2,4"], r"--mesh 2,4 needs 8 devices, there are 1 .*device_count=N"),
         (["--mesh", "3,1", "--batch", "16"], "--batch 16 must be divisible by .* --mesh \\(3\\)"),
+        # These passed the parser: a NumPy error, library tracebacks, an empty "training".
+        (["--mesh", "1,1", "--batch", "0"], "--batch: must be >= 1, got 0"),
+        (["--mesh", "1,1", "--depth", "0"], "--depth: must be >= 1, got 0"),
+        (["--mesh", "1,1", "--steps", "-1"], "--steps: must be >= 1, got -1"),
+        (["--mesh", "1,1", "--heads", "3"], "dim=64 is not divisible by heads=3"),
     ],
 )
 def test_example_script_names_a_bad_mesh(argv, message):

@@ -203,7 +203,8 @@ def train_lm(
 
     Raises:
       ValueError: ``start_step >= stop_step`` (nothing to train) or ``stop_step`` beyond
-        ``config.steps``.
+        ``config.steps``; a split of ``corpus`` shorter than one window of
+        ``config.seq_len + 1`` bytes (refused before any model is built).
     """
     stop_step = config.steps if stop_step is None else stop_step
     if not 0 <= start_step < stop_step <= config.steps:
@@ -211,6 +212,12 @@ def train_lm(
             f"train_lm: nothing to train from step {start_step} to {stop_step} (need "
             f"0 <= start < stop <= steps = {config.steps})"
         )
+    for name, split in (("train", corpus.train), ("valid", corpus.valid)):
+        if len(split) < config.seq_len + 1:
+            raise ValueError(
+                f"train_lm: the corpus's {name} split has {len(split)} bytes, fewer than one "
+                f"window of seq_len + 1 = {config.seq_len + 1}; use a shorter seq_len or more text"
+            )
     model = model if model is not None else make_model(config, method)
     optimizer = optimizer if optimizer is not None else make_optimizer(model, config)
     valid = [
