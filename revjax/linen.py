@@ -21,9 +21,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.errors
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.core import meta
 
 from revjax._validate import positive_int
 from revjax.coupling import Coupling, additive_coupling
@@ -34,13 +36,33 @@ PyTree = Any
 def _apply(module: nn.Module, rng_collection: str):
     def branch(variables: PyTree, h: jax.Array, key: jax.Array | None = None) -> jax.Array:
         rngs = None if key is None else {rng_collection: key}
-        return module.apply(variables, h, rngs=rngs)
+        try:
+            return module.apply(variables, h, rngs=rngs)
+        except flax.errors.InvalidRngError as err:
+            if key is None:
+                err.add_note(
+                    f"revjax: the branch draws random numbers; pass key= to reversible_scan "
+                    f"(and the same key to inverse_scan): it reaches each branch as its "
+                    f"{rng_collection!r} RNG, replayed in the backward pass"
+                )
+            else:
+                err.add_note(
+                    f"revjax: the scan's key reaches the branches as their {rng_collection!r} "
+                    "RNG only; name the collection the module draws from with "
+                    "linen_coupling(..., rng_collection=...)"
+                )
+            raise
 
     return branch
 
 
 def _check_modules(where: str, f: Any, g: Any) -> None:
     for name, module in (("f", f), ("g", g)):
+        if isinstance(module, type) and issubclass(module, nn.Module):
+            raise TypeError(
+                f"{where}: {name} is the class {module.__name__}; pass an instance, "
+                f"{module.__name__}(...)"
+            )
         if not isinstance(module, nn.Module):
             raise TypeError(
                 f"{where}: {name} must be a flax.linen.Module, got {type(module).__name__}; "
@@ -54,9 +76,15 @@ def linen_coupling(f: nn.Module, g: nn.Module, *, rng_collection: str = "dropout
     ``params = (variables_f, variables_g)``, each a Linen variable dict ``{"params": ...}``.
 
     Raises:
-      TypeError: ``f`` or ``g`` is not a ``flax.linen.Module``.
+      TypeError: ``f`` or ``g`` is not a ``flax.linen.Module`` (or is the class, not an
+        instance); ``rng_collection`` is not a string.
     """
     _check_modules("linen_coupling", f, g)
+    if not isinstance(rng_collection, str):
+        raise TypeError(
+            "linen_coupling: rng_collection must name the RNG collection the scan's key "
+            f"feeds (e.g. 'dropout'), got {rng_collection!r}"
+        )
     return additive_coupling(_apply(f, rng_collection), _apply(g, rng_collection))
 
 
@@ -66,14 +94,21 @@ def init_linen_stack(
     """``depth`` independently initialised layers: ``(variables_f, variables_g)`` whose leaves
     have a leading axis ``depth``. ``x = (x1, x2)`` gives the halves' shapes and dtypes, as
     arrays or ``jax.ShapeDtypeStruct`` s (``f`` is initialised on ``x2``, ``g`` on ``x1``).
+    Partitioning metadata (``nn.with_partitioning``) gets the layer axis, unsharded, in front
+    of its names, so ``nn.get_partition_spec`` of the result places the stacked arrays.
 
     Raises:
       ValueError: ``depth`` is not a positive int.
       TypeError: a branch has variable collections other than ``"params"``, ``f``/``g`` is not
-        a Linen module, or ``x`` is not a pair.
+        a Linen module, ``key`` is not a PRNG key, or ``x`` is not a pair.
     """
     _check_modules("init_linen_stack", f, g)
     depth = positive_int(depth, "depth", "init_linen_stack")
+    if not isinstance(key, jax.Array):
+        raise TypeError(
+            f"init_linen_stack: key must be a PRNG key, e.g. jax.random.key({key!r}), got "
+            f"{type(key).__name__}"
+        )
     if not (isinstance(x, tuple | list) and len(x) == 2):
         raise TypeError(
             "init_linen_stack: x must be the pair of halves (x1, x2) (arrays or shape structs), "
@@ -87,6 +122,9 @@ def init_linen_stack(
         return f.init(kf, x2), g.init(kg, x1)
 
     variables = jax.vmap(init_layer)(jax.random.split(key, depth))
+    # Partitioning metadata (nn.with_partitioning) names the axes of one layer's arrays; the
+    # stacked arrays have a leading layer axis, which is not sharded (as revjax.nnx.Stack does).
+    variables = meta.add_axis(variables, 0, {nn.PARTITION_NAME: None})
     for name, module, branch in zip("fg", (f, g), variables, strict=True):
         extra = sorted(set(branch) - {"params"})
         if extra:

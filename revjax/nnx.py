@@ -38,9 +38,11 @@ updated twice per step. Use ``nnx.LayerNorm``/``nnx.RMSNorm`` in reversible bran
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from revjax._nnx_block import BRANCHES, check_block, halves, named, reversible
@@ -153,6 +155,7 @@ class Stack(nnx.Module):
         # The class checks each block when its outermost __init__ returns; checking the built
         # stack as well covers a subclass whose own __init__ escaped that wrapping.
         check_block(blocks)
+        _check_partitioning(blocks, f"revjax.nnx.Stack({block.__name__})")
         self.blocks = blocks
         self.depth = depth
         self.method = method
@@ -284,6 +287,31 @@ def _fork_stream(rngs: nnx.Rngs, name: str, block: str) -> nnx.RngStream:
             f"the stack's per-call keys; it has {streams}: pass rng_stream= naming one, e.g. "
             "the stream your Dropout layers use"
         ) from err
+
+
+def _check_partitioning(blocks: nnx.Module, where: str) -> None:
+    """Under a mesh (``jax.set_mesh``), refuses a variable whose partitioning metadata
+    (``nnx.with_partitioning``) names a mesh axis that does not divide the array's size along
+    it: ``nnx.vmap`` would leave it silently replicated on every device, where the same layer
+    built outside a stack raises JAX's ``IndivisibleError``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return
+    state = nnx.state(blocks)
+    specs = nnx.to_flat_state(nnx.get_partition_spec(state))
+    for (path, spec), (_, var) in zip(specs, nnx.to_flat_state(state), strict=True):
+        spec = spec.get_value() if isinstance(spec, nnx.Variable) else spec
+        shape = jnp.shape(var.get_value() if isinstance(var, nnx.Variable) else var)
+        for axis, names in enumerate(spec or ()):
+            names = (names,) if isinstance(names, str) else tuple(names or ())
+            size = math.prod(mesh.shape.get(n, 1) for n in names)
+            if axis < len(shape) and shape[axis] % size:
+                raise ValueError(
+                    f"{where}: {'.'.join(map(str, path))} of shape {tuple(shape)} is partitioned "
+                    f"{spec}, but its axis {axis} ({shape[axis]}) is not divisible by mesh axis "
+                    f"{names if len(names) > 1 else names[0]!r} of size {size}; the stack would "
+                    "hold it replicated on every device. Use sizes the mesh axis divides"
+                )
 
 
 def _check_method(method: Any) -> None:

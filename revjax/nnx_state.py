@@ -7,6 +7,7 @@ all or nothing, keeping each array's sharding. Both are re-exported by :mod:`rev
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +33,49 @@ def _flat_state(node: Any) -> dict[str, nnx.Variable]:
     return flat
 
 
-def _stored_form(value: Any) -> np.ndarray:
-    """A variable's value as the array :func:`save_state` writes (key data for PRNG keys,
-    NumPy arrays for Python scalars)."""
-    if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
-        value = jax.random.key_data(value)
-    return np.asarray(jax.device_get(value))
+def _is_key(value: Any) -> bool:
+    return isinstance(value, jax.Array | jax.ShapeDtypeStruct) and jnp.issubdtype(
+        value.dtype, jax.dtypes.prng_key
+    )
 
 
-def _stored_spec(value: Any) -> jax.ShapeDtypeStruct:
-    """Shape and dtype of ``_stored_form(value)``, without copying a device array to the host."""
-    if isinstance(value, jax.Array):
-        if jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
-            return jax.eval_shape(jax.random.key_data, value)
-        return jax.ShapeDtypeStruct(value.shape, value.dtype)
-    stored = np.asarray(value)
+def _stored_form(name: str, leaf: Any) -> np.ndarray:
+    """One leaf of a variable's value as the array :func:`save_state` writes (key data for PRNG
+    keys, NumPy arrays for Python scalars); a leaf that is no number (a string, an int past
+    64 bits) raises ``TypeError`` naming the variable."""
+    if _is_key(leaf):
+        leaf = jax.random.key_data(leaf)
+    try:
+        stored = np.asarray(jax.device_get(leaf))
+    except OverflowError:  # an int beyond 64 bits
+        stored = np.asarray(leaf, dtype=object)
+    if stored.dtype.kind in "OUS":  # objects, strings: msgpack takes arrays of numbers only
+        raise TypeError(
+            f"save_state: {name} holds a value of type {type(leaf).__name__} ({stored.dtype} "
+            "as an array), not an array or a number that fits 64 bits; keep such values out "
+            "of nnx variables"
+        )
+    return stored
+
+
+def _stored_value(name: str, value: Any) -> np.ndarray | dict[str, np.ndarray]:
+    """A variable's value as written: one array for an array or scalar (the common case, and
+    the format of earlier files), else a dict of its leaves by position (``{}`` for a value
+    with none: ``None``, an empty tuple, optax's ``MaskedNode`` of a frozen parameter)."""
+    leaves, treedef = jax.tree.flatten(value)
+    if jax.tree_util.treedef_is_leaf(treedef) and leaves:
+        return _stored_form(name, value)
+    return {str(i): _stored_form(name, leaf) for i, leaf in enumerate(leaves)}
+
+
+def _stored_spec(leaf: Any) -> jax.ShapeDtypeStruct:
+    """Shape and dtype of ``_stored_form(leaf)``, without copying a device array to the host
+    (and for an abstract leaf, a ``jax.ShapeDtypeStruct`` from ``nnx.eval_shape``)."""
+    if isinstance(leaf, jax.Array | jax.ShapeDtypeStruct):
+        if _is_key(leaf):
+            return jax.eval_shape(jax.random.key_data, leaf)
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+    stored = np.asarray(leaf)
     return jax.ShapeDtypeStruct(stored.shape, stored.dtype)
 
 
@@ -54,10 +83,35 @@ def save_state(node: Any, path: str | Path) -> None:
     """Writes every variable of ``node`` to ``path`` as msgpack, keyed by the variable's path.
 
     ``node`` is any NNX graph node: a module, or e.g. ``(model, optimizer)`` to save parameters,
-    optimiser moments and RNG streams together. PRNG keys are stored as their key data.
+    optimiser moments and RNG streams together. PRNG keys are stored as their key data; a
+    variable holding a pytree (a tuple sown by ``sow``, optax's empty ``MaskedNode`` for a
+    parameter that ``optax.masked``/``multi_transform`` freezes, ``None``) as its leaves. The
+    file is written to a temporary name and renamed, so an interrupted save leaves the
+    previous file whole.
+
+    Raises:
+      TypeError: a variable holds something that is not an array or number (e.g. a string),
+        naming it.
     """
-    flat = {name: _stored_form(var.get_value()) for name, var in _flat_state(node).items()}
-    Path(path).write_bytes(serialization.msgpack_serialize(flat))
+    flat = {name: _stored_value(name, var.get_value()) for name, var in _flat_state(node).items()}
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(serialization.msgpack_serialize(flat))
+    os.replace(partial, path)
+
+
+def _restored_leaf(current: Any, value: np.ndarray) -> Any:
+    """``value`` (checked to have ``current``'s stored shape and dtype) in ``current``'s form:
+    a NumPy array stays one, a Python or NumPy scalar stays one, a (possibly abstract) JAX
+    array is placed with its sharding, a PRNG key gets its implementation back."""
+    if isinstance(current, np.ndarray):
+        return value
+    if not isinstance(current, jax.Array | jax.ShapeDtypeStruct):
+        return type(current)(value.item())
+    if _is_key(current):
+        value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(current))
+    sharding = getattr(current, "sharding", None)
+    return jnp.asarray(value) if sharding is None else jax.device_put(value, sharding)
 
 
 def restore_state(node: Any, path: str | Path) -> None:
@@ -65,11 +119,13 @@ def restore_state(node: Any, path: str | Path) -> None:
 
     All or nothing: every variable is checked before any is written, so a file that does not
     match leaves ``node`` untouched. Each array keeps the sharding the node's variable had
-    (a tensor-parallel model stays sharded); Python scalars stay Python scalars.
+    (a tensor-parallel model stays sharded); Python scalars stay Python scalars. ``node`` may
+    be abstract (built by ``nnx.eval_shape``, so never initialised): its variables then get
+    arrays, placed by the shardings the abstract values carry.
 
     Raises:
       ValueError: the file's variables differ from the module's (missing or extra paths, or a
-        different shape or dtype), naming the first differences.
+        different shape, dtype or number of leaves), naming the first differences.
     """
     saved = serialization.msgpack_restore(Path(path).read_bytes())
     target = _flat_state(node)
@@ -81,22 +137,32 @@ def restore_state(node: Any, path: str | Path) -> None:
         )
     updates = []
     for name, var in target.items():  # check everything first: nothing is written on error
-        current, value = var.get_value(), saved[name]
-        expected = _stored_spec(current)
-        if value.shape != expected.shape or value.dtype != expected.dtype:
-            raise ValueError(
-                f"restore_state: {name} is {value.dtype}{list(value.shape)} in {path} but "
-                f"{expected.dtype}{list(expected.shape)} in the module"
-            )
-        if isinstance(current, np.ndarray):  # a NumPy array stays one
-            new = value
-        elif not isinstance(current, jax.Array):  # a Python or NumPy scalar stays one
-            new = type(current)(value.item())
+        current, stored = var.get_value(), saved[name]
+        leaves, treedef = jax.tree.flatten(current)
+        whole = jax.tree_util.treedef_is_leaf(treedef) and leaves
+        if isinstance(stored, dict):  # a pytree's leaves, by position
+            found = f"{len(stored)} leaves"
+            values = [stored.get(str(i)) for i in range(len(stored))]
         else:
-            if jnp.issubdtype(current.dtype, jax.dtypes.prng_key):
-                value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(current))
-            new = jax.device_put(value, current.sharding)
-        updates.append((var, new))
+            found, values = "one array", [stored]
+        if bool(whole) != (found == "one array") or len(values) != len(leaves):
+            expected = "one array" if whole else f"{type(current).__name__} of {len(leaves)} leaves"
+            raise ValueError(
+                f"restore_state: {name} is {found} in {path} but {expected} in the module"
+            )
+        for leaf, value in zip(leaves, values, strict=True):
+            expected = _stored_spec(leaf)
+            if not isinstance(value, np.ndarray) or (value.shape, value.dtype) != (
+                expected.shape,
+                expected.dtype,
+            ):
+                shown = f"{value.dtype}{list(value.shape)}" if hasattr(value, "shape") else value
+                raise ValueError(
+                    f"restore_state: {name} is {shown} in {path} but "
+                    f"{expected.dtype}{list(expected.shape)} in the module"
+                )
+        new = [_restored_leaf(leaf, value) for leaf, value in zip(leaves, values, strict=True)]
+        updates.append((var, new[0] if whole else jax.tree.unflatten(treedef, new)))
     for var, new in updates:
         var.set_value(new)
 

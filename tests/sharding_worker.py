@@ -209,6 +209,28 @@ class ShardedBlock(nnx.Module):
         self.g = ShardedMlp(dim, rngs=rngs)
 
 
+class KernelShardedMlp(nnx.Module):
+    """Partitioned kernels, unpartitioned biases: the case nnx.vmap replicated silently."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs):
+        self.up = nnx.Linear(
+            dim, 4 * dim, kernel_init=nnx.with_partitioning(INIT, (None, "model")), rngs=rngs
+        )
+        self.down = nnx.Linear(
+            4 * dim, dim, kernel_init=nnx.with_partitioning(INIT, ("model", None)), rngs=rngs
+        )
+
+    def __call__(self, x):
+        return self.down(jax.nn.gelu(self.up(x)))
+
+
+@rj.nnx.reversible
+class KernelShardedBlock(nnx.Module):
+    def __init__(self, dim: int, *, rngs: nnx.Rngs):
+        self.f = KernelShardedMlp(dim, rngs=rngs)
+        self.g = KernelShardedMlp(dim, rngs=rngs)
+
+
 def nnx_loss(model, x, key):
     y1, y2 = model((x, x), key=key)
     return jnp.sum(y1 * y2)
@@ -251,6 +273,15 @@ def check_nnx() -> dict:
             "hidden_sharded": sum("model" in s for s in specs(params)),
             "collectives": collectives(hlo),
         }
+    # A hidden size (4 x 5 = 20) the 8-way model axis does not divide: nnx.vmap left such
+    # kernels replicated on every device, silently; the stack refuses them.
+    uneven = jax.make_mesh((1, 8), ("data", "model"), axis_types=AUTO)
+    try:
+        with jax.set_mesh(uneven):
+            rj.nnx.Stack(KernelShardedBlock, 2, 5, rngs=nnx.Rngs(0))
+        out["uneven_refusal"] = None
+    except ValueError as err:
+        out["uneven_refusal"] = str(err)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.errors
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -94,3 +95,56 @@ def test_non_linen_branches_and_an_unpaired_x_are_refused():
     # One array of two rows used to be unpacked silently as (x[0], x[1]).
     with pytest.raises(TypeError, match=r"x must be the pair of halves.*shape \(2, 4\)"):
         init_linen_stack(Branch(), Branch(), jax.random.key(0), 2, jnp.ones((2, 4)))
+
+
+def test_the_usual_mistakes_get_messages_that_say_what_to_do():
+    """A class for an instance, an int seed for a key, a dropout branch without key=: each
+    gave Flax's or JAX's message, which did not say what to change."""
+    with pytest.raises(
+        TypeError, match=r"f is the class Branch; pass an instance, Branch\(\.\.\.\)"
+    ):
+        linen_coupling(Branch, Branch())
+    with pytest.raises(TypeError, match=r"key must be a PRNG key, e\.g\. jax\.random\.key\(0\)"):
+        init_linen_stack(Branch(), Branch(), 0, 2, (jnp.ones((4, DIM)),) * 2)
+    with pytest.raises(TypeError, match="rng_collection must name the RNG collection"):
+        linen_coupling(Branch(), Branch(), rng_collection=None)
+    f, g = Branch(rate=0.5), Branch(rate=0.5)
+    x = (jnp.ones((4, DIM)), jnp.ones((4, DIM)))
+    params = init_linen_stack(f, g, jax.random.key(0), 2, x)
+    with pytest.raises(flax.errors.InvalidRngError) as info:
+        rj.reversible_scan(linen_coupling(f, g), params, x)
+    assert any("pass key= to reversible_scan" in note for note in info.value.__notes__)
+    with pytest.raises(flax.errors.InvalidRngError) as info:  # the key feeds another collection
+        rj.reversible_scan(
+            linen_coupling(f, g, rng_collection="noise"), params, x, key=jax.random.key(1)
+        )
+    assert any("rng_collection=..." in note for note in info.value.__notes__)
+
+
+class PartitionedMlp(nn.Module):
+    """An MLP whose kernels carry tensor-parallel names (hidden axis over "model")."""
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.lecun_normal()
+        h = nn.Dense(16, kernel_init=nn.with_partitioning(init, (None, "model")))(x)
+        return nn.Dense(x.shape[-1], kernel_init=nn.with_partitioning(init, ("model", None)))(h)
+
+
+def test_partition_names_get_the_layer_axis():
+    """The stacked kernel (L, 8, 16) kept the names (None, "model"): its spec sharded the input
+    axis, and the second kernel's layer axis, silently (or failed where L did not divide)."""
+    x = (jnp.ones((4, 8)), jnp.ones((4, 8)))
+    params = init_linen_stack(PartitionedMlp(), PartitionedMlp(), jax.random.key(0), 3, x)
+    specs = nn.get_partition_spec(params)
+    for branch in specs:
+        assert branch["params"]["Dense_0"]["kernel"] == jax.sharding.PartitionSpec(
+            None, None, "model"
+        )
+        assert branch["params"]["Dense_1"]["kernel"] == jax.sharding.PartitionSpec(
+            None, "model", None
+        )
+    assert nn.unbox(params)[0]["params"]["Dense_0"]["kernel"].shape == (3, 8, 16)
+    block = linen_coupling(PartitionedMlp(), PartitionedMlp())
+    y = rj.reversible_scan(block, nn.unbox(params), x)
+    np.testing.assert_allclose(y[0], plain_scan(block, nn.unbox(params), x)[0], rtol=1e-6)

@@ -16,6 +16,7 @@ from nnx_helpers import (
     Block,
     Noisy,
     inputs,
+    loss_of,
     make_stack,
     max_relative_error,
 )
@@ -23,11 +24,6 @@ from nnx_helpers import (
 import revjax.nnx as rnnx
 from revjax.memory import compiled_memory
 from revjax.precision import Policy
-
-
-def loss_of(model, x, key):
-    y1, y2 = model(x, key=key)
-    return jnp.sum(jnp.sin(y1) * y2) + jnp.sum(y1**2)
 
 
 def reseeded_branch(branch: nnx.Module, key) -> nnx.Module:

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from test_nnx import DEPTH, DIM, Block, inputs, loss_of, make_stack
+from nnx_helpers import DEPTH, DIM, Block, inputs, loss_of, make_stack
 
 import revjax.nnx as rnnx
 
@@ -89,3 +89,79 @@ def test_paths_that_join_to_one_key_are_refused(tmp_path):
     )
     with pytest.raises(ValueError, match=r"both stored as 'x/a/b'"):
         rnnx.save_state(node, tmp_path / "c.msgpack")
+
+
+def _frozen_bias_optimizer(model: nnx.Module) -> nnx.Optimizer:
+    """An optimiser that freezes the bias: optax keeps an empty MaskedNode in its place."""
+    labels = lambda p: jax.tree.map_with_path(
+        lambda path, _: "frozen" if "bias" in str(path) else "train", p
+    )
+    tx = optax.multi_transform({"train": optax.adam(1e-2), "frozen": optax.set_to_zero()}, labels)
+    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def test_variables_holding_pytrees_round_trip(tmp_path):
+    """optax.multi_transform's MaskedNode (a frozen parameter's empty state) was written as a
+    float64[0] array and crashed the restore in ``.item()``; a tuple left by ``sow`` likewise."""
+    model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+    optimizer = _frozen_bias_optimizer(model)
+    optimizer.update(model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param)))
+    rnnx.save_state((model, optimizer), tmp_path / "m.msgpack")
+    fresh = nnx.Linear(3, 4, rngs=nnx.Rngs(1))
+    fresh_optimizer = _frozen_bias_optimizer(fresh)
+    rnnx.restore_state((fresh, fresh_optimizer), tmp_path / "m.msgpack")
+    saved, restored = nnx.state((model, optimizer)), nnx.state((fresh, fresh_optimizer))
+    assert jax.tree.structure(restored) == jax.tree.structure(saved)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    class Holder(nnx.Module):
+        def __init__(self, value):
+            self.v = nnx.Intermediate(value)
+
+    pair = (jnp.arange(3.0), np.float32(2.0))
+    rnnx.save_state(Holder(pair), tmp_path / "t.msgpack")
+    other = Holder((jnp.zeros(3), np.float32(0.0)))
+    rnnx.restore_state(other, tmp_path / "t.msgpack")
+    got = other.v.get_value()
+    assert isinstance(got, tuple) and type(got[1]) is np.float32
+    np.testing.assert_array_equal(got[0], pair[0])
+    assert got[1] == np.float32(2.0)
+    with pytest.raises(
+        ValueError, match=r"v is 2 leaves in .* but tuple of 3 leaves in the module"
+    ):
+        rnnx.restore_state(Holder((1.0, 2.0, 3.0)), tmp_path / "t.msgpack")
+    rnnx.save_state(Holder(None), tmp_path / "n.msgpack")
+    with pytest.raises(ValueError, match=r"v is 0 leaves in .* but one array in the module"):
+        rnnx.restore_state(Holder(jnp.ones(2)), tmp_path / "n.msgpack")
+    with pytest.raises(TypeError, match=r"save_state: v holds a value of type str"):
+        rnnx.save_state(Holder("text"), tmp_path / "s.msgpack")
+
+
+def test_restore_into_an_abstract_model(tmp_path):
+    """A model from nnx.eval_shape (never initialised) holds ShapeDtypeStructs: the restore
+    said "float32[4] in file but object[] in the module"."""
+    model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+    rnnx.save_state(model, tmp_path / "m.msgpack")
+    abstract = nnx.eval_shape(lambda: nnx.Linear(3, 4, rngs=nnx.Rngs(5)))
+    assert isinstance(abstract.kernel.get_value(), jax.ShapeDtypeStruct)
+    rnnx.restore_state(abstract, tmp_path / "m.msgpack")
+    assert isinstance(abstract.kernel.get_value(), jax.Array)
+    x = jnp.ones((2, 3))
+    np.testing.assert_array_equal(abstract(x), model(x))
+
+
+def test_an_interrupted_save_leaves_the_previous_file(tmp_path, monkeypatch):
+    """The file was written in place: a kill mid-write destroyed the only checkpoint."""
+    path = tmp_path / "m.msgpack"
+    rnnx.save_state(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), path)
+    before = path.read_bytes()
+
+    def killed(self, data):  # half the bytes, then the process dies
+        open(self, "wb").write(data[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(path), "write_bytes", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rnnx.save_state(nnx.Linear(3, 4, rngs=nnx.Rngs(1)), path)
+    assert path.read_bytes() == before

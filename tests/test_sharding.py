@@ -97,6 +97,18 @@ def test_nnx_stack_with_partitioned_parameters(results, layout):
     assert max(run["collectives"]["all-reduce"]) <= max(layer_param_bytes, STREAM_BYTES)
 
 
+def test_nnx_stack_refuses_partitioning_the_mesh_cannot_divide(results):
+    """Hidden size 20 over an 8-way "model" axis: nnx.vmap kept those weights replicated on
+    every device without a word (a plain nnx.Linear raises IndivisibleError)."""
+    refusal = results["nnx"]["uneven_refusal"]
+    assert refusal is not None
+    assert re.search(
+        r"Stack\(KernelShardedBlock\): f\.down\.kernel of shape \(2, 20, 5\) is partitioned .*"
+        r"axis 1 \(20\) is not divisible by mesh axis 'model' of size 8",
+        refusal,
+    ), refusal
+
+
 def test_reversible_transformer_tensor_and_data_parallel(results):
     run = results["transformer"]
     assert run["hidden_sharded"] >= 7  # q, k, v, out, up kernel and bias, down kernel

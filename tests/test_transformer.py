@@ -86,6 +86,9 @@ def test_more_bad_settings_are_refused():
         ReversibleTransformer(0, 32, 2, 4, 16, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"T >= 2, got \(2, 1\)"):
         next_token_loss(small_model(), tokens(2, 1))  # once a silent NaN
+    # Without a mesh Flax said only "an auto mesh context is required".
+    with pytest.raises(ValueError, match=r"tensor_parallel='model' needs a mesh .*set_mesh"):
+        ReversibleTransformer(256, 32, 2, 4, 16, tensor_parallel="model", rngs=nnx.Rngs(0))
 
 
 def test_no_dropout_needs_no_dropout_stream():

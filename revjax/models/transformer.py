@@ -56,12 +56,18 @@ def _dropout(rate: float, where: str, rngs: nnx.Rngs) -> nnx.Dropout:
 
 
 def _check_tensor_parallel(axis: str | None, sizes: dict[str, int], where: str) -> None:
-    """Under a mesh (``jax.set_mesh``), the ``axis`` must exist, be an ``AxisType.Auto`` axis
-    (an Explicit one needs ``out_sharding`` in every sharded matmul) and divide every sharded
-    feature size; otherwise partitioning would fail later or silently replicate the weights."""
+    """A ``tensor_parallel`` axis needs a mesh (``jax.set_mesh``); there the ``axis`` must
+    exist, be an ``AxisType.Auto`` axis (an Explicit one needs ``out_sharding`` in every
+    sharded matmul) and divide every sharded feature size; otherwise partitioning would fail
+    later or silently replicate the weights."""
     mesh = jax.sharding.get_abstract_mesh()
-    if axis is None or mesh.empty:
+    if axis is None:
         return
+    if mesh.empty:  # Flax's own error ("an auto mesh context is required") names neither
+        raise ValueError(
+            f"{where}: tensor_parallel={axis!r} needs a mesh with that axis: build the model "
+            "under jax.set_mesh(mesh) (or leave tensor_parallel=None on one device)"
+        )
     if axis not in mesh.axis_names:
         raise ValueError(
             f"{where}: tensor_parallel={axis!r} is not an axis of the mesh {dict(mesh.shape)}"
