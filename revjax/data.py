@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from revjax._validate import positive_int
+
 
 class Split(NamedTuple):
     """A train/test split: inputs float32 ``(n, features)``, labels int32 ``(n,)``."""
@@ -74,9 +76,9 @@ def load_stdlib_text(
     installed.
 
     Raises:
-      ValueError: ``valid_fraction`` outside ``(0, 0.5]``, ``max_bytes`` below 1000, a name in
-        ``modules`` that is no top-level stdlib module, or too few bytes for one validation
-        block.
+      ValueError: ``valid_fraction`` outside ``(0, 0.5]``, ``max_bytes`` below 1000, a
+        ``block_bytes`` that is not a positive int, a name in ``modules`` that is no top-level
+        stdlib module, or too few bytes for one validation block.
     """
     import sysconfig
     from pathlib import Path
@@ -87,6 +89,7 @@ def load_stdlib_text(
         )
     if max_bytes < 1000:
         raise ValueError(f"load_stdlib_text: max_bytes must be >= 1000, got {max_bytes}")
+    block_bytes = positive_int(block_bytes, "block_bytes", "load_stdlib_text")
     root = Path(sysconfig.get_paths()["stdlib"])
     generated = lambda p: p.stem.startswith("_sysconfigdata") or p.stem == "sitecustomize"
     files = sorted(p for p in root.glob("*.py") if not generated(p))

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from revjax.data import load_digits
+from revjax.data import load_digits, load_stdlib_text
 
 
 def test_digits_split_is_disjoint_standardised_and_seeded():
@@ -34,8 +34,15 @@ def test_bad_fraction():
         load_digits(test_fraction=1e-4)
 
 
+@pytest.mark.parametrize("block_bytes", [0, -5, 2.5])
+def test_stdlib_text_refuses_a_bad_block_size(block_bytes):
+    """0 divided by zero (and then blamed "fewer than 10 blocks of 0"); -5 split on nonsense."""
+    with pytest.raises(ValueError, match="load_stdlib_text: block_bytes must be a positive int"):
+        load_stdlib_text(20_000, block_bytes=block_bytes)
+
+
 def test_stdlib_text_is_disjoint_interleaved_and_bounded():
-    from revjax.data import load_stdlib_text, unigram_entropy
+    from revjax.data import unigram_entropy
 
     split = load_stdlib_text(100_000, valid_fraction=0.1, block_bytes=1000)
     assert split.train.dtype == np.uint8
@@ -74,8 +81,6 @@ def test_stdlib_text_leaves_out_build_generated_modules():
     """_sysconfigdata* records the machine's install paths: in the corpus it would make the
     benchmark's data depend on where Python is installed."""
     import sysconfig
-
-    from revjax.data import load_stdlib_text
 
     root = Path(sysconfig.get_paths()["stdlib"])
     generated = sorted(root.glob("_sysconfigdata*.py"))

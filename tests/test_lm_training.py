@@ -106,11 +106,49 @@ def test_script_resumes_from_its_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("steps", 0), ("eval_every", 0), ("heads", 3), ("dropout", 1.0)]
+    ("field", "value"),
+    [
+        *[("steps", 0), ("eval_every", 0), ("heads", 3), ("dropout", 1.0)],
+        # Accepted before, failing later inside NumPy, Flax or optax (or training on nonsense).
+        *[("seed", -1), ("seed", 1.5), ("warmup", -1), ("warmup", 2.5), ("lr", float("inf"))],
+        *[("lr", 0.0), ("weight_decay", -0.1), ("weight_decay", float("nan"))],
+    ],
 )
 def test_config_is_validated(field, value):
     with pytest.raises(ValueError, match=f"LMConfig: .*{field}"):
         LMConfig(dim=16, **{field: value})
+
+
+def test_numpy_settings_are_stored_as_python_numbers():
+    """``steps=np.int64(50)`` was kept as is: ``json.dumps`` of the config then failed after
+    the weights were saved, leaving another run's config beside them."""
+    import json
+
+    config = LMConfig(steps=np.int64(50), seed=np.int32(3), lr=np.float32(1e-3), dim=16, heads=2)
+    assert type(config.steps) is int and type(config.seed) is int and type(config.lr) is float
+    assert config == LMConfig(steps=50, seed=3, lr=float(np.float32(1e-3)), dim=16, heads=2)
+    json.dumps(dataclasses.asdict(config))
+
+
+def test_an_older_config_is_gone_before_the_weights_are_overwritten(corpus, tmp_path, monkeypatch):
+    """Stopped between saving the weights and writing their config, the checkpoint must not be
+    left with another run's config (resume would accept the pair)."""
+    from revjax.models import lm_training
+
+    checkpoint = tmp_path / "lm.msgpack"
+    config_path = lm_training.config_path(checkpoint)
+    config_path.write_text('{"steps": 999}')  # another run's
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lm_training, "save_state", stopped)
+    config = LMConfig(depth=1, dim=16, heads=2, seq_len=16, batch=2, steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        train_lm(config, corpus, checkpoint=checkpoint)
+    assert not config_path.exists()
+    with pytest.raises(ValueError, match="has no recorded config"):
+        resume(config, checkpoint)
 
 
 def test_train_lm_refuses_an_empty_range(corpus):
@@ -134,6 +172,9 @@ def test_batches_are_windows_of_the_corpus_and_seeded(corpus):
     assert all(bytes(row.astype(np.uint8).tobytes()) in text for row in a)
     with pytest.raises(ValueError, match="shorter than"):
         sample_batch(corpus.train[:10], 1, 16, seed=0, step=0)
+    for batch in (0, -1):  # NumPy's "need at least one array to stack", or its negative-size error
+        with pytest.raises(ValueError, match="sample_batch: batch must be a positive int"):
+            sample_batch(corpus.train, batch, 16, seed=0, step=0)
 
 
 def test_every_window_can_be_drawn_including_the_last():

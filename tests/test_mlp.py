@@ -47,3 +47,13 @@ def test_residual_mlp_loss_checkpoint_policy_recomputes_instead_of_storing():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # same ops, float32 round-off
     memory = lambda loss: compiled_memory(jax.grad(loss), params, x).temp_bytes
     assert memory(remat) < memory(plain)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("num_layers", 0), ("width", -1), ("hidden", 0), ("width", 2.0)]
+)
+def test_bad_sizes_are_refused_by_name(name, value):
+    """``width=-1`` failed inside XLA (an MLIRError) and ``num_layers=0`` built an empty stack."""
+    sizes = {"num_layers": 2, "width": 4, "hidden": 8} | {name: value}
+    with pytest.raises(ValueError, match=f"init_mlp: {name} must be a positive int"):
+        init_mlp(jax.random.key(0), **sizes)

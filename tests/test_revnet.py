@@ -193,6 +193,9 @@ def test_bad_inputs_are_refused_with_the_expected_values():
     assert revnet_logits(params, np.ones((2, 8, 8, 1))).shape == (2, 10)
     flat = init_revnet(jax.random.key(0), stages=0, in_channels=3)
     assert revnet_logits(flat, jnp.ones((2, 8, 8, 3))).shape == (2, 10)
+    # Without stages the channel check was skipped: a TypeError from dot_general.
+    with pytest.raises(ValueError, match=r"x has 2 channels but .* in_channels=3 \(no stages"):
+        revnet_logits(flat, jnp.ones((2, 8, 8, 2)))
     # Sizes are checked at construction (blocks=0 failed only at the first call, stages=-1 with
     # an IndexError, hidden=0 built empty weights).
     for kwargs, message in [

@@ -122,6 +122,14 @@ def test_token_ids_outside_the_vocabulary_give_nan():
     assert np.isfinite(next_token_loss(model, jnp.array([[1, 2, 255]])))
     for bad in (-1, 256):
         assert np.isnan(next_token_loss(model, jnp.array([[1, 2, bad]]))), bad
+        # The gradients too: a selected-away position left them finite, and training stepped.
+        grads = nnx.grad(next_token_loss)(model, jnp.array([[1, 2, bad]]))
+        assert all(np.isnan(g).any() for g in jax.tree.leaves(nnx.state(grads, nnx.Param)))
+    with jax.enable_x64(True):  # 2**32 + 5 narrowed to int32 first was read as id 5
+        wide = jnp.array([[1, 2, 2**32 + 5]], jnp.int64)
+        assert np.isnan(np.asarray(model(wide))[0, 2]).all()
+        assert np.isnan(next_token_loss(model, wide))
+        assert np.isfinite(next_token_loss(model, jnp.array([[1, 2, 5]], jnp.int64)))
     assert np.isfinite(next_token_loss(model, [[1, 2, 3]]))  # a nested list, as jnp takes it
     with pytest.raises(ValueError, match="hidden must be a positive int, got 0"):
         ReversibleTransformer(256, 32, 1, 4, 16, hidden=0, rngs=nnx.Rngs(0))

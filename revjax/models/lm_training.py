@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from revjax._validate import positive_int
+from revjax._validate import check_dropout_rate, positive_int
 from revjax.data import TextSplit
 from revjax.models.transformer import ReversibleTransformer, next_token_loss
 from revjax.nnx import Method, restore_state, save_state
@@ -47,16 +50,33 @@ class LMConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        counts = ("depth", "dim", "heads", "seq_len", "batch", "steps")
-        for name in (*counts, "eval_every", "eval_batches"):
-            positive_int(getattr(self, name), name, "LMConfig")
+        """Checks every setting and stores it as a Python ``int``/``float`` (a NumPy value is
+        accepted), so the config compares equal to, and is written to JSON like, its twin.
+
+        Raises:
+          ValueError: a count below 1, ``dim`` not divisible by ``heads``, a negative or
+            non-integer ``warmup`` or ``seed``, ``lr`` not finite and > 0, ``weight_decay``
+            not finite and >= 0, a dropout rate outside ``[0, 1)``.
+        """
+        counts = ("depth", "dim", "heads", "seq_len", "batch", "steps", "eval_every")
+        for name in (*counts, "eval_batches"):
+            object.__setattr__(self, name, positive_int(getattr(self, name), name, "LMConfig"))
+        for name in ("warmup", "seed"):  # 0 allowed
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"LMConfig: {name} must be an int >= 0, got {value!r}")
+            object.__setattr__(self, name, int(value))
         if self.dim % self.heads:
             raise ValueError(f"LMConfig: dim={self.dim} is not divisible by heads={self.heads}")
-        if self.warmup < 0 or not self.lr > 0 or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(
-                f"LMConfig: need warmup >= 0, lr > 0 and 0 <= dropout < 1; got warmup="
-                f"{self.warmup}, lr={self.lr}, dropout={self.dropout}"
-            )
+        for name, low, open_low in (("lr", 0.0, True), ("weight_decay", 0.0, False)):
+            value = getattr(self, name)
+            real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not (real and math.isfinite(value) and (value > low if open_low else value >= low)):
+                bound = "> 0" if open_low else ">= 0"
+                raise ValueError(f"LMConfig: {name} must be a finite number {bound}, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        check_dropout_rate(self.dropout, "LMConfig")
+        object.__setattr__(self, "dropout", float(self.dropout))
 
 
 #: Settings a checkpoint's continuation must share with the run that wrote it: the learning-rate
@@ -100,8 +120,11 @@ def sample_batch(corpus: np.ndarray, batch: int, length: int, seed: int, step: i
     ``0 .. len(corpus) - length - 1``, so a corpus of exactly ``length + 1`` bytes has one.
 
     Raises:
-      ValueError: the corpus is shorter than ``length + 1`` bytes (no whole window).
+      ValueError: ``batch`` or ``length`` is not a positive int; the corpus is shorter than
+        ``length + 1`` bytes (no whole window).
     """
+    batch = positive_int(batch, "batch", "sample_batch")
+    length = positive_int(length, "length", "sample_batch")
     if len(corpus) < length + 1:
         raise ValueError(
             f"sample_batch: corpus of {len(corpus)} bytes is shorter than one window of "
@@ -238,9 +261,15 @@ def train_lm(
             eval_losses.append(evaluate(model, valid))
             if checkpoint is not None:
                 # The config is written with the weights it describes, never before them (a
-                # run stopped before its first save must not relabel an older checkpoint).
+                # run stopped before its first save must not relabel an older checkpoint). An
+                # older run's config goes first: stopped between the two writes, the weights
+                # have no config, which resume refuses, instead of another run's.
+                recorded = json.dumps(dataclasses.asdict(config), indent=2)
+                config_path(checkpoint).unlink(missing_ok=True)
                 save_state((model, optimizer), checkpoint)
-                config_path(checkpoint).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+                partial = config_path(checkpoint).with_suffix(".partial")
+                partial.write_text(recorded)
+                os.replace(partial, config_path(checkpoint))  # whole or not at all
     seconds = time.perf_counter() - start
     return model, optimizer, History(steps, train_losses, eval_losses, seconds)
 

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from revjax._validate import check_dropout_rate
+from revjax._validate import check_dropout_rate, positive_int
 from revjax.coupling import Coupling, additive_coupling
 
 MLPParams = dict[str, jax.Array]
@@ -72,7 +72,12 @@ def init_mlp(
     gain (``scale = 1``) a 16-layer float32 stack of width 32 grew its stream to max |y| 333 and
     the gradient error of reversible_scan to 6.6e-5 (1.9e-7 at 0.5; see
     ``benchmarks/results/numerics_cpu.json``): reversible networks need bounded branches.
+
+    Raises:
+      ValueError: ``num_layers``, ``width`` or ``hidden`` is not a positive int.
     """
+    for name, value in (("num_layers", num_layers), ("width", width), ("hidden", hidden)):
+        positive_int(value, name, "init_mlp")
     k1, k2, k3, k4 = jax.random.split(key, 4)
     # Drawn in float32, then cast: jax.random.normal in bfloat16 has only 128 distinct values
     # (max |z| 2.9), a visibly different distribution (tests/test_mlp.py).

@@ -152,6 +152,11 @@ def _check_input(
                 f'downsample="{downsample}" gives {channels}; were they built with '
                 f'downsample="{other}"? Pass the same downsample to init_revnet and here'
             )
+    if not stages and channels != params["head"]["w"].shape[0]:  # no trunk: x meets the head
+        raise ValueError(
+            f"{where}: x has {channels} channels but the parameters were built for "
+            f"in_channels={params['head']['w'].shape[0]} (no stages: the head reads x directly)"
+        )
     dtype = params["head"]["w"].dtype
     if jax.dtypes.canonicalize_dtype(x.dtype) != dtype:  # NumPy float64 is float32 without x64
         raise TypeError(

@@ -87,6 +87,15 @@ def _check_tensor_parallel(axis: str | None, sizes: dict[str, int], where: str) 
         )
 
 
+def _ids_or_vocab_size(ids: jax.Array, vocab_size: int) -> jax.Array:
+    """``ids`` as int32, each outside ``[0, vocab_size)`` replaced by ``vocab_size`` (out of
+    range for a gather, refused by the loss). Compared in int32, which holds ``vocab_size``
+    where a narrow dtype (int8) would not, or in the ids' own 64-bit dtype (x64), where
+    narrowing first would wrap ``2**32 + 5`` to the valid id 5."""
+    ids = ids.astype(ids.dtype if ids.dtype.itemsize > 4 else jnp.int32)
+    return jnp.where((ids < 0) | (ids >= vocab_size), vocab_size, ids).astype(jnp.int32)
+
+
 def _embedding_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
     """``table[tokens]``: ``(V, D)``, ``(..., T) int -> (..., T, D)``. Ids outside ``[0, V)``
     (negative ones too) give NaN rows (JAX's ``fill`` gather), which the loss then shows.
@@ -95,10 +104,8 @@ def _embedding_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
     gather's output sharding must be named: it is the tokens' spec plus an unsharded feature
     axis (data parallelism). Elsewhere this is ``jnp.take``, as in ``nnx.Embed``.
     """
-    # A negative id would wrap to the end of the table (NumPy indexing): send it out of range,
-    # in int32 first (vocab_size itself may not fit a narrow token dtype such as int8).
-    tokens = jnp.asarray(tokens).astype(jnp.int32)
-    tokens = jnp.where(tokens < 0, table.shape[0], tokens)
+    # A negative id would wrap to the end of the table (NumPy indexing): send it out of range.
+    tokens = _ids_or_vocab_size(jnp.asarray(tokens), table.shape[0])
     sharding = jax.typeof(tokens).sharding
     if all(axis is None for axis in sharding.spec):
         return jnp.take(table, tokens, axis=0)
@@ -269,18 +276,21 @@ def next_token_loss(
     """Mean cross-entropy (nats) of predicting ``tokens[:, t + 1]`` from ``tokens[:, :t + 1]``.
 
     ``tokens (B, T)`` with ``T >= 2`` (one input and one target at least). A target id outside
-    ``[0, vocab_size)`` gives a NaN loss, like such an input id (optax would read a negative
-    label as one counted from the end of the vocabulary)."""
+    ``[0, vocab_size)`` gives a NaN loss and NaN gradients, like such an input id (optax would
+    read a negative label as one counted from the end of the vocabulary, and a selected-away
+    position would leave the gradients finite, so an optimiser would step on them)."""
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(
             f"next_token_loss: tokens must have shape (batch, T) with T >= 2, got {tokens.shape}"
         )
     logits = model(tokens[:, :-1], key=key)
-    labels = tokens[:, 1:].astype(jnp.int32)
-    valid = (labels >= 0) & (labels < logits.shape[-1])
+    vocab_size = logits.shape[-1]
+    labels = _ids_or_vocab_size(tokens[:, 1:], vocab_size)
+    valid = labels < vocab_size
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
-    return jnp.where(valid, losses, jnp.nan).mean()
+    # A product, not a select: the NaN reaches the gradients too.
+    return (losses * jnp.where(valid, 1.0, jnp.nan)).mean()
 
 
 __all__ = [
