@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from revjax._validate import positive_int
+from revjax.bench import environment
 from revjax.diagnostics import format_table, relative_error
 from revjax.memory import compiled_memory
 from revjax.timing import median_ms
@@ -393,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         finite = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
         rows = [{k: finite(v) for k, v in row.items()} for row in rows]
         record = {"model": args.model, "depth": args.depth, "dtype": args.dtype,
-                  "backend": jax.default_backend(), "rows": rows}  # fmt: skip
+                  "backend": jax.default_backend(), "env": environment(),
+                  "rows": rows}  # fmt: skip
         print(json.dumps(record, allow_nan=False))
     else:
         title = f"{args.model}, L = {args.depth}, {args.dtype}, {jax.default_backend()}"

@@ -126,6 +126,8 @@ def test_cli_table_and_json(capsys):
     assert cli(["compare", "--model", "mlp", "--depth", "4", "--repeats", "1", "--json"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["model"] == "mlp" and len(record["rows"]) == 8
+    # Where and with what it was measured, as every result JSON says (it had the backend only).
+    assert {"date", "device", "jax", "flax"} <= set(record["env"])
     assert record["rows"][-1]["method"] == "forward" and record["rows"][-1]["ms"] is None
     # "name": the short name --methods takes (a label like "anchored (k=2)" needed stripping).
     names = [row["name"] for row in record["rows"]]
