@@ -105,16 +105,16 @@ def main(argv: list[str] | None = None) -> list[Path]:
         path = args.results / name
         if not path.exists():
             continue
-        try:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        try:  # a file that is not JSON, or lacks a field its plot reads
             payload = json.loads(path.read_text())
-            payload["env"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            plot(payload, ax)
+            partial = "" if payload.get("complete", True) else "PARTIAL RUN, "
+            ax.set_title(f"{path.stem} ({partial}{_where(payload['env'])})", fontsize=9)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            plt.close(fig)
             unreadable.append(f"{path}: {type(err).__name__}: {err}")
             continue  # the other results are still worth drawing
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        plot(payload, ax)
-        partial = "" if payload.get("complete", True) else "PARTIAL RUN, "
-        ax.set_title(f"{path.stem} ({partial}{_where(payload['env'])})", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()

@@ -473,7 +473,8 @@ def render_numerics_depth_summary(payload: dict, filename: str) -> str:
     bf16 = lambda d: err[("bf16 stream", d)]["grad_rel_err"]
     sane = [d for d in depths if f32(d) < 1]  # NaN (a diverged gradient) is not
     lost = next((d for d in depths if not f32(d) < 1 and not bf16(d) < 1), None)
-    ratios = [bf16(d) / f32(d) for d in sane if f32(d) > 0]  # 0: reconstruction was exact
+    # 0: reconstruction was exact; a non-finite bf16 error has no ratio (it is lost, below).
+    ratios = [bf16(d) / f32(d) for d in sane if f32(d) > 0 and math.isfinite(bf16(d))]
     anchored = [r for r in err.values() if ", k=" in r["method"]]
     ks = sorted({int(r["method"].split("k=")[1]) for r in anchored})
     exact = [d for d in depths if ("exact", d) in err and err[("exact", d)]["bitwise_equal"]]
@@ -481,7 +482,10 @@ def render_numerics_depth_summary(payload: dict, filename: str) -> str:
     overflow = [r["depth"] for r in rows if r["method"] == "exact" and r["overflow"]]
     exact_f32 = [f"L = {d}" for d in sane if err[("f32 stream", d)].get("bitwise_equal")]
     if not sane:
-        better = f"a float32 stream is no better than a bf16 one from L = {depths[0]}"
+        better = (
+            "a float32 stream is already meaningless (relative error above 1, or not finite) "
+            f"at L = {depths[0]}"
+        )
     elif ratios:
         better = (
             f"a float32 stream is {_span(ratios, lambda x: f'{x:.0f}')} times better than a "
@@ -499,12 +503,31 @@ def render_numerics_depth_summary(payload: dict, filename: str) -> str:
         f"{_partial(payload)}Without anchors the reconstruction error compounds with depth on "
         f"this expansive stack (the max |x| of its float32 stream is {growth}): {better}"
         f"{lost_text}. "
-        f"Anchors every {_series([str(k) for k in ks]).replace(' and ', ' or ')} layers keep the "
-        f"float32-stream error between {_num(min(r['grad_rel_err'] for r in anchored))} and "
-        f"{_num(max(r['grad_rel_err'] for r in anchored))} at every depth up to "
-        f"{max(r['depth'] for r in anchored)}, for `L / k` streams of memory. "
+        + _anchors_summary(anchored, ks)
         + _exact_mode_summary(exact, inexact, overflow, payload["env"])
         + f". All {_source(payload['env'], 'numerics_depth.py', filename)}."
+    )
+
+
+def _nan_last(x: float) -> float:
+    """A sort key that ranks NaN above every number (``max`` then picks it)."""
+    return math.inf if math.isnan(x) else x
+
+
+def _anchors_summary(anchored: list[dict], ks: list[int]) -> str:
+    """What anchors every k layers did to the float32-stream error, non-finite ones named."""
+    finite = [r["grad_rel_err"] for r in anchored if math.isfinite(r["grad_rel_err"])]
+    lost = sorted({r["depth"] for r in anchored if not math.isfinite(r["grad_rel_err"])})
+    every = _series([str(k) for k in ks]).replace(" and ", " or ")
+    if lost:
+        return (
+            f"Anchors every {every} layers did not keep the float32-stream error finite (at "
+            f"L = {_series([str(d) for d in lost])} it was not), for `L / k` streams of memory. "
+        )
+    return (
+        f"Anchors every {every} layers keep the float32-stream error between "
+        f"{_num(min(finite))} and {_num(max(finite))} at every depth up to "
+        f"{max(r['depth'] for r in anchored)}, for `L / k` streams of memory. "
     )
 
 
@@ -523,7 +546,8 @@ def _exact_mode_summary(exact: list[int], inexact: list[dict], overflow: list[in
         )
     if not inexact:
         return f'Exact mode gave no gradient at any depth ("overflow"{overflowed} or out of memory)'
-    worst = max(inexact, key=lambda r: r["grad_rel_err"])
+    # NaN first: max() would skip it depending on the order.
+    worst = max(inexact, key=lambda r: _nan_last(r["grad_rel_err"]))
     if exact:
         text = f"Exact mode is bitwise exact at {at(exact)} but not at "
     else:

@@ -24,6 +24,7 @@ from typing import Any
 import flax.errors
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax.core import meta
 
@@ -104,10 +105,10 @@ def init_linen_stack(
     """
     _check_modules("init_linen_stack", f, g)
     depth = positive_int(depth, "depth", "init_linen_stack")
-    if not isinstance(key, jax.Array):
+    if not isinstance(key, jax.Array | np.ndarray):  # a typed key, or raw uint32 key data
+        example = f"jax.random.key({key!r})" if isinstance(key, int) else "jax.random.key(0)"
         raise TypeError(
-            f"init_linen_stack: key must be a PRNG key, e.g. jax.random.key({key!r}), got "
-            f"{type(key).__name__}"
+            f"init_linen_stack: key must be a PRNG key, e.g. {example}, got {type(key).__name__}"
         )
     if not (isinstance(x, tuple | list) and len(x) == 2):
         raise TypeError(

@@ -96,8 +96,9 @@ class Stack(nnx.Module):
 
     Raises:
       ValueError: ``depth`` is not a positive integer, ``method`` is unknown, a
-        ``checkpoint_every`` below 1 or that does not divide ``depth``, or an ``rng_stream``
-        that ``rngs`` lacks (and no ``"default"`` stream).
+        ``checkpoint_every`` below 1 or that does not divide ``depth``, an ``rng_stream``
+        that ``rngs`` lacks (and no ``"default"`` stream), or, built under a mesh, a
+        partitioned size (``nnx.with_partitioning``) its mesh axis does not divide.
       TypeError: ``block`` is not decorated with :func:`reversible`, its state is refused by
         :func:`check_block`, a ``checkpoint_every`` that is not an int, or a ``policy`` that is
         not a :class:`~revjax.precision.Policy`.
@@ -303,6 +304,8 @@ def _check_partitioning(blocks: nnx.Module, where: str) -> None:
         spec = spec.get_value() if isinstance(spec, nnx.Variable) else spec
         shape = jnp.shape(var.get_value() if isinstance(var, nnx.Variable) else var)
         for axis, names in enumerate(spec or ()):
+            if names is jax.sharding.PartitionSpec.UNCONSTRAINED:
+                continue  # left to XLA: nothing to divide
             names = (names,) if isinstance(names, str) else tuple(names or ())
             size = math.prod(mesh.shape.get(n, 1) for n in names)
             if axis < len(shape) and shape[axis] % size:

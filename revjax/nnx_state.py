@@ -8,6 +8,7 @@ all or nothing, keeping each array's sharding. Both are re-exported by :mod:`rev
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, serialization
+from jax.tree_util import keystr
 
 
 def _flat_state(node: Any) -> dict[str, nnx.Variable]:
@@ -60,12 +62,30 @@ def _stored_form(name: str, leaf: Any) -> np.ndarray:
 
 def _stored_value(name: str, value: Any) -> np.ndarray | dict[str, np.ndarray]:
     """A variable's value as written: one array for an array or scalar (the common case, and
-    the format of earlier files), else a dict of its leaves by position (``{}`` for a value
-    with none: ``None``, an empty tuple, optax's ``MaskedNode`` of a frozen parameter)."""
-    leaves, treedef = jax.tree.flatten(value)
+    the format of earlier files), else a dict of its leaves keyed by their path in the value
+    (``jax.tree_util.keystr``: ``"[0]"``, ``"['a']"``; ``{}`` for a value with none: ``None``,
+    an empty tuple, optax's ``MaskedNode`` of a frozen parameter)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(value)
     if jax.tree_util.treedef_is_leaf(treedef) and leaves:
         return _stored_form(name, value)
-    return {str(i): _stored_form(name, leaf) for i, leaf in enumerate(leaves)}
+    return {keystr(path): _stored_form(name, leaf) for path, leaf in leaves}
+
+
+def _weak(leaf: Any) -> bool:
+    """Whether ``leaf`` is weakly typed: ``nnx.eval_shape`` makes a Python-scalar variable
+    (``nnx.Variable(3)``) an abstract weak int32/float32, while its file holds int64/float64."""
+    return bool(getattr(leaf, "weak_type", False))
+
+
+def _same_spec(value: np.ndarray, expected: jax.ShapeDtypeStruct) -> bool:
+    """The stored ``value`` has ``expected``'s shape and dtype (for a weakly typed abstract
+    scalar: the same dtype once canonicalised, as JAX would convert it)."""
+    if value.shape != expected.shape:
+        return False
+    if expected.weak_type:
+        canonical = jax.dtypes.canonicalize_dtype
+        return canonical(value.dtype) == canonical(expected.dtype)
+    return value.dtype == expected.dtype
 
 
 def _stored_spec(leaf: Any) -> jax.ShapeDtypeStruct:
@@ -74,7 +94,7 @@ def _stored_spec(leaf: Any) -> jax.ShapeDtypeStruct:
     if isinstance(leaf, jax.Array | jax.ShapeDtypeStruct):
         if _is_key(leaf):
             return jax.eval_shape(jax.random.key_data, leaf)
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, weak_type=_weak(leaf))
     stored = np.asarray(leaf)
     return jax.ShapeDtypeStruct(stored.shape, stored.dtype)
 
@@ -95,9 +115,18 @@ def save_state(node: Any, path: str | Path) -> None:
     """
     flat = {name: _stored_value(name, var.get_value()) for name, var in _flat_state(node).items()}
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(serialization.msgpack_serialize(flat))
-    os.replace(partial, path)
+    data = serialization.msgpack_serialize(flat)
+    # A temporary of its own in the same folder (two savers never share one), flushed to disk
+    # before the rename, so the file at ``path`` is always one whole save.
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        partial = Path(f.name)
+    try:
+        partial.write_bytes(data)
+        with partial.open("rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _restored_leaf(current: Any, value: np.ndarray) -> Any:
@@ -109,7 +138,9 @@ def _restored_leaf(current: Any, value: np.ndarray) -> Any:
     if not isinstance(current, jax.Array | jax.ShapeDtypeStruct):
         return type(current)(value.item())
     if _is_key(current):
-        value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(current))
+        # An abstract key (nnx.eval_shape) has no key_impl; its dtype carries the impl.
+        impl = current.dtype._impl if isinstance(current, jax.ShapeDtypeStruct) else None
+        value = jax.random.wrap_key_data(value, impl=impl or jax.random.key_impl(current))
     sharding = getattr(current, "sharding", None)
     return jnp.asarray(value) if sharding is None else jax.device_put(value, sharding)
 
@@ -140,22 +171,22 @@ def restore_state(node: Any, path: str | Path) -> None:
         current, stored = var.get_value(), saved[name]
         leaves, treedef = jax.tree.flatten(current)
         whole = jax.tree_util.treedef_is_leaf(treedef) and leaves
-        if isinstance(stored, dict):  # a pytree's leaves, by position
-            found = f"{len(stored)} leaves"
-            values = [stored.get(str(i)) for i in range(len(stored))]
+        paths = [keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(current)[0]]
+        if isinstance(stored, dict):  # a pytree's leaves, by their paths in the value
+            found = f"leaves {sorted(stored)}"
+            values = [stored.get(p) for p in paths]
         else:
             found, values = "one array", [stored]
-        if bool(whole) != (found == "one array") or len(values) != len(leaves):
-            expected = "one array" if whole else f"{type(current).__name__} of {len(leaves)} leaves"
+        if bool(whole) != (found == "one array") or (not whole and set(stored) != set(paths)):
+            expected = (
+                "one array" if whole else f"{type(current).__name__} of leaves {sorted(paths)}"
+            )
             raise ValueError(
                 f"restore_state: {name} is {found} in {path} but {expected} in the module"
             )
         for leaf, value in zip(leaves, values, strict=True):
             expected = _stored_spec(leaf)
-            if not isinstance(value, np.ndarray) or (value.shape, value.dtype) != (
-                expected.shape,
-                expected.dtype,
-            ):
+            if not isinstance(value, np.ndarray) or not _same_spec(value, expected):
                 shown = f"{value.dtype}{list(value.shape)}" if hasattr(value, "shape") else value
                 raise ValueError(
                     f"restore_state: {name} is {shown} in {path} but "

@@ -1,5 +1,6 @@
-"""Shared fixtures of the NNX tests (tests/test_nnx.py, tests/test_nnx_block.py): a pre-norm
-MLP branch with dropout, a reversible block of two of them, a stack of it, inputs."""
+"""Shared fixtures of the NNX tests (test_nnx.py, test_nnx_block.py, test_nnx_branch.py,
+test_nnx_state.py): a pre-norm MLP branch with dropout, a reversible block of two of them, a
+stack of it, inputs, a loss."""
 
 from __future__ import annotations
 

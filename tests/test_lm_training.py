@@ -6,6 +6,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -126,7 +127,7 @@ def test_numpy_settings_are_stored_as_python_numbers():
 
     config = LMConfig(steps=np.int64(50), seed=np.int32(3), lr=np.float32(1e-3), dim=16, heads=2)
     assert type(config.steps) is int and type(config.seed) is int and type(config.lr) is float
-    assert config == LMConfig(steps=50, seed=3, lr=float(np.float32(1e-3)), dim=16, heads=2)
+    assert type(LMConfig(dim=16, heads=2, lr=jnp.float32(1e-3)).lr) is float  # a JAX scalar
     json.dumps(dataclasses.asdict(config))
 
 

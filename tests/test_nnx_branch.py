@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from nnx_helpers import BATCH, DIM, Mlp, make_stack
+from nnx_helpers import BATCH, DIM, Mlp, Noisy, make_stack
 
 from revjax._nnx_branch import branch_draws_random, depends_on_key, pure_branch, stream_template
 
@@ -18,19 +18,31 @@ def split_branch(branch: nnx.Module):
     return graphdef, params, streams, rest
 
 
+class TwoStreams(nnx.Module):
+    """Dropout (stream "dropout") after a noise layer drawing from a stream of its own."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.noise = Noisy(DIM, rngs=nnx.Rngs(params=rngs.params(), dropout=rngs.noise()))
+        self.mlp = Mlp(DIM, 0.5, rngs=rngs)
+
+    def __call__(self, h):
+        return self.mlp(self.noise(h))
+
+
 def test_the_key_contract_stream_i_gets_fold_in_key_i():
-    """The pure branch equals the module with stream i reseeded to fold_in(key, i), count 0,
-    whatever count the module's own streams had reached."""
-    branch = Mlp(DIM, 0.5, rngs=nnx.Rngs(0))
+    """The pure branch equals the module with stream i (in nnx.iter_graph order) reseeded to
+    fold_in(key, i), count 0, whatever count the module's own streams had reached."""
+    branch = TwoStreams(rngs=nnx.Rngs(0, noise=1, dropout=2))
     h = jax.random.normal(jax.random.key(1), (BATCH, DIM))
-    branch(h)  # advances the module's own counter: the pure branch must not read it
+    branch(h)  # advances the module's own counters: the pure branch must not read them
     graphdef, params, streams, rest = split_branch(branch)
     pure = pure_branch(graphdef, stream_template(streams, stacked=False), rest, "branch f")
     key = jax.random.key(7)
     streams_in_order = [n for _, n in nnx.iter_graph(branch) if isinstance(n, nnx.RngStream)]
-    assert len(streams_in_order) == 1
-    streams_in_order[0].key.set_value(jax.random.fold_in(key, 0))
-    streams_in_order[0].count.set_value(jnp.zeros((), jnp.uint32))
+    assert len(streams_in_order) == 2
+    for i, stream in enumerate(streams_in_order):
+        stream.key.set_value(jax.random.fold_in(key, i))
+        stream.count.set_value(jnp.zeros((), jnp.uint32))
     np.testing.assert_array_equal(pure(params, h, key), branch(h))
     np.testing.assert_array_equal(pure(params, h, key), pure(params, h, key))  # replayed
     assert float(jnp.abs(pure(params, h, key) - pure(params, h, jax.random.key(8))).max()) > 0

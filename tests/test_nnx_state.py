@@ -128,12 +128,17 @@ def test_variables_holding_pytrees_round_trip(tmp_path):
     np.testing.assert_array_equal(got[0], pair[0])
     assert got[1] == np.float32(2.0)
     with pytest.raises(
-        ValueError, match=r"v is 2 leaves in .* but tuple of 3 leaves in the module"
+        ValueError,
+        match=r"v is leaves \['\[0\]', '\[1\]'\] in .* but tuple of leaves .*'\[2\]'",
     ):
         rnnx.restore_state(Holder((1.0, 2.0, 3.0)), tmp_path / "t.msgpack")
     rnnx.save_state(Holder(None), tmp_path / "n.msgpack")
-    with pytest.raises(ValueError, match=r"v is 0 leaves in .* but one array in the module"):
+    with pytest.raises(ValueError, match=r"v is leaves \[\] in .* but one array in the module"):
         rnnx.restore_state(Holder(jnp.ones(2)), tmp_path / "n.msgpack")
+    # Leaves are matched by their paths: a dict with another key was filled by position.
+    rnnx.save_state(Holder({"a": jnp.ones(2), "b": jnp.zeros(2)}), tmp_path / "d.msgpack")
+    with pytest.raises(ValueError, match=r"v is leaves \[\"\['a'\]\", \"\['b'\]\"\]"):
+        rnnx.restore_state(Holder({"a": jnp.ones(2), "c": jnp.ones(2)}), tmp_path / "d.msgpack")
     with pytest.raises(TypeError, match=r"save_state: v holds a value of type str"):
         rnnx.save_state(Holder("text"), tmp_path / "s.msgpack")
 
@@ -149,6 +154,21 @@ def test_restore_into_an_abstract_model(tmp_path):
     assert isinstance(abstract.kernel.get_value(), jax.Array)
     x = jnp.ones((2, 3))
     np.testing.assert_array_equal(abstract(x), model(x))
+
+    # With RNG streams (key_impl of an abstract key failed) and a Python-scalar variable (an
+    # abstract weak int32 against the file's int64), as in a stack with dropout.
+    class Counter(nnx.Module):
+        def __init__(self, count):
+            self.count = nnx.Variable(count)  # a Python int
+
+    stack = make_stack(0.3)
+    rnnx.save_state((stack, Counter(3)), tmp_path / "s.msgpack")
+    abstract_stack, counter = nnx.eval_shape(lambda: (make_stack(0.3), Counter(0)))
+    rnnx.restore_state((abstract_stack, counter), tmp_path / "s.msgpack")
+    key, xs = jax.random.key(3), inputs()
+    np.testing.assert_array_equal(abstract_stack(xs, key=key)[0], stack(xs, key=key)[0])
+    np.testing.assert_array_equal(abstract_stack(xs)[0], stack(xs)[0])  # its own stream, too
+    assert int(counter.count.get_value()) == 3
 
 
 def test_an_interrupted_save_leaves_the_previous_file(tmp_path, monkeypatch):

@@ -75,6 +75,7 @@ def test_a_bad_out_or_an_unreadable_result_is_said_in_one_line(tmp_path, capsys)
     names = [n for n in plots.PLOTS if (plots.RESULTS / n).exists()]
     (results / names[0]).write_text("{not json")
     (results / names[1]).write_text((plots.RESULTS / names[1]).read_text())
+    (results / names[2]).write_text('{"env": {"device": "cpu", "date": "today"}}')  # no rows
     with pytest.raises(SystemExit, match=f"not a result JSON, not plotted:\n  .*{names[0]}"):
         plots.main(["--results", str(results), "--out", str(tmp_path / "png")])
     assert [p.name for p in (tmp_path / "png").iterdir()] == [Path(names[1]).stem + ".png"]

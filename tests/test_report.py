@@ -72,8 +72,21 @@ def test_a_diverged_run_renders_its_non_finite_values():
         r["stream_peak"] = float("inf") if r["depth"] == 256 else r["stream_peak"]
     text = report.render_numerics_depth_summary(payload, NUMERICS)
     assert "~inf at L = 256" in text
-    assert "a float32 stream is no better than a bf16 one from L = 8" in text
+    assert (
+        "a float32 stream is already meaningless (relative error above 1, or not finite) at L = 8"
+        in text
+    )
     assert "meaningless (relative error above 1, or not finite) by L = 8" in text
+    # NaN inside a range: max() skipped it by order, so a diverged anchored run read as kept.
+    payload = _numerics(bitwise_equal=False, grad_rel_err=3e-7)
+    for r in payload["rows"]:
+        if ", k=" in r["method"] and r["depth"] == 128:
+            r["grad_rel_err"] = float("nan")
+        if r["method"] == "exact" and r["depth"] == 16:
+            r["grad_rel_err"] = float("nan")
+    text = report.render_numerics_depth_summary(payload, NUMERICS)
+    assert "did not keep the float32-stream error finite (at L = 128 it was not)" in text
+    assert "(largest relative error nan, at L = 16)" in text
 
 
 def _results_with(tmp_path, monkeypatch, *names: str) -> Path:

@@ -50,8 +50,8 @@ class LMConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        """Checks every setting and stores it as a Python ``int``/``float`` (a NumPy value is
-        accepted), so the config compares equal to, and is written to JSON like, its twin.
+        """Checks every setting and stores it as a Python ``int``/``float`` (a NumPy or JAX
+        scalar is accepted), so the config is written to JSON like one of Python numbers.
 
         Raises:
           ValueError: a count below 1, ``dim`` not divisible by ``heads``, a negative or
@@ -70,7 +70,8 @@ class LMConfig:
             raise ValueError(f"LMConfig: dim={self.dim} is not divisible by heads={self.heads}")
         for name, low, open_low in (("lr", 0.0, True), ("weight_decay", 0.0, False)):
             value = getattr(self, name)
-            real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            real = not isinstance(value, bool | str) and np.ndim(value) == 0
+            real = real and np.asarray(value).dtype.kind in "iuf"  # no bool, complex, object
             if not (real and math.isfinite(value) and (value > low if open_low else value >= low)):
                 bound = "> 0" if open_low else ">= 0"
                 raise ValueError(f"LMConfig: {name} must be a finite number {bound}, got {value!r}")
