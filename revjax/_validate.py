@@ -8,6 +8,8 @@ import numbers
 import os
 from pathlib import Path
 
+import numpy as np
+
 
 def positive_int(value: object, name: str, where: str) -> int:
     """``int(value)`` when ``value`` is an integer >= 1 (Python or NumPy; ``bool`` refused).
@@ -22,12 +24,17 @@ def positive_int(value: object, name: str, where: str) -> int:
 
 def check_dropout_rate(rate: float, where: str) -> None:
     """Refuse a dropout rate outside ``[0, 1)`` (NaN included; rate 1 would divide by zero in
-    inverted dropout).
+    inverted dropout), and one that is not a real number: ``bool`` (``dropout=False`` was
+    taken as rate 0), a string, ``None``, a complex number or an array with more than one
+    element. A Python, NumPy or concrete JAX scalar is accepted.
 
     Raises:
-      ValueError: ``not 0 <= rate < 1``; the message names ``where`` and the rate.
+      ValueError: not such a number with ``0 <= rate < 1``; the message names ``where`` and
+        the rate.
     """
-    if not 0.0 <= rate < 1.0:
+    real = not isinstance(rate, bool | str) and rate is not None and np.ndim(rate) == 0
+    real = real and np.asarray(rate).dtype.kind in "iuf"  # no bool, complex, object
+    if not (real and 0.0 <= rate < 1.0):
         raise ValueError(f"{where}: dropout rate must lie in [0, 1), got {rate!r}")
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -280,6 +281,41 @@ def range_check(policy: Policy | None, where: str) -> RangeCheck | None:
 # Applying a policy.
 
 
+class LowPrecisionStreamWarning(UserWarning):
+    """A gradient is taken through a reversible stack whose residual stream is 16-bit floating
+    point only because its input is (no policy names a stream dtype): the backward pass then
+    reconstructs every layer's input in that dtype, and the round-off compounds with depth.
+    Silence it by naming the stream: ``Policy(compute_dtype=jnp.bfloat16)`` keeps a float32
+    stream, ``Policy(stream_dtype=jnp.bfloat16)`` keeps the 16-bit one on purpose."""
+
+
+def implicit_narrow_stream(x: PyTree, policy: Policy | None) -> str | None:
+    """The names of the 16-bit floating dtypes of the stream ``x`` (as the scan keeps it) when
+    no ``policy`` names a stream dtype, e.g. ``"bfloat16"``; None otherwise."""
+    if policy is not None and policy.stream_dtype is not None:
+        return None
+    names = {
+        jnp.dtype(jnp.result_type(a)).name
+        for a in jax.tree.leaves(x)
+        if jnp.dtype(jnp.result_type(a)) in _SIXTEEN_BIT
+    }
+    return ", ".join(sorted(names)) or None
+
+
+def warn_implicit_narrow_stream(dtype_names: str, where: str) -> None:
+    """Issues :class:`LowPrecisionStreamWarning` for a stream of ``dtype_names``."""
+    warnings.warn(
+        f"{where}: differentiating through a {dtype_names} residual stream, the input's own "
+        "dtype (no policy names a stream dtype): the backward pass reconstructs each layer's "
+        "input in it and the round-off compounds with depth (a 64-layer bfloat16 stack's "
+        "gradient can be meaningless). Pass policy=Policy(compute_dtype=jnp.bfloat16) for "
+        "bfloat16 branches on a float32 stream, or Policy(stream_dtype=jnp.bfloat16) to keep "
+        "this stream on purpose (which also silences this warning)",
+        LowPrecisionStreamWarning,
+        stacklevel=2,
+    )
+
+
 def _cast_floats(tree: PyTree, dtype: np.dtype) -> PyTree:
     return jax.tree.map(
         lambda a: a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, tree
@@ -389,6 +425,7 @@ def apply_policy(block: Coupling, policy: Policy | None) -> Coupling:
 
 
 __all__ = [
+    "LowPrecisionStreamWarning",
     "Policy",
     "apply_policy",
     "exact_policy",

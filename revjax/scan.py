@@ -38,8 +38,10 @@ from revjax.precision import (
     Policy,
     RangeCheck,
     apply_policy,
+    implicit_narrow_stream,
     range_check,
     to_stream,
+    warn_implicit_narrow_stream,
 )
 
 PyTree = Any
@@ -302,12 +304,13 @@ def restart_at_anchor(stream: PyTree, exact: PyTree, layer: jax.Array, every: in
     return jax.tree.map(lambda e, s: jnp.where(at_anchor, e, s), exact, stream)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
 def _reversible_scan(
     block: Coupling,
     every: int,
     check: RangeCheck | None,
     log_det: Any,
+    narrow: str | None,
     params: PyTree,
     x: PyTree,
     key: Key | None,
@@ -317,9 +320,12 @@ def _reversible_scan(
     return y, total, aux
 
 
-def _reversible_scan_fwd(block, every, check, log_det, params, x, key, shared):
+def _reversible_scan_fwd(block, every, check, log_det, narrow, params, x, key, shared):
     # Residuals: the output, the anchors and side information if any (params, key and shared
-    # are inputs, stored anyway).
+    # are inputs, stored anyway). Traced only when differentiating: the one place to warn about
+    # reconstruction in an implicit 16-bit stream (a forward-only use has no reconstruction).
+    if narrow is not None:
+        warn_implicit_narrow_stream(narrow, "reversible_scan")
     y, anchors, aux, total = _forward(
         block, params, x, key, every=every, check=check, shared=shared, log_det=log_det
     )
@@ -414,7 +420,7 @@ def _reverse_sweep(
     return x, x_bar, params_bar, shared_bar
 
 
-def _reversible_scan_bwd(block, every, check, log_det, residuals, cotangents):
+def _reversible_scan_bwd(block, every, check, log_det, narrow, residuals, cotangents):
     params, y, anchors, aux, key, shared = residuals
     # aux is returned under stop_gradient: its cotangent is zero. log_det_bar is None when the
     # log-det was not asked for (its output is None).
@@ -507,6 +513,11 @@ def reversible_scan(
         ``policy`` that is not a :class:`~revjax.precision.Policy`.
       OverflowError: (when the computation runs, wrapped in JAX's runtime error) in exact mode, a
         layer whose output leaves the fixed-point range; the message names the first such layer.
+
+    Warns:
+      LowPrecisionStreamWarning: when differentiated (traced for a gradient) with a 16-bit
+        floating stream that no policy named, i.e. a bfloat16/float16 ``x`` without a policy
+        stream dtype (:class:`revjax.precision.LowPrecisionStreamWarning`).
     """
     block, x, depth, check = prepare_stack(block, params, x, key, policy, "reversible_scan")
     every = anchor_interval(depth, checkpoint_every)
@@ -520,7 +531,8 @@ def reversible_scan(
     block, shared = hoist_traced_constants(
         block, jax.tree.map(lambda a: a[0], params), x, layer_key(key, 0), log_det=return_log_det
     )
-    y, total, aux = _reversible_scan(block, every, check, log_det, params, x, key, shared)
+    narrow = implicit_narrow_stream(x, policy)
+    y, total, aux = _reversible_scan(block, every, check, log_det, narrow, params, x, key, shared)
     return _outputs(y, total, aux, return_log_det, return_aux)
 
 

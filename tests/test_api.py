@@ -8,6 +8,8 @@ import importlib
 import inspect
 import pkgutil
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,23 @@ def test_modules_import_only_downward_and_the_core_has_no_flax():
                 flax_users.append(name)
     assert not upward, upward
     assert not flax_users, flax_users
+
+
+def test_import_revjax_does_not_load_flax_until_nnx_is_used():
+    """The core is pure JAX: ``import revjax`` once loaded Flax through ``revjax.nnx``, which
+    is now imported on first attribute access (and ``from revjax import nnx`` still works)."""
+    code = (
+        "import sys, revjax\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'flax'], 'flax loaded'\n"
+        "assert revjax.nnx.Stack.__module__ == 'revjax.nnx' and 'flax' in sys.modules\n"
+        "from revjax import nnx\n"
+        "assert nnx is revjax.nnx\n"
+        "try:\n"
+        "    revjax.no_such_name\n"
+        "except AttributeError as err:\n"
+        "    assert \"no attribute 'no_such_name'\" in str(err)\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -2,6 +2,7 @@
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -20,12 +21,15 @@ def test_positive_int_refuses_with_caller_and_argument_named(value):
         positive_int(value, "depth", "Stack(Block)")
 
 
-@pytest.mark.parametrize("rate", [0.0, 0.5, np.float32(0.25), 0])
+@pytest.mark.parametrize("rate", [0.0, 0.5, np.float32(0.25), 0, jnp.float32(0.1)])
 def test_dropout_rate_in_unit_interval_accepted(rate):
     check_dropout_rate(rate, "mlp")
 
 
-@pytest.mark.parametrize("rate", [1.0, -0.1, math.nan, 1.5])
+# A bool once passed as rate 0.0 (False) and a string failed with a bare comparison TypeError.
+@pytest.mark.parametrize(
+    "rate", [1.0, -0.1, math.nan, 1.5, False, True, "0.1", None, 0.1 + 0j, np.array([0.1, 0.2])]
+)
 def test_dropout_rate_outside_unit_interval_refused(rate):
     with pytest.raises(ValueError, match=r"^mlp: dropout rate must lie in \[0, 1\), got "):
         check_dropout_rate(rate, "mlp")

@@ -33,7 +33,11 @@ VOCAB_SIZE = 256  # bytes
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
-    """Model and optimisation settings of a language-model run."""
+    """Model and optimisation settings of a language-model run.
+
+    The learning rate rises linearly from 0 to ``lr`` over ``warmup`` steps, then decays to 0
+    along a cosine until ``steps``. ``warmup >= steps`` is allowed (a short smoke run keeps the
+    default warm-up): the run then ends before the rate reaches ``lr``."""
 
     depth: int = 4
     dim: int = 64
