@@ -275,7 +275,7 @@ def test_bench_moonwalk_rows_compare_every_method_with_backprop():
     assert by["moonwalk"]["drift"] is not None and by["backprop"]["drift"] is None
 
 
-def test_run_notebooks_runs_them_concurrently_and_says_so(tmp_path, monkeypatch):
+def test_run_notebooks_runs_them_concurrently_and_says_so(tmp_path, monkeypatch, capsys):
     """``--jobs 2`` keeps the rows in notebook order, records ``jobs``, and the README's
     sentence says each time is an upper bound; ``--jobs 0`` is refused."""
     import threading
@@ -312,8 +312,11 @@ def test_run_notebooks_runs_them_concurrently_and_says_so(tmp_path, monkeypatch)
     )
     alone = payload | {"jobs": 1, "env": payload["env"] | {"concurrent_jobs": 1}}
     assert "upper bound" not in report.render_notebooks(alone, name)
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
         run_notebooks.main(["--out", str(tmp_path), "--jobs", "0"])
+    assert exit_info.value.code == 2
+    assert "--jobs must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_scripts_that_time_nothing_run_two_at_a_time_and_the_timed_ones_alone(

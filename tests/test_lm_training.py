@@ -25,8 +25,12 @@ def test_reversible_and_twin_loss_curves_agree_and_learn(corpus):
     rev, twin = histories["reversible"], histories["backprop"]
     assert rev.steps == twin.steps == [25, 50, 75, 100, 125, 150, 175, 200]
     for a, b in ((rev.train_loss, twin.train_loss), (rev.eval_loss, twin.eval_loss)):
-        # Issue criterion: within 1% at every logged step (same seed, float32).
-        assert np.max([abs(x - y) / y for x, y in zip(a, b, strict=True)]) <= 0.01  # NaN fails
+        # Issue criterion: within 1% at every logged step (same seed, float32). That alone would
+        # pass wrong dropout masks (a changed key per step moved the curves by at most 1.6e-2
+        # train, 4.8e-3 eval), so also 1e-4, notebook 04's bound: measured 3.8e-7 (float32
+        # reconstruction round-off through 200 steps).
+        gap = np.max([abs(x - y) / y for x, y in zip(a, b, strict=True)])
+        assert gap <= 1e-4, gap  # NaN fails; implies the issue's 1%
     # "Well below" the best context-free loss: at least 20% below the unigram entropy.
     entropy = unigram_entropy(corpus.valid)
     assert rev.eval_loss[-1] <= 0.8 * entropy, (rev.eval_loss, entropy)

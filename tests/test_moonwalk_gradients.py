@@ -55,7 +55,8 @@ def submersive_mlp_by_hand(params, x):
     return x
 
 
-# Reference forwards that share no code with the Layers under test.
+# Reference forwards: the submersive MLP by hand; the RevNet through plain_scan of the same
+# coupling (its forward only: the vijp steps and Moonwalk sweeps under test are not used).
 BY_HAND = {
     "revnet": lambda params, x: plain_scan(mlp_coupling(), params, x),
     "submersive_mlp": submersive_mlp_by_hand,

@@ -44,7 +44,8 @@ def test_the_key_contract_stream_i_gets_fold_in_key_i():
         stream.key.set_value(jax.random.fold_in(key, i))
         stream.count.set_value(jnp.zeros((), jnp.uint32))
     np.testing.assert_array_equal(pure(params, h, key), branch(h))
-    np.testing.assert_array_equal(pure(params, h, key), pure(params, h, key))  # replayed
+    # Replayed: a call advances no counter of the module's (the next call would differ).
+    np.testing.assert_array_equal(pure(params, h, key), pure(params, h, key))
     assert float(jnp.abs(pure(params, h, key) - pure(params, h, jax.random.key(8))).max()) > 0
 
 

@@ -220,11 +220,15 @@ def test_xla_cpu_converts_the_whole_stack_to_write_one_bf16_slice():
 def test_bad_depths_and_an_unreadable_earlier_run_are_refused(tmp_path, monkeypatch, capsys):
     """--depths 0 ran the L = 32 equivalence check, then failed deep in XLA; a corrupt earlier
     file for --append gave a JSONDecodeError or KeyError traceback."""
-    for depths in (["0"], ["-1"], []):
+    for depths, message in (
+        (["0"], "must be finite and > 0, got 0"),
+        (["-1"], "must be finite and > 0, got -1"),
+        ([], "expected at least one argument"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             bench.main(["--depths", *depths, "--out", str(tmp_path)])
         assert exit_info.value.code == 2
-    assert "argument --depths: must be finite and > 0, got 0" in capsys.readouterr().err
+        assert f"argument --depths: {message}" in capsys.readouterr().err
     monkeypatch.setattr(bench, "measure", _fake_measure)
     monkeypatch.setitem(bench.SIZES, "tiny", {**TINY, "depths": [2, 4]})
     earlier = tmp_path / f"numerics_depth_tiny_{jax.default_backend()}.json"
