@@ -28,6 +28,7 @@ import numpy as np
 from jax.scipy.linalg import solve_triangular
 
 from revjax.coupling import Coupling
+from revjax.precision import Policy
 from revjax.scan import reversible_scan
 
 PyTree = Any
@@ -365,7 +366,7 @@ def batch_pool() -> Coupling:
     return _layer(forward, inverse, _zero_log_det, kind="permutation")
 
 
-def layerwise_branch(block: Coupling) -> Callable[..., jax.Array]:
+def layerwise_branch(block: Coupling, *, policy: Policy | None = None) -> Callable[..., jax.Array]:
     """A residual branch ``f(params, h)`` that runs a stack of layer-wise invertible layers
     (``block``, params stacked over its layers) through :func:`revjax.reversible_scan`.
 
@@ -374,10 +375,15 @@ def layerwise_branch(block: Coupling) -> Callable[..., jax.Array]:
     hidden activations layer by layer instead of storing them while the block is recomputed,
     so the backward pass of one block holds a single hidden layer at a time. The price is the
     layer-wise inverses' faster round-off growth (see the module docstring).
+
+    ``policy``: the inner scan's :class:`revjax.precision.Policy`. An outer policy's compute
+    dtype reaches the branch's input, not this scan: under a bfloat16 compute policy the inner
+    stream is bfloat16 unless this policy names another (``Policy(compute_dtype=jnp.bfloat16)``
+    keeps it in float32), and a gradient through it warns until one is named.
     """
 
     def branch(params, h, key=None):
-        return reversible_scan(block, params, h, key=key)
+        return reversible_scan(block, params, h, key=key, policy=policy)
 
     return branch
 

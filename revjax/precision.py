@@ -310,7 +310,8 @@ def warn_implicit_narrow_stream(dtype_names: str, where: str) -> None:
         "input in it and the round-off compounds with depth (a 64-layer bfloat16 stack's "
         "gradient can be meaningless). Pass policy=Policy(compute_dtype=jnp.bfloat16) for "
         "bfloat16 branches on a float32 stream, or Policy(stream_dtype=jnp.bfloat16) to keep "
-        "this stream on purpose (which also silences this warning)",
+        "this stream on purpose (which also silences this warning); where no policy can be "
+        "passed, a float32 input keeps a float32 stream",
         LowPrecisionStreamWarning,
         stacklevel=2,
     )

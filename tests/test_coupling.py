@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from reconstruction_checks import check_reconstruction_across_depth
 
 import revjax as rj
 from revjax.coupling import reconstruct_and_vjp
 from revjax.diagnostics import relative_error
+from revjax.models.mlp import init_mlp_stack, mlp
 
 
 def dense(p, h, key=None):
@@ -295,3 +297,19 @@ def test_complex_branch_output_into_a_real_stream_is_refused():
     x = (jnp.ones((2, 3)), jnp.ones((2, 3)))
     with pytest.raises(TypeError, match=r"f returned complex64 for the real float32 half x1"):
         block.forward((1.0, 1.0), x)
+
+
+@pytest.mark.parametrize("kind", ["additive", "affine"])
+def test_coupling_stack_reconstruction_float32_and_bfloat16_across_depth(kind):
+    """DESIGN's numerics rule for the two Feistel couplings (tests/reconstruction_checks.py):
+    MLP branches, halves 32 wide, the affine log-scale 0.5 tanh of the branch output."""
+
+    def make(depth):
+        params = init_mlp_stack(jax.random.key(0), depth, 32, 64)
+        x = tuple(jax.random.normal(k, (64, 32)) for k in jax.random.split(jax.random.key(1)))
+        if kind == "additive":
+            return rj.additive_coupling(mlp, mlp), params, x
+        branch = lambda p, h: (0.5 * jnp.tanh(mlp(p, h)), mlp(p, h))
+        return rj.affine_coupling(branch, branch), params, x
+
+    check_reconstruction_across_depth(make)

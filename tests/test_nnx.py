@@ -20,6 +20,7 @@ from nnx_helpers import (
     make_stack,
     max_relative_error,
 )
+from reconstruction_checks import check_reconstruction_across_depth
 
 import revjax.nnx as rnnx
 from revjax.memory import compiled_memory
@@ -441,3 +442,9 @@ def test_a_stream_the_blocks_need_at_construction_is_named_with_those_there_are(
     with pytest.raises(KeyError, match="dropout") as info:
         rnnx.Stack(Block, 2, DIM, 0.5, rngs=nnx.Rngs(params=0))
     assert any("revjax.nnx.Stack(Block)" in n and "['params']" in n for n in info.value.__notes__)
+
+
+def test_stack_reconstruction_float32_and_bfloat16_across_depth():
+    """DESIGN's numerics rule for the NNX Stack (pre-norm MLP blocks, through
+    ``Stack.coupling()``; tests/reconstruction_checks.py)."""
+    check_reconstruction_across_depth(lambda depth: (*make_stack(depth=depth).coupling(), inputs()))

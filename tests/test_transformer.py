@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from reconstruction_checks import check_reconstruction_across_depth
 
 from revjax.memory import compiled_memory
 from revjax.models.lm_training import functional_train_step
@@ -154,3 +155,15 @@ def test_training_step_memory_is_flat_in_depth():
     assert abs(reversible[1] - reversible[0]) <= 0.05 * reversible[0]
     assert twin[1] > 4 * twin[0]  # the twin stores every block's activations
     assert reversible[1] < twin[1] / 10
+
+
+def test_stack_reconstruction_float32_and_bfloat16_across_depth():
+    """DESIGN's numerics rule for the transformer's attention and MLP couplings (width 32, 4
+    heads, 16 positions; tests/reconstruction_checks.py)."""
+
+    def make(depth):
+        model = ReversibleTransformer(256, 32, depth, 4, 16, rngs=nnx.Rngs(0))
+        h = jax.random.normal(jax.random.key(3), (4, 16, 32))
+        return (*model.stack.coupling(), (h, h))
+
+    check_reconstruction_across_depth(make)
