@@ -286,7 +286,8 @@ class LowPrecisionStreamWarning(UserWarning):
     point only because its input is (no policy names a stream dtype): the backward pass then
     reconstructs every layer's input in that dtype, and the round-off compounds with depth.
     Silence it by naming the stream: ``Policy(compute_dtype=jnp.bfloat16)`` keeps a float32
-    stream, ``Policy(stream_dtype=jnp.bfloat16)`` keeps the 16-bit one on purpose."""
+    stream, ``Policy(stream_dtype=jnp.bfloat16)`` keeps the 16-bit one on purpose (likewise
+    ``jnp.float16``; the message names the stream's own dtype)."""
 
 
 def implicit_narrow_stream(x: PyTree, policy: Policy | None) -> str | None:
@@ -303,13 +304,15 @@ def implicit_narrow_stream(x: PyTree, policy: Policy | None) -> str | None:
 
 
 def warn_implicit_narrow_stream(dtype_names: str, where: str) -> None:
-    """Issues :class:`LowPrecisionStreamWarning` for a stream of ``dtype_names``."""
+    """Issues :class:`LowPrecisionStreamWarning` for a stream of ``dtype_names`` (e.g.
+    ``"float16"``), naming the policies that fix it in that dtype."""
+    dtype = dtype_names.split(", ")[0]
     warnings.warn(
         f"{where}: differentiating through a {dtype_names} residual stream, the input's own "
         "dtype (no policy names a stream dtype): the backward pass reconstructs each layer's "
         "input in it and the round-off compounds with depth (a 64-layer bfloat16 stack's "
-        "gradient can be meaningless). Pass policy=Policy(compute_dtype=jnp.bfloat16) for "
-        "bfloat16 branches on a float32 stream, or Policy(stream_dtype=jnp.bfloat16) to keep "
+        f"gradient can be meaningless). Pass policy=Policy(compute_dtype=jnp.{dtype}) for "
+        f"{dtype} branches on a float32 stream, or Policy(stream_dtype=jnp.{dtype}) to keep "
         "this stream on purpose (which also silences this warning); where no policy can be "
         "passed, a float32 input keeps a float32 stream",
         LowPrecisionStreamWarning,
@@ -339,8 +342,8 @@ def _branch_wrapper(policy: Policy) -> Callable[[Callable, str], Callable]:
     def wrap(fn, kind):
         if policy.exact and kind not in ("additive", "permutation"):
             raise ValueError(
-                f"exact mode needs additive couplings (and permutations); an {kind} block scales "
-                "or bends the stream, which leaves the fixed-point grid"
+                "exact mode needs additive couplings (and permutations); a block of kind "
+                f"{kind!r} scales or bends the stream, which leaves the fixed-point grid"
             )
         if fn is None:  # a layer without branches, shown to the policy for the check above
             return None

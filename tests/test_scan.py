@@ -768,5 +768,6 @@ def test_gradient_through_an_implicit_16_bit_stream_warns(dtype, policy, warns):
     if warns:
         name = jnp.dtype(dtype).name
         assert f"differentiating through a {name} residual stream" in messages[0]
-        assert "Policy(compute_dtype=jnp.bfloat16)" in messages[0]
-        assert "Policy(stream_dtype=jnp.bfloat16)" in messages[0]
+        # The fixes in the stream's own dtype: a float16 stream was told to switch to bfloat16.
+        assert f"Policy(compute_dtype=jnp.{name})" in messages[0]
+        assert f"Policy(stream_dtype=jnp.{name}) to keep this stream" in messages[0]
