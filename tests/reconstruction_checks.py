@@ -8,14 +8,12 @@ the output layer by layer, as the backward pass does, and returns each layer's r
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from revjax.diagnostics import reconstruction_report
-from revjax.precision import Policy
+from revjax.precision import Policy, _cast_floats
 
 # Measured over the paths that call this (additive MLP, affine, RevNet stage, NNX Stack,
 # transformer stack; L = 2 and 16, CPU): float32 at most 1.6e-6 (the transformer at L = 16);
@@ -27,13 +25,9 @@ BFLOAT16_STREAM_BOUND = 0.2
 BFLOAT16_COMPUTE_BOUND = 1e-3
 
 
-def _cast(tree: Any, dtype: Any) -> Any:
-    floating = lambda a: jnp.issubdtype(jnp.result_type(a), jnp.floating)
-    return jax.tree.map(lambda a: a.astype(dtype) if floating(a) else a, tree)
-
-
 def _errors(block, params, x, dtype, policy=None) -> np.ndarray:
-    report = reconstruction_report(block, _cast(params, dtype), _cast(x, dtype), policy=policy)
+    params, x = _cast_floats(params, dtype), _cast_floats(x, dtype)
+    report = reconstruction_report(block, params, x, policy=policy)
     return np.asarray(report["relative_error"])  # index 0: after L inverse steps; -1: after 1
 
 
