@@ -49,7 +49,7 @@ from revjax._validate import positive_int
 from revjax.bench import environment
 from revjax.diagnostics import format_table, relative_error
 from revjax.memory import compiled_memory
-from revjax.precision import LowPrecisionStreamWarning
+from revjax.precision import LowPrecisionStreamWarning, _cast_floats
 from revjax.timing import median_ms
 
 PyTree = Any
@@ -90,12 +90,6 @@ def _anchors_unavailable(depth: int) -> dict[str, str]:
     }
 
 
-def _cast(tree: PyTree, dtype: Any) -> PyTree:
-    return jax.tree.map(
-        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
-    )
-
-
 def mlp_problem(
     depth: int, dtype: Any, width: int = 32, hidden: int = 128, batch: int = 64
 ) -> Problem:
@@ -106,9 +100,11 @@ def mlp_problem(
     from revjax.scan import plain_scan, reversible_scan
 
     block = mlp_coupling()
-    params = _cast(init_mlp_stack(jax.random.key(0), depth, width, hidden), dtype)
+    params = _cast_floats(init_mlp_stack(jax.random.key(0), depth, width, hidden), dtype)
     k1, k2 = jax.random.split(jax.random.key(1))
-    x = _cast((jax.random.normal(k1, (batch, width)), jax.random.normal(k2, (batch, width))), dtype)
+    x = _cast_floats(
+        (jax.random.normal(k1, (batch, width)), jax.random.normal(k2, (batch, width))), dtype
+    )
     per_example = lambda y: jnp.sum(jnp.tanh(y[0]) * y[1], axis=-1).astype(jnp.float32)
     mean = lambda y: jnp.mean(per_example(y))
     k = anchor_interval_for(depth)
@@ -150,7 +146,7 @@ def revnet_problem(depth: int, dtype: Any, batch: int = 32) -> Problem:
     """RevNet CNN on 8x8x1 inputs, 2 stages of ``depth`` couplings."""
     from revjax.models.revnet import init_revnet, revnet_logits
 
-    params = _cast(init_revnet(jax.random.key(0), blocks=depth, hidden=16), dtype)
+    params = _cast_floats(init_revnet(jax.random.key(0), blocks=depth, hidden=16), dtype)
     x = jax.random.normal(jax.random.key(1), (batch, 8, 8, 1)).astype(dtype)
     labels = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
 
@@ -180,7 +176,7 @@ def transformer_problem(depth: int, dtype: Any, batch: int = 8, length: int = 64
     model = ReversibleTransformer(256, 64, depth, 4, length, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (batch, length + 1), 0, 256)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = _cast(params, dtype)
+    params = _cast_floats(params, dtype)
     k = anchor_interval_for(depth)
     variants = {
         "backprop": {"method": "backprop"},
@@ -287,7 +283,7 @@ def compare(
                 {
                     "method": name,
                     "name": name.split(" ")[0],
-                    "grad_error": float(relative_error(_cast(g, jnp.float32), reference)),
+                    "grad_error": float(relative_error(_cast_floats(g, jnp.float32), reference)),
                     "temp_mib": compiled_memory(fn, params).temp_mib,
                     "ms": median_ms(fn, params, repeats=repeats, warmup=1),
                     "note": "",
