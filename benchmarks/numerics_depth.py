@@ -7,7 +7,8 @@ For every depth and method the gradient of ``reversible_scan`` is compared with 
 
 * ``bf16 stream``: the naive policy, stream and compute in bfloat16;
 * ``f32 stream``: bf16 compute, float32 stream (revjax's default for bf16 compute);
-* ``f32 stream, k=16`` / ``k=8``: the same with anchors every k layers;
+* ``f32 stream, k=16`` / ``k=8``: the same with anchors every k layers (only at depths that
+  k divides and exceeds: at L = 12 neither row is measured);
 * ``exact``: fixed-point float32 stream with the finest grid whose range holds the stream
   (``fraction_bits`` chosen from the float32-stream forward pass); "overflow" when even
   ``fraction_bits = 0`` (range 2^24) cannot.
@@ -209,8 +210,9 @@ def measure(depth: int, size: dict, timed: bool, budget: int | None = None) -> l
                 continue
             options = {"policy": policy}
         every = options.get("checkpoint_every")
-        if every is not None and every >= depth:
-            continue  # k >= L stores no anchor: the same as the plain f32 stream
+        if every is not None and (every >= depth or depth % every):
+            # k >= L stores no anchor (the plain f32 stream); anchors need k to divide L.
+            continue
         policy = options["policy"]
         try:
             if reference is None or reference[0] != policy:

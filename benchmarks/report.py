@@ -25,7 +25,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _where(env: dict) -> str:
-    return f"{env['device']} ({env['backend']}), jax {env['jax']}, {env['date']}"
+    commit = f", commit {env['commit']}" if env.get("commit") else ""
+    return f"{env['device']} ({env['backend']}), jax {env['jax']}, {env['date']}{commit}"
 
 
 def _source(env: dict, script: str, *filenames: str) -> str:

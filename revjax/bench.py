@@ -78,10 +78,11 @@ CONCURRENT_ENV = "REVJAX_BENCH_CONCURRENT_JOBS"
 
 def environment() -> dict[str, Any]:
     """Where and with what a result was measured: date (UTC), backend, device and count, jax,
-    jaxlib, flax and Python versions, the default matmul precision and ``concurrent_jobs``
-    (benchmark scripts running at once, this one included; 1: alone or run by hand). Every
-    result JSON of ``benchmarks/`` and ``python -m revjax demo --json`` records it as ``env``.
-    Imports JAX and initialises its backend: call it in the process that measures."""
+    jaxlib, flax and Python versions, the default matmul precision, ``concurrent_jobs``
+    (benchmark scripts running at once, this one included; 1: alone or run by hand) and the
+    revjax ``commit`` measured (:func:`source_commit`). Every result JSON of ``benchmarks/``
+    and ``python -m revjax demo --json`` records it as ``env``. Imports JAX and initialises its
+    backend: call it in the process that measures."""
     import datetime
     import platform
 
@@ -101,7 +102,33 @@ def environment() -> dict[str, Any]:
         # None: JAX's default, which on a GPU rounds float32 matmul inputs TF32-like.
         "default_matmul_precision": jax.config.jax_default_matmul_precision,
         "concurrent_jobs": int(os.environ.get(CONCURRENT_ENV, "1")),
+        "commit": source_commit(),
     }
+
+
+#: Names the commit of a copy of the sources that is not a git checkout (a device machine's).
+COMMIT_ENV = "REVJAX_COMMIT"
+
+
+def source_commit() -> str | None:
+    """The revjax commit being measured: ``git rev-parse --short HEAD`` of the checkout, with
+    ``+dirty`` when a tracked file under ``revjax/`` or ``benchmarks/`` differs from it; where
+    the sources are not a git checkout (a copy on a device machine), :data:`COMMIT_ENV` if set,
+    else None. A result's numbers belong to the code of this commit."""
+    git = ["git", "-C", str(ROOT)]
+    try:
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if head.returncode == 0:
+            dirty = subprocess.run(
+                [*git, "status", "--porcelain", "--untracked-files=no", "revjax", "benchmarks"],
+                capture_output=True, text=True, timeout=10,
+            )  # fmt: skip
+            return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return os.environ.get(COMMIT_ENV) or None
 
 
 def main(argv: list[str] | None = None) -> int:

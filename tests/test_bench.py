@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -164,6 +165,25 @@ def test_the_environment_records_the_matmul_precision():
         assert environment()["default_matmul_precision"] == "highest"
     finally:
         jax.config.update("jax_default_matmul_precision", previous)
+
+
+def test_the_environment_records_the_commit_measured(tmp_path, monkeypatch):
+    """A result names the code it measured: the checkout's HEAD (``+dirty`` when revjax/ or
+    benchmarks/ has uncommitted changes); a copy without git (a device machine's) takes
+    REVJAX_COMMIT, and without it records None rather than a guess."""
+    import subprocess
+
+    head = subprocess.run(
+        ["git", "-C", str(bench.ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert bench.source_commit() in (head, f"{head}+dirty")
+    monkeypatch.setattr(bench, "ROOT", tmp_path)  # not a git checkout
+    monkeypatch.delenv(bench.COMMIT_ENV, raising=False)
+    assert bench.source_commit() is None
+    monkeypatch.setenv(bench.COMMIT_ENV, "abc1234")
+    assert bench.source_commit() == "abc1234"
+    assert bench.environment()["commit"] == "abc1234"
 
 
 # Every benchmark rewrites its JSON after each unit of work, marked incomplete until the end, so
@@ -443,3 +463,21 @@ def test_every_script_refuses_an_unusable_out_before_measuring(name, tmp_path, c
         script.main(["--out", str(afile / "sub")])
     assert exit_info.value.code == 2
     assert f"argument --out: {afile} is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "message"),
+    [
+        (int, "2.5", "expected an integer, got '2.5'"),
+        (int, "1e3", "expected an integer, got '1e3'"),
+        (float, "fast", "expected a number, got 'fast'"),
+        (int, "0", "must be finite and > 0, got 0"),
+        (float, "nan", "must be finite and > 0, got nan"),
+    ],
+)
+def test_positive_options_say_what_they_expected(kind, text, message):
+    from benchmarks.common import positive
+
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+        positive(kind)(text)
+    assert positive(kind)("3") == 3

@@ -67,6 +67,17 @@ def test_measure_with_a_tiny_budget_compares_against_checkpointed_references():
     assert all(r["stream_peak"] > 0 and not r["overflow"] for r in rows)
 
 
+def test_anchored_rows_are_measured_only_at_depths_their_interval_divides(monkeypatch):
+    """--depths 12 crashed: k = 8 and k = 16 do not divide 12 and the scan refuses them, so
+    those rows are skipped; at L = 16, k = 8 divides and is measured (k = 16 stores no anchor).
+    Only the anchored methods run, to keep the test short."""
+    anchored = {k: v for k, v in bench.METHODS.items() if v and "checkpoint_every" in v}
+    assert set(anchored) == {"f32 stream, k=16", "f32 stream, k=8"}
+    monkeypatch.setattr(bench, "METHODS", anchored)
+    assert bench.measure(12, TINY, timed=False) == []
+    assert [r["method"] for r in bench.measure(16, TINY, timed=False)] == ["f32 stream, k=8"]
+
+
 def test_append_merges_a_split_run_and_refuses_a_different_one(tmp_path, monkeypatch):
     """A run split across calls (the GPU's per-call time limit) ends as one JSON with every
     depth, complete only when every part completed; a different size is refused."""

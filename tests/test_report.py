@@ -225,3 +225,10 @@ def test_the_scan_summary_numbers_are_recomputed_from_the_json(tmp_path, monkeyp
     k = next(r["method"] for r in f32["rows"] if r["method"].startswith("reversible_k"))
     extra = at(f32, k, deep)["temp_mib"] - at(f32, "reversible", deep)["temp_mib"]
     assert f"add exactly {extra / stream_mib:.0f} streams ({extra:.0f} MiB in float32)" in text
+
+
+def test_a_result_names_the_commit_it_measured_where_it_recorded_one():
+    """Results recorded before ``env['commit']`` existed render as before."""
+    assert report._where(GPU_ENV) == "NVIDIA H100 80GB HBM3 (gpu), jax 0.11.2, today"
+    with_commit = report._where(GPU_ENV | {"commit": "6c72cb6"})
+    assert with_commit == "NVIDIA H100 80GB HBM3 (gpu), jax 0.11.2, today, commit 6c72cb6"
