@@ -4,6 +4,7 @@ Each check names the caller (``where``) and the argument; ``positive_int`` retur
 Python ``int`` (a NumPy integer is accepted), so equal settings compare and hash equal.
 """
 
+import math
 import numbers
 import os
 from pathlib import Path
@@ -20,6 +21,30 @@ def positive_int(value: object, name: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{where}: {name} must be a positive int, got {value!r}")
     return int(value)
+
+
+def _real_scalar(value: object) -> float | None:
+    """``value`` as a Python float when it is one real number (Python, NumPy or concrete JAX
+    scalar; not ``bool``, a string, ``None``, complex, an array or a traced value), else None."""
+    if isinstance(value, bool | str) or value is None or np.ndim(value) != 0:
+        return None
+    try:
+        array = np.asarray(value)
+    except TypeError:  # a tracer: not concrete
+        return None
+    return float(array) if array.dtype.kind in "iuf" else None
+
+
+def positive_float(value: object, name: str, where: str) -> float:
+    """``float(value)`` when ``value`` is a finite real number > 0 (see ``_real_scalar``).
+
+    Raises:
+      ValueError: it is not; the message names ``where``, ``name`` and the value.
+    """
+    number = _real_scalar(value)
+    if number is None or not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{where}: {name} must be finite and > 0, got {value!r}")
+    return number
 
 
 def check_dropout_rate(rate: float, where: str) -> None:

@@ -19,7 +19,7 @@ than additive couplings, whose inverse only subtracts (see ``reconstruction_repo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import solve_triangular
 
+from revjax._validate import _real_scalar, positive_float, positive_int
 from revjax.coupling import Coupling
 from revjax.precision import Policy
 from revjax.scan import reversible_scan
@@ -77,15 +78,24 @@ def leaky_relu(slope: float = 0.1) -> Coupling:
     ``1/slope`` (10x at the default): keep the slope moderate in deep layer-wise chains.
 
     Raises:
-      ValueError: ``slope`` not finite and > 0 (``slope = 0`` is not invertible).
+      ValueError: ``slope`` not a finite real number > 0 (``slope = 0`` is not invertible),
+        or, when called, one that rounds to 0 in the input's dtype (``1e-8`` in float16).
     """
-    if not (math.isfinite(slope) and slope > 0):
-        raise ValueError(f"layers.leaky_relu: slope must be finite and > 0, got {slope}")
+    slope = positive_float(slope, "slope", "layers.leaky_relu")
+
+    def check_representable(x):
+        if jnp.issubdtype(x.dtype, jnp.floating) and float(np.asarray(slope, x.dtype)) == 0:
+            raise ValueError(
+                f"layers.leaky_relu: slope={slope} rounds to 0 in {x.dtype}, so negative "
+                "inputs would all map to 0 and could not be recovered; use a larger slope"
+            )
 
     def forward(params, x, key=None):
+        check_representable(x)
         return jnp.where(x >= 0, x, slope * x)
 
     def inverse(params, y, key=None):
+        check_representable(y)
         return jnp.where(y >= 0, y, y / slope)
 
     def log_det(params, x, key=None):
@@ -100,6 +110,37 @@ def _channels(x: jax.Array, expected: int, where: str) -> None:
         raise ValueError(f"{where}: expected {expected} channels (last axis), got shape {x.shape}")
 
 
+def _check_params(where: str, params: Any, x: jax.Array, layout: dict[str, int]) -> None:
+    """Check that ``params`` holds every name of ``layout``, the first of shape ``(C,)`` and
+    each ``params[name]`` of shape ``(C,) * layout[name]``, and that ``x`` has ``C`` channels
+    (last axis). Shapes are static, so this also runs under ``jit`` and in a scan's body.
+    Without it a ``(1,)``-shaped vector broadcast silently over the channels (and ``log_det``
+    counted it once), and params not sliced per layer failed deep inside JAX."""
+    names = list(layout)
+    if not isinstance(params, Mapping) or not set(names) <= set(params):
+        got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+        raise ValueError(f"{where}: params must be a dict with keys {names}, got {got}")
+    if jnp.ndim(x) < 1:
+        raise ValueError(f"{where}: expects an input with a channel axis (last), got a scalar")
+    channels = x.shape[-1]
+    reference = jnp.shape(params[names[0]])
+    if len(reference) == 1:
+        _channels(x, reference[0], where)
+    for name in names:
+        shape, expected = jnp.shape(params[name]), (channels,) * layout[name]
+        if shape != expected:
+            hint = (
+                "; a layer takes one layer's params, reversible_scan takes them stacked over "
+                "layers (a leading axis of length L) and slices them"
+                if len(shape) != len(expected)
+                else ""
+            )
+            raise ValueError(
+                f"{where}: params[{name!r}] has shape {shape}, expected {expected} for an input "
+                f"of shape {x.shape} ({channels} channels){hint}"
+            )
+
+
 def _pixels(x: jax.Array) -> int:
     return math.prod(x.shape[:-1])
 
@@ -112,15 +153,18 @@ def actnorm() -> Coupling:
     ``log_det = (number of pixels) * sum(log_scale)``.
     """
 
+    layout = {"bias": 1, "log_scale": 1}
+
     def forward(params, x, key=None):
-        _channels(x, params["bias"].shape[-1], "actnorm")
+        _check_params("actnorm", params, x, layout)
         return x * jnp.exp(params["log_scale"]) + params["bias"]
 
     def inverse(params, y, key=None):
-        _channels(y, params["bias"].shape[-1], "actnorm")
+        _check_params("actnorm", params, y, layout)
         return (y - params["bias"]) * jnp.exp(-params["log_scale"])
 
     def log_det(params, x, key=None):
+        _check_params("actnorm", params, x, layout)
         log_scale = params["log_scale"]
         return _pixels(x) * jnp.sum(log_scale.astype(_log_det_dtype(log_scale)))
 
@@ -128,7 +172,9 @@ def actnorm() -> Coupling:
 
 
 def init_actnorm(x: jax.Array, eps: float = 1e-6) -> dict[str, jax.Array]:
-    """Actnorm params making ``x`` zero-mean, unit-variance per channel (last axis)."""
+    """Actnorm params making ``x`` zero-mean, unit-variance per channel (last axis): ``log_scale
+    = -log(std + eps)``, so ``eps`` (finite, > 0) keeps a constant channel's scale finite."""
+    eps = positive_float(eps, "eps", "layers.init_actnorm")
     axes = tuple(range(x.ndim - 1))
     mean, std = jnp.mean(x, axis=axes), jnp.std(x, axis=axes)
     log_scale = -jnp.log(std + eps)
@@ -164,17 +210,20 @@ def batch_norm(eps: float = 1e-5, scale_eps: float = 1e-2) -> Coupling:
     log-determinant with the batch statistics held fixed (as a function of the whole batch,
     statistics included, the map is not invertible: every output batch has the same moments).
     """
-    if not (eps > 0 and scale_eps > 0):
-        raise ValueError(f"batch_norm: eps and scale_eps must be > 0, got {eps}, {scale_eps}")
+    eps = positive_float(eps, "eps", "layers.batch_norm")
+    scale_eps = positive_float(scale_eps, "scale_eps", "layers.batch_norm")
+
+    layout = {"gamma": 1, "beta": 1}
 
     def forward(params, x, key=None):
-        _channels(x, params["gamma"].shape[-1], "batch_norm")
+        _check_params("batch_norm", params, x, layout)
         moments = _batch_moments(x)
         scale = _bn_scale(params["gamma"], scale_eps)
         return (x - moments["mean"]) / std(moments) * scale + params["beta"]
 
     def inverse(params, y, key=None, *, aux):
-        _channels(y, params["gamma"].shape[-1], "batch_norm")
+        _check_params("batch_norm", params, y, layout)
+        _check_params("batch_norm (aux: the batch statistics)", aux, y, {"mean": 1, "var": 1})
         scale = _bn_scale(params["gamma"], scale_eps)
         return (y - params["beta"]) / scale * std(aux) + aux["mean"]
 
@@ -188,6 +237,7 @@ def batch_norm(eps: float = 1e-5, scale_eps: float = 1e-2) -> Coupling:
         return _batch_moments(x)
 
     def log_det(params, x, key=None):
+        _check_params("batch_norm", params, x, layout)
         # The scale and std the forward pass applies, logged and summed in the wider dtype.
         scale, deviation = _bn_scale(params["gamma"], scale_eps), std(_batch_moments(x))
         wide = _log_det_dtype(scale, deviation)
@@ -202,29 +252,55 @@ def update_running_stats(
 ) -> dict[str, jax.Array]:
     """``momentum * running + (1 - momentum) * batch`` for ``mean`` and ``var`` (``batch`` as
     returned in ``aux`` by :func:`batch_norm`: the biased batch variance, without ``eps``;
-    leaves may be stacked over layers). Call it once per training step."""
+    leaves may be stacked over layers). Call it once per training step.
+
+    Raises:
+      ValueError: ``momentum`` (a concrete number) outside ``[0, 1]``, or a dict without
+        ``mean`` and ``var``.
+    """
+    number = _real_scalar(momentum)
+    if isinstance(momentum, bool | str) or (number is not None and not 0.0 <= number <= 1.0):
+        raise ValueError(f"update_running_stats: momentum must lie in [0, 1], got {momentum!r}")
+    for name, stats in (("running", running), ("batch", batch)):
+        if not isinstance(stats, Mapping) or not {"mean", "var"} <= set(stats):
+            got = sorted(stats) if isinstance(stats, Mapping) else type(stats).__name__
+            raise ValueError(
+                f"update_running_stats: {name} must be a dict with 'mean' and 'var', got {got}"
+            )
     return {key: momentum * running[key] + (1 - momentum) * batch[key] for key in ("mean", "var")}
 
 
 def batch_norm_inference(eps: float = 1e-5, scale_eps: float = 1e-2) -> Coupling:
     """Batch norm with fixed statistics: params ``{"gamma", "beta", "mean", "var"}``; an
-    ordinary per-channel affine map, inverted exactly without side information."""
+    ordinary per-channel affine map, inverted exactly without side information.
+
+    ``var`` must be >= 0 (a variance; it is not checked, as it may be traced): with ``eps > 0``
+    the map is then invertible.
+
+    Raises:
+      ValueError: ``eps`` or ``scale_eps`` not finite and > 0.
+    """
+    eps = positive_float(eps, "eps", "layers.batch_norm_inference")
+    scale_eps = positive_float(scale_eps, "scale_eps", "layers.batch_norm_inference")
 
     def affine(params):
         scale = _bn_scale(params["gamma"], scale_eps) / jnp.sqrt(params["var"] + eps)
         return scale, params["beta"] - params["mean"] * scale
 
+    layout = {"gamma": 1, "beta": 1, "mean": 1, "var": 1}
+
     def forward(params, x, key=None):
-        _channels(x, params["gamma"].shape[-1], "batch_norm_inference")
+        _check_params("batch_norm_inference", params, x, layout)
         scale, shift = affine(params)
         return x * scale + shift
 
     def inverse(params, y, key=None):
-        _channels(y, params["gamma"].shape[-1], "batch_norm_inference")
+        _check_params("batch_norm_inference", params, y, layout)
         scale, shift = affine(params)
         return (y - shift) / scale
 
     def log_det(params, x, key=None):
+        _check_params("batch_norm_inference", params, x, layout)
         scale = affine(params)[0]
         return _pixels(x) * jnp.sum(jnp.log(scale.astype(_log_det_dtype(scale))))
 
@@ -254,8 +330,9 @@ def conv1x1(permutation: Any = None) -> Coupling:
 
     with ``P`` a fixed permutation (default identity). Params ``{"lower": (C, C), "upper":
     (C, C), "log_scale": (C,)}`` (only the strict triangles of ``lower``/``upper`` are used), so
-    ``W`` is invertible for every parameter value, the inverse is two triangular solves and
-    ``log_det = (number of pixels) * sum(log_scale)``.
+    ``W`` is invertible for every finite parameter value (``exp(log_scale)`` must neither
+    underflow to 0 nor overflow: ``|log_scale|`` well below 87 in float32), the inverse is two
+    triangular solves and ``log_det = (number of pixels) * sum(log_scale)``.
     """
     perm = None if permutation is None else _check_permutation(permutation, "layers.conv1x1")
 
@@ -279,12 +356,14 @@ def conv1x1(permutation: Any = None) -> Coupling:
         w = lower @ upper
         return w if perm is None else w[perm]  # rows permuted: (P W)[i] = W[perm[i]]
 
+    layout = {"log_scale": 1, "lower": 2, "upper": 2}
+
     def forward(params, x, key=None):
-        _channels(x, params["log_scale"].shape[-1], "conv1x1")
+        _check_params("conv1x1", params, x, layout)
         return x @ weight(params)
 
     def inverse(params, y, key=None):
-        _channels(y, params["log_scale"].shape[-1], "conv1x1")
+        _check_params("conv1x1", params, y, layout)
         check_permutation_fits(params)
         lower, upper = factors(params)
         rows = y.reshape(-1, y.shape[-1]).T  # x P L U = y  <=>  U^T L^T P^T x^T = y^T
@@ -294,6 +373,7 @@ def conv1x1(permutation: Any = None) -> Coupling:
         return x.reshape(y.shape)
 
     def log_det(params, x, key=None):
+        _check_params("conv1x1", params, x, layout)
         log_scale = params["log_scale"]
         return _pixels(x) * jnp.sum(log_scale.astype(_log_det_dtype(log_scale)))
 
@@ -302,6 +382,7 @@ def conv1x1(permutation: Any = None) -> Coupling:
 
 def init_conv1x1(key: jax.Array, channels: int, scale: float = 0.1) -> dict[str, jax.Array]:
     """Params of :func:`conv1x1` near the identity (off-diagonals ~ N(0, scale^2), log_scale 0)."""
+    channels = positive_int(channels, "channels", "layers.init_conv1x1")
     k1, k2 = jax.random.split(key)
     return {
         "lower": scale * jax.random.normal(k1, (channels, channels)),

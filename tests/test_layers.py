@@ -571,7 +571,7 @@ def test_a_compute_dtype_reaches_branches_not_layerwise_layers():
 
 
 def test_batch_norm_rejects_bad_settings():
-    with pytest.raises(ValueError, match="eps and scale_eps must be > 0"):
+    with pytest.raises(ValueError, match=r"batch_norm: scale_eps must be finite and > 0, got 0\.0"):
         layers.batch_norm(scale_eps=0.0)
     with pytest.raises(ValueError, match="batch_norm: expected 3 channels"):
         layers.batch_norm().forward(bn_params(0, 3), jnp.ones((2, 4)))
@@ -582,3 +582,98 @@ def test_batch_norm_rejects_bad_settings():
         frozen.forward(fixed, jnp.ones((2, 4, 4, 1)))
     with pytest.raises(ValueError, match="batch_norm_inference: expected 3 channels"):
         frozen.inverse(fixed, jnp.ones((2, 4)))
+
+
+# --- params and settings that are not what the layer takes (found by an audit) ---------------
+
+
+def test_a_short_actnorm_log_scale_is_refused_not_broadcast():
+    """A (1,) log_scale broadcast over all C channels in forward while log_det counted it once:
+    0.6 instead of slogdet's 1.8 at C = 3, silently."""
+    params = {"log_scale": jnp.array([0.2]), "bias": jnp.zeros(3)}
+    x = jnp.ones((2, 3))
+    for run in (layers.actnorm().forward, layers.actnorm().inverse, layers.actnorm().log_det):
+        with pytest.raises(ValueError, match=r"actnorm: params\['log_scale'\] has shape \(1,\), "):
+            run(params, x)
+
+
+def test_params_not_stacked_for_a_scan_get_a_hint():
+    """Per-layer (C,) params handed to reversible_scan are sliced into 0-d ones; the error was a
+    bare IndexError from inside the layer."""
+    block = rj.sequence(layers.actnorm(), layers.leaky_relu(0.5))
+    x = jnp.ones((2, 3))
+    params = ({"log_scale": jnp.zeros(3), "bias": jnp.zeros(3)}, None)  # one layer's, unstacked
+    with pytest.raises(ValueError, match=r"params\['bias'\] has shape \(\), .*stacked over layers"):
+        rj.reversible_scan(block, params, x)
+    stacked = jax.tree.map(lambda a: a[None], params)
+    assert rj.reversible_scan(block, stacked, x).shape == x.shape
+
+
+@pytest.mark.parametrize(
+    ("layer", "params", "message"),
+    [
+        (layers.conv1x1(), {**layers.init_conv1x1(jax.random.key(0), 3),
+                            "lower": jnp.zeros((2, 2))},
+         r"conv1x1: params\['lower'\] has shape \(2, 2\), expected \(3, 3\)"),
+        (layers.batch_norm(), {"gamma": jnp.ones(3)},
+         r"batch_norm: params must be a dict with keys \['gamma', 'beta'\], got \['gamma'\]"),
+        (layers.batch_norm(), {"gamma": jnp.ones(3), "beta": jnp.ones(5)},
+         r"batch_norm: params\['beta'\] has shape \(5,\), expected \(3,\)"),
+        (layers.actnorm(), (jnp.zeros(3), jnp.zeros(3)),
+         r"actnorm: params must be a dict with keys \['bias', 'log_scale'\], got tuple"),
+    ],
+)  # fmt: skip
+def test_params_of_the_wrong_shape_or_keys_name_the_layer(layer, params, message):
+    with pytest.raises(ValueError, match=message):
+        layer.forward(params, jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match=message):  # also when traced
+        jax.jit(layer.forward)(params, jnp.ones((2, 3)))
+
+
+def test_batch_norm_inverse_checks_its_side_information():
+    x = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match=r"batch_norm \(aux: .*\['mean', 'var'\], got \['mean'\]"):
+        layers.batch_norm().inverse(bn_params(0, 3), x, aux={"mean": jnp.zeros(3)})
+
+
+@pytest.mark.parametrize("make", [layers.batch_norm, layers.batch_norm_inference])
+@pytest.mark.parametrize("setting", ["eps", "scale_eps"])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf"), "1e-5", None])
+def test_batch_norm_settings_must_be_finite_and_positive(make, setting, value):
+    """batch_norm_inference checked none (eps = 0 with var = 0 gave inf; scale_eps = -1 wiped a
+    channel), batch_norm let inf through (a constant output, NaN inverse)."""
+    with pytest.raises(ValueError, match=rf"{make.__name__}: {setting} must be finite and > 0"):
+        make(**{setting: value})
+
+
+@pytest.mark.parametrize("slope", ["0.1", None, True, jnp.array([0.1, 0.2]), 1j])
+def test_a_slope_that_is_not_a_real_number_is_refused(slope):
+    with pytest.raises(ValueError, match=r"layers\.leaky_relu: slope must be finite and > 0"):
+        layers.leaky_relu(slope)
+
+
+def test_a_slope_that_rounds_to_zero_in_the_input_dtype_is_refused():
+    """Every negative input went to -0.0, unrecoverable, while log_det stayed finite."""
+    x16 = -jnp.ones((3,), jnp.float16)
+    layer = layers.leaky_relu(1e-8)
+    for run in (layer.forward, layer.inverse, jax.jit(layer.forward)):
+        with pytest.raises(ValueError, match=r"slope=1e-08 rounds to 0 in float16"):
+            run(None, x16)
+    y = layer.forward(None, x16.astype(jnp.float32))  # representable in float32
+    np.testing.assert_allclose(layer.inverse(None, y), x16.astype(jnp.float32), rtol=1e-6)
+
+
+def test_init_and_running_stats_settings_are_checked():
+    with pytest.raises(ValueError, match=r"layers\.init_actnorm: eps must be finite and > 0"):
+        layers.init_actnorm(jnp.ones((4, 3)), eps=0.0)
+    with pytest.raises(ValueError, match=r"layers\.init_conv1x1: channels must be a positive int"):
+        layers.init_conv1x1(jax.random.key(0), -2)
+    stats = {"mean": jnp.zeros(3), "var": jnp.ones(3)}
+    for momentum in (float("nan"), 1.5, -0.1, True):
+        with pytest.raises(ValueError, match="update_running_stats: momentum must lie in"):
+            layers.update_running_stats(stats, stats, momentum)
+    with pytest.raises(ValueError, match=r"batch must be a dict with 'mean' and 'var', got \['m"):
+        layers.update_running_stats(stats, {"mean": jnp.zeros(3)})
+    # A traced momentum (a schedule under jit) is not checked, and works.
+    out = jax.jit(layers.update_running_stats)(stats, {**stats, "mean": jnp.ones(3)}, 0.25)
+    np.testing.assert_allclose(out["mean"], 0.75)
