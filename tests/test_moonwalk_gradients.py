@@ -204,6 +204,48 @@ def test_pure_moonwalk_refuses_losses_and_layers_that_couple_examples():
             jax.block_until_ready(mw.value_and_grad(layers, paired, method="moonwalk")(params, x))
 
 
+def test_a_dense_layer_that_mixes_examples_is_refused_by_mixed_moonwalk_too():
+    """dense() takes each row's Jacobian alone. A forward with a batch mean inside gave
+    mixed_moonwalk (the method pure Moonwalk's coupling error recommends) a gradient 0.97 off
+    backprop, silently; now the layer's own check raises, naming it, eagerly and under jit."""
+    x = normal(0, (5, 6))
+    weight = normal(1, (6, 4))
+    half_centred = mw.dense(lambda p, h: (h - 0.5 * h.mean(0)) @ p, name="half_centre")
+    loss = lambda y: jnp.sum(jnp.sin(y) + y**2, axis=-1)
+    mixed = mw.value_and_grad([half_centred], loss, method="mixed_moonwalk")
+    message = r"dense\('half_centre'\): forward mixes examples \(the input of row 0 reaches"
+    for fn in (mixed, jax.jit(mixed)):
+        with pytest.raises((ValueError, jax.errors.JaxRuntimeError), match=message):
+            jax.block_until_ready(fn((weight,), x))
+    # The same map row by row is accepted and exact.
+    rowwise = mw.dense(lambda p, h: h @ p, name="rowwise")
+    _, reference = mw.value_and_grad([rowwise], loss, method="backprop")((weight,), x)
+    _, grads = jax.jit(mw.value_and_grad([rowwise], loss, method="mixed_moonwalk"))((weight,), x)
+    assert float(relative_error(grads, reference)) <= 1e-5
+
+
+def test_pure_moonwalk_input_gradient_errors_name_the_problem():
+    """An integer x failed in jax.jvp with a float0 message; a (batch, 1) loss was diagnosed as
+    coupled examples; an empty layer list blamed chain()."""
+    from revjax.moonwalk.gradients import input_cotangent_by_jvps
+
+    layers, params, x, _, _ = submersive_mlp(widths=(6, 4, 3), batch=5)
+    loss = lambda y: 0.5 * jnp.sum(y**2, axis=-1)
+    as_int = jnp.round(x * 3).astype(jnp.int32)
+    with pytest.raises(TypeError, match=r"takes JVPs along x, but x has leaves of dtype int32"):
+        mw.value_and_grad(layers, loss, method="moonwalk")(params, as_int)
+    # mixed Moonwalk, which the message names, handles the same integer input.
+    _, mixed = mw.value_and_grad(layers, loss, method="mixed_moonwalk")(params, as_int)
+    _, reference = mw.value_and_grad(layers, loss, method="backprop")(params, as_int)
+    assert float(relative_error(mixed, reference)) <= 1e-5
+    net = mw.chain(*layers)
+    forward = lambda x_: net.forward(params, x_)
+    with pytest.raises(ValueError, match=r"per-example losses of shape \(batch,\) = \(5,\).*got"):
+        input_cotangent_by_jvps(forward, lambda y: loss(y)[:, None], x)
+    with pytest.raises(ValueError, match="value_and_grad: layers is empty"):
+        mw.value_and_grad([], loss, method="moonwalk")
+
+
 @pytest.mark.parametrize("batch", [1, 2, 5, 8])
 def test_coupling_check_passes_independent_examples_and_catches_every_pair(batch):
     """No false alarm: independent examples give exactly zero cross-example tangents, at any

@@ -196,7 +196,8 @@ def test_dense_singular_message_prints_a_zero_ratio_as_0():
     from revjax.moonwalk.layers import _raise_if_singular
 
     with pytest.raises(ValueError, match=r"singular value ratio is 0 <= 1e-06") as info:
-        _raise_if_singular(np.array([-0.0, 0.5]), np.array([True, True]), name="d", tolerance=1e-6)
+        ratio, finite, unmixed = np.array([-0.0, 0.5]), np.array([True, True]), np.int32(-1)
+        _raise_if_singular(ratio, finite, unmixed, name="d", tolerance=1e-6)
     assert "ratio is -0" not in str(info.value)
 
 

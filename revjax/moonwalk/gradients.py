@@ -14,7 +14,7 @@ from jax.flatten_util import ravel_pytree
 from revjax._tree_metrics import relative_error
 from revjax._validate import positive_int
 from revjax.coupling import Coupling
-from revjax.moonwalk.layers import Layer, cast_like, chain, check_layer
+from revjax.moonwalk.layers import Layer, _separating_masks, cast_like, chain, check_layer
 
 PyTree = Any
 METHODS = ("backprop", "revbackprop", "moonwalk", "mixed_moonwalk", "forward", "projected_forward")
@@ -44,17 +44,9 @@ def _raise_if_examples_coupled(first: Any) -> None:
             "the input of another example (a batch mean or batch statistics inside loss_fn or a "
             "layer), but pure Moonwalk's input gradient by JVPs assumes each example's loss "
             "depends on that example only, so its gradient would be wrong; use "
-            "method='mixed_moonwalk', which has no such restriction"
+            "method='mixed_moonwalk', whose input gradient comes from a reverse pass (a "
+            "dense() layer must still act on each example alone)"
         )
-
-
-def _separating_masks(batch: int) -> np.ndarray:
-    """``(2 ceil(log2 batch), batch)`` bool masks such that for any two examples ``a != b`` one
-    mask holds ``a`` and not ``b``: the examples whose index has bit ``k`` set, and those whose
-    index has it clear, for each bit ``k`` (two indices differ in some bit)."""
-    index = np.arange(batch)
-    bits = [(index >> k) & 1 == 1 for k in range(max(batch - 1, 0).bit_length())]
-    return np.array([m for bit in bits for m in (bit, ~bit)], dtype=bool).reshape(-1, batch)
 
 
 def _ravel_inexact(params: PyTree) -> tuple[jax.Array, Callable, Callable]:
@@ -121,7 +113,9 @@ def first_coupled_example(
         t = jax.jvp(lambda x_: loss_fn(forward(x_), *loss_args), (x,), (tangent,))[1]
         return (jnp.abs(t) > 0) & ~inside
 
-    responding = lax.map(outside_responses, jnp.asarray(masks), batch_size=chunk_size)
+    responding = lax.map(
+        outside_responses, jnp.asarray(masks), batch_size=chunk_size or masks.shape[0]
+    )
     coupled = jnp.any(responding, axis=0)
     # A min-reduction, not argmax: on a batch-sharded mesh it is one all-reduce of a scalar
     # rather than an all-gather of the per-example flags.
@@ -149,13 +143,25 @@ def input_cotangent_by_jvps(
     raises at run time; use ``mixed_moonwalk`` there.
 
     Raises:
-      ValueError: (at run time, through ``jax.debug.callback``; under ``jax.jit`` wrapped in
+      ValueError: (at trace time) ``loss_fn(forward(x))`` not of shape ``(batch,)``; (at run
+        time, through ``jax.debug.callback``; under ``jax.jit`` wrapped in
         ``jax.errors.JaxRuntimeError`` with the same message) an example's loss responds to
         another example's input.
+      TypeError: ``x`` has integer or bool leaves (JVPs along them do not exist).
     """
+    bad = [a.dtype for a in jax.tree.leaves(x) if not jnp.issubdtype(a.dtype, jnp.inexact)]
+    if bad:
+        raise TypeError(
+            f"pure Moonwalk's input gradient (input_cotangent_by_jvps) takes JVPs along x, but x "
+            f"has leaves of dtype {bad[0]}, which have no tangents; use "
+            "method='mixed_moonwalk' (its input gradient comes from a reverse pass), or cast x "
+            "to a float dtype"
+        )
+    batch = jax.tree.leaves(x)[0].shape[0]
+    out = jax.eval_shape(lambda x_: loss_fn(forward(x_), *loss_args), x)
+    _check_per_example(out.shape, batch)
     coupled_at = first_coupled_example(forward, loss_fn, x, *loss_args, chunk_size=chunk_size)
     jax.debug.callback(_raise_if_examples_coupled, coupled_at)
-    batch = jax.tree.leaves(x)[0].shape[0]
     first, unravel = ravel_pytree(jax.tree.map(lambda a: a[0], x))
 
     def along(e):
@@ -235,6 +241,8 @@ def value_and_grad(
         net = check_layer(layers, "value_and_grad")  # raises, naming what was given
     else:
         layers = list(layers)  # may be a generator
+        if not layers:
+            raise ValueError("value_and_grad: layers is empty; give at least one Layer")
         for i, layer in enumerate(layers):  # named as the caller wrote it, not as chain's item
             check_layer(layer, f"value_and_grad: layers[{i}]")
         net = chain(*layers)

@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from revjax.coupling import Coupling, reconstruct_and_vjp, sequence
@@ -300,10 +301,45 @@ def submersive_linear(name: str = "submersive_linear") -> Layer:
 # Dense fallback: the explicit per-example Jacobian.
 
 
-def _raise_if_singular(ratio, finite, *, name: str, tolerance: float):
-    import numpy as np
+def _separating_masks(batch: int) -> np.ndarray:
+    """``(2 ceil(log2 batch), batch)`` bool masks such that for any two examples ``a != b`` one
+    mask holds ``a`` and not ``b``: the examples whose index has bit ``k`` set, and those whose
+    index has it clear, for each bit ``k`` (two indices differ in some bit)."""
+    index = np.arange(batch)
+    bits = [(index >> k) & 1 == 1 for k in range(max(batch - 1, 0).bit_length())]
+    return np.array([m for bit in bits for m in (bit, ~bit)], dtype=bool).reshape(-1, batch)
 
+
+def _first_mixed_row(pullback: Callable[[jax.Array], jax.Array], y: jax.Array) -> jax.Array:
+    """Index of the first input row of a map ``(batch, n) -> (batch, k)`` that reaches another
+    row's output, else -1, from its ``pullback`` (the vjp in ``x``) at output ``y``: one vjp per
+    separating mask (see ``_separating_masks``), the cotangent set in the mask's rows only; rows
+    acting alone give exactly zero input cotangents outside. Reverse mode, so a
+    ``jax.custom_vjp`` inside the map is fine."""
+    masks = _separating_masks(y.shape[0])
+    if not masks.size:
+        return jnp.int32(-1)
+    probe = jax.random.normal(jax.random.key(0), y.shape, jnp.float32).astype(y.dtype)
+
+    def outside_responses(inside):
+        x_bar = pullback(jnp.where(inside[:, None], probe, 0).astype(y.dtype))
+        return jnp.any(jnp.abs(x_bar) > 0, axis=-1) & ~inside
+
+    mixed = jnp.any(lax.map(outside_responses, jnp.asarray(masks)), axis=0)
+    first = jnp.min(jnp.where(mixed, jnp.arange(y.shape[0]), y.shape[0]))
+    return jnp.where(first < y.shape[0], first, -1)
+
+
+def _raise_if_singular(ratio, finite, mixed_at, *, name: str, tolerance: float):
     ratio, finite = np.asarray(ratio), np.asarray(finite)
+    mixed_at = np.atleast_1d(np.asarray(mixed_at))  # one entry per vmapped call
+    if np.any(mixed_at >= 0):
+        raise ValueError(
+            f"dense({name!r}): forward mixes examples (the input of row "
+            f"{int(mixed_at[mixed_at >= 0].min())} reaches another row's output, e.g. through a "
+            "batch mean), but dense takes each row's Jacobian alone, so its vijp would be "
+            "wrong; write the layer as a coupling (from_coupling) or use method='backprop'"
+        )
     if not np.all(finite):
         rows = np.flatnonzero(~finite).tolist()
         raise ValueError(
@@ -328,10 +364,12 @@ def dense(
     """A layer with an explicit-Jacobian vijp, for small layers and for testing.
 
     ``forward(params, x)`` maps ``x (batch, n)`` to ``(batch, k)`` acting on each row
-    independently. The vijp computes each row's ``k x n`` Jacobian ``J = U S V^T`` (by reverse
-    mode, ``k <= n`` vjps, so a ``jax.custom_vjp`` inside ``forward``, such as
-    ``revjax.activations.gelu``, works under ``method="mixed_moonwalk"``) and returns
-    ``b = a V S^-1 U^T`` (exact for ``a`` in the row space). Mixed Moonwalk stores the input.
+    independently (checked at run time by ``2 ceil(log2 batch)`` vjps, each with a cotangent in
+    one subset of the rows; ``gradients.first_coupled_example`` checks losses alike). The vijp
+    computes each row's ``k x n`` Jacobian ``J = U S V^T`` (by reverse mode, ``k <= n`` vjps,
+    so a ``jax.custom_vjp`` inside ``forward``, such as ``revjax.activations.gelu``, works
+    under ``method="mixed_moonwalk"``) and returns ``b = a V S^-1 U^T`` (exact for ``a`` in the
+    row space). Mixed Moonwalk stores the input.
 
     The SVD runs in float32 at least (XLA has no bfloat16/float16 SVD); ``y_bar`` is cast back
     to the output's dtype.
@@ -339,10 +377,10 @@ def dense(
     Raises:
       ValueError: (at trace time, in the vijp) ``x`` not of shape ``(batch, n)``, the output
         not ``(batch, k)``, or ``k > n``; or (at run time, through ``jax.debug.callback``) a
-        Jacobian whose singular values have a ratio ``<= tolerance`` or are not finite; all name
-        the layer. Under ``jax.jit`` the run-time error reaches the caller wrapped in
-        ``jax.errors.JaxRuntimeError`` (the callback's exception cannot cross the compiled
-        call), with the same message.
+        ``forward`` that mixes rows, or a Jacobian whose singular values have a ratio ``<=
+        tolerance`` or are not finite; all name the layer. Under ``jax.jit`` the run-time
+        error reaches the caller wrapped in ``jax.errors.JaxRuntimeError`` (the callback's
+        exception cannot cross the compiled call), with the same message.
     """
 
     def per_row(params, row):
@@ -373,7 +411,10 @@ def dense(
         largest = s[:, 0]  # an all-zero Jacobian has ratio 0 (singular), not 0/0
         ratio = jnp.where(largest > 0, s[:, -1] / jnp.where(largest > 0, largest, 1), 0.0)
         finite = jnp.all(jnp.isfinite(jac), axis=(1, 2))
-        jax.debug.callback(_raise_if_singular, ratio, finite, name=name, tolerance=tolerance)
+        mixed_at = _first_mixed_row(lambda y_bar: pullback(y_bar)[1], y)
+        jax.debug.callback(
+            _raise_if_singular, ratio, finite, mixed_at, name=name, tolerance=tolerance
+        )
         coefficients = jnp.einsum("bn,bkn->bk", x_bar.astype(solve_dtype), vt) / s
         y_bar = jnp.einsum("bk,bjk->bj", coefficients, u).astype(y.dtype)
         return y, y_bar, pullback(y_bar)[0]
