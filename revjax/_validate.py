@@ -23,7 +23,7 @@ def positive_int(value: object, name: str, where: str) -> int:
     return int(value)
 
 
-def _real_scalar(value: object) -> float | None:
+def real_scalar(value: object) -> float | None:
     """``value`` as a Python float when it is one real number (Python, NumPy or concrete JAX
     scalar; not ``bool``, a string, ``None``, complex, an array or a traced value), else None."""
     if isinstance(value, bool | str) or value is None or np.ndim(value) != 0:
@@ -36,12 +36,12 @@ def _real_scalar(value: object) -> float | None:
 
 
 def positive_float(value: object, name: str, where: str) -> float:
-    """``float(value)`` when ``value`` is a finite real number > 0 (see ``_real_scalar``).
+    """``float(value)`` when ``value`` is a finite real number > 0 (see ``real_scalar``).
 
     Raises:
       ValueError: it is not; the message names ``where``, ``name`` and the value.
     """
-    number = _real_scalar(value)
+    number = real_scalar(value)
     if number is None or not (math.isfinite(number) and number > 0):
         raise ValueError(f"{where}: {name} must be finite and > 0, got {value!r}")
     return number

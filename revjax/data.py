@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import numpy as np
 
-from revjax._validate import positive_int
+from revjax._validate import positive_int, real_scalar
 
 
 class Split(NamedTuple):
@@ -24,8 +25,11 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Split:
     Pixels are standardised with the training set's per-pixel mean and std (std floored at 1e-3
     for the always-blank border pixels). The split is a seeded permutation.
     """
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"load_digits: test_fraction must be in (0, 1), got {test_fraction}")
+    fraction = real_scalar(test_fraction)
+    if fraction is None or not 0.0 < fraction < 1.0:
+        raise ValueError(f"load_digits: test_fraction must be in (0, 1), got {test_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"load_digits: seed must be an int >= 0, got {seed!r}")
     try:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -83,10 +87,13 @@ def load_stdlib_text(
     import sysconfig
     from pathlib import Path
 
-    if not 0.0 < valid_fraction <= 0.5:
+    fraction = real_scalar(valid_fraction)
+    if fraction is None or not 0.0 < fraction <= 0.5:
         raise ValueError(
-            f"load_stdlib_text: valid_fraction must be in (0, 0.5], got {valid_fraction}"
+            f"load_stdlib_text: valid_fraction must be in (0, 0.5], got {valid_fraction!r}"
         )
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Integral):
+        raise ValueError(f"load_stdlib_text: max_bytes must be an int >= 1000, got {max_bytes!r}")
     if max_bytes < 1000:
         raise ValueError(f"load_stdlib_text: max_bytes must be >= 1000, got {max_bytes}")
     block_bytes = positive_int(block_bytes, "block_bytes", "load_stdlib_text")
@@ -122,10 +129,21 @@ def load_stdlib_text(
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int = 256) -> float:
     """Entropy ``-sum_b p_b log p_b`` (nats) of the empirical distribution of ``tokens``: the
-    loss of the best model that ignores context."""
-    if np.size(tokens) == 0:
+    loss of the best model that ignores context.
+
+    Raises:
+      ValueError: no tokens, or tokens that are not integer ids in ``[0, vocab_size)`` (a
+        larger id would silently widen the vocabulary).
+    """
+    tokens = np.asarray(tokens)
+    if tokens.size == 0:
         raise ValueError("unigram_entropy: no tokens")
-    counts = np.bincount(np.asarray(tokens).ravel(), minlength=vocab_size).astype(np.float64)
+    if tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise ValueError(
+            f"unigram_entropy: tokens must be integer ids in [0, vocab_size={vocab_size}), got "
+            f"dtype {tokens.dtype}, range [{tokens.min()}, {tokens.max()}]"
+        )
+    counts = np.bincount(tokens.ravel(), minlength=vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import solve_triangular
 
-from revjax._validate import _real_scalar, positive_float, positive_int
+from revjax._validate import positive_float, positive_int, real_scalar
 from revjax.coupling import Coupling
 from revjax.precision import Policy
 from revjax.scan import reversible_scan
@@ -258,7 +258,7 @@ def update_running_stats(
       ValueError: ``momentum`` (a concrete number) outside ``[0, 1]``, or a dict without
         ``mean`` and ``var``.
     """
-    number = _real_scalar(momentum)
+    number = real_scalar(momentum)
     if isinstance(momentum, bool | str) or (number is not None and not 0.0 <= number <= 1.0):
         raise ValueError(f"update_running_stats: momentum must lie in [0, 1], got {momentum!r}")
     for name, stats in (("running", running), ("batch", batch)):
@@ -461,7 +461,17 @@ def layerwise_branch(block: Coupling, *, policy: Policy | None = None) -> Callab
     dtype reaches the branch's input, not this scan: under a bfloat16 compute policy the inner
     stream is bfloat16 unless this policy names another (``Policy(compute_dtype=jnp.bfloat16)``
     keeps it in float32), and a gradient through it warns until one is named.
+
+    Raises:
+      TypeError: ``block`` not a :class:`revjax.Coupling` or ``policy`` not a ``Policy`` (or
+        None), when the branch is built rather than at its first call.
     """
+    if not isinstance(block, Coupling):
+        raise TypeError(
+            f"layerwise_branch: block must be a revjax.Coupling, got {type(block).__name__}"
+        )
+    if policy is not None and not isinstance(policy, Policy):
+        raise TypeError(f"layerwise_branch: policy must be a Policy or None, got {policy!r}")
 
     def branch(params, h, key=None):
         return reversible_scan(block, params, h, key=key, policy=policy)

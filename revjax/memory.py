@@ -76,6 +76,11 @@ def device_peak_bytes(device: jax.Device | None = None) -> int | None:
     the process, so to attribute it to one computation run that in a fresh process (as
     ``benchmarks/bench_transformer.py`` does)."""
     device = device if device is not None else jax.devices()[0]
+    if not hasattr(device, "memory_stats"):
+        raise TypeError(
+            f"device_peak_bytes: device must be a jax.Device (e.g. jax.devices()[0]), got "
+            f"{device!r}"
+        )
     stats = device.memory_stats()
     if not stats:
         return None

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from revjax.data import load_digits, load_stdlib_text
+from revjax.data import load_digits, load_stdlib_text, unigram_entropy
 
 
 def test_digits_split_is_disjoint_standardised_and_seeded():
@@ -32,6 +32,26 @@ def test_bad_fraction():
         load_digits(test_fraction=1.5)
     with pytest.raises(ValueError, match="leaves 0 of 1797 images for testing"):
         load_digits(test_fraction=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: load_digits(test_fraction="0.2"), r"test_fraction must be in \(0, 1\), got '0.2'"),
+        (lambda: load_digits(seed=-1), "seed must be an int >= 0, got -1"),
+        (lambda: load_digits(seed=1.5), "seed must be an int >= 0, got 1.5"),
+        (lambda: load_stdlib_text(5000.0), "max_bytes must be an int >= 1000, got 5000.0"),
+        (lambda: load_stdlib_text(float("nan")), "max_bytes must be an int >= 1000, got nan"),
+        (lambda: unigram_entropy(np.array([1, 2, 300])), r"in \[0, vocab_size=256\), .*\[1, 300\]"),
+        (lambda: unigram_entropy(np.array([-1, 2])), r"ids in \[0, vocab_size=256\)"),
+        (lambda: unigram_entropy(np.array([0.5, 2.0])), "got dtype float64"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_the_value(call, message):
+    """Each failed with a NumPy or slicing message (seed=-1, max_bytes=5000.0), or, for ids
+    beyond the vocabulary, silently widened it; found by a bad-input audit."""
+    with pytest.raises(ValueError, match=message):
+        call()
 
 
 @pytest.mark.parametrize("block_bytes", [0, -5, 2.5])

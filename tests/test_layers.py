@@ -677,3 +677,11 @@ def test_init_and_running_stats_settings_are_checked():
     # A traced momentum (a schedule under jit) is not checked, and works.
     out = jax.jit(layers.update_running_stats)(stats, {**stats, "mean": jnp.ones(3)}, 0.25)
     np.testing.assert_allclose(out["mean"], 0.75)
+
+
+def test_layerwise_branch_checks_its_block_and_policy_when_built():
+    """Both failed only at the branch's first call, naming reversible_scan."""
+    with pytest.raises(TypeError, match=r"layerwise_branch: block must be a revjax\.Coupling, got"):
+        layers.layerwise_branch(lambda p, h: h)
+    with pytest.raises(TypeError, match="layerwise_branch: policy must be a Policy or None"):
+        layers.layerwise_branch(layers.leaky_relu(0.5), policy="bf16")

@@ -55,6 +55,11 @@ def test_device_peak_is_none_on_cpu():
     assert device_peak_bytes() is None
 
 
+def test_device_peak_wants_a_device():
+    with pytest.raises(TypeError, match=r"must be a jax\.Device .*got 'cpu'"):
+        device_peak_bytes("cpu")  # was an AttributeError on str
+
+
 def test_memory_of_wants_a_compiled_executable():
     fn = jax.jit(lambda x: x * 2)
     with pytest.raises(TypeError, match=r"memory_of: expected a compiled executable.*PjitFunction"):

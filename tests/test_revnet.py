@@ -211,6 +211,25 @@ def test_bad_inputs_are_refused_with_the_expected_values():
             init_revnet(jax.random.key(0), **kwargs)
 
 
+def test_branch_params_of_the_wrong_shape_and_a_non_finite_scale_are_refused():
+    """A w2 with 1 output channel where the half has 2 ran anyway (b2 broadcast it), and
+    init_revnet(scale=nan) returned NaN weights; both found by a bad-input audit."""
+    params = init_revnet(jax.random.key(0), stages=1, blocks=1, hidden=4)
+    stage_f, stage_g = params["stages"][0]
+    narrow = {**stage_f, "w2": stage_f["w2"][..., :1]}
+    x = jnp.ones((2, 8, 8, 1))
+    message = (
+        r"revnet conv_branch: params\['w2'\] has shape \(3, 3, 4, 1\), expected \(3, 3, 4, 2\)"
+    )
+    for run in (revnet_logits, jax.jit(revnet_logits)):
+        with pytest.raises(ValueError, match=message):
+            run({**params, "stages": [(narrow, stage_g)]}, x)
+    for scale in (float("nan"), float("inf"), "0.5", None):
+        with pytest.raises(ValueError, match="init_revnet: scale must be a finite real number"):
+            init_revnet(jax.random.key(0), scale=scale)
+    assert revnet_logits(init_revnet(jax.random.key(0), scale=0.0), x).shape == (2, 10)
+
+
 def test_stage_and_trunk_reconstruction_float32_and_bfloat16_across_depth():
     """DESIGN's numerics rule for the RevNet's two reconstructing paths: a stage's coupling
     stack (tests/reconstruction_checks.py) and the across-stages trunk inverse (coupling stacks

@@ -92,6 +92,30 @@ def test_more_bad_settings_are_refused():
         ReversibleTransformer(256, 32, 2, 4, 16, tensor_parallel="model", rngs=nnx.Rngs(0))
 
 
+def test_the_public_sublayers_check_their_sizes_and_input_width():
+    """CausalSelfAttention and FeedForward are public; dim=0 gave a ZeroDivisionError, a
+    negative size a JAX shape error, the wrong width a reshape TypeError."""
+    from revjax.models.transformer import CausalSelfAttention, FeedForward
+
+    with pytest.raises(ValueError, match="CausalSelfAttention: dim must be a positive int, got 0"):
+        CausalSelfAttention(0, 4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="FeedForward: hidden must be a positive int, got -3"):
+        FeedForward(8, -3, rngs=nnx.Rngs(0))
+    attention, feed_forward = (
+        CausalSelfAttention(8, 2, rngs=nnx.Rngs(0)),
+        FeedForward(8, 16, rngs=nnx.Rngs(0)),
+    )
+    with pytest.raises(ValueError, match=r"CausalSelfAttention: .*dim=8, got \(2, 5, 6\)"):
+        attention(jnp.ones((2, 5, 6)))
+    with pytest.raises(ValueError, match=r"CausalSelfAttention: .*\(\.\.\., length, dim\).*\(8,\)"):
+        attention(jnp.ones((8,)))
+    with pytest.raises(
+        ValueError, match=r"FeedForward: expects x of shape \(\.\.\., dim\) with dim=8"
+    ):
+        feed_forward(jnp.ones((2, 5, 6)))
+    assert attention(jnp.ones((2, 5, 8))).shape == feed_forward(jnp.ones((2, 5, 8))).shape
+
+
 def test_no_dropout_needs_no_dropout_stream():
     """Without dropout the model builds from a params stream alone (once a KeyError); with a
     stream that can supply dropout keys the parameters drawn from a seed do not depend on the

@@ -15,13 +15,15 @@ non-reversible twin, plain backprop; ``checkpoint=True`` adds per-coupling ``jax
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from revjax._validate import positive_int
+from revjax._validate import positive_int, real_scalar
 from revjax.coupling import Coupling, additive_coupling
 from revjax.layers import batch_pool, squeeze
 from revjax.scan import inverse_scan, plain_scan, reverse_sweep, reversible_scan
@@ -39,9 +41,38 @@ def conv3x3(w: jax.Array, h: jax.Array) -> jax.Array:
 
 
 def conv_branch(params: dict[str, jax.Array], h: jax.Array) -> jax.Array:
-    """``conv3x3(relu(conv3x3(h) + b1)) + b2``: a residual branch from C to C channels."""
+    """``conv3x3(relu(conv3x3(h) + b1)) + b2``: a residual branch from C to C channels.
+
+    Params ``{"w1": (3, 3, C, hidden), "b1": (hidden,), "w2": (3, 3, hidden, C), "b2": (C,)}``
+    for ``h (N, H, W, C)``, checked (static shapes), so a ``w2`` with fewer output channels is
+    refused instead of broadcast by ``b2``.
+    """
+    _check_branch_params(params, h)
     z = jax.nn.relu(conv3x3(params["w1"], h) + params["b1"])
     return conv3x3(params["w2"], z) + params["b2"]
+
+
+def _check_branch_params(params: Any, h: jax.Array) -> None:
+    names = ("w1", "b1", "w2", "b2")
+    if not isinstance(params, Mapping) or not set(names) <= set(params):
+        got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+        raise ValueError(f"revnet conv_branch: params must be a dict with keys {names}, got {got}")
+    w1 = jnp.shape(params["w1"])
+    hidden = w1[-1] if len(w1) == 4 else None
+    channels = jnp.shape(h)[-1] if jnp.ndim(h) == 4 else None
+    expected = {
+        "w1": (3, 3, channels, hidden),
+        "b1": (hidden,),
+        "w2": (3, 3, hidden, channels),
+        "b2": (channels,),
+    }
+    for name in names:
+        if channels is None or hidden is None or jnp.shape(params[name]) != expected[name]:
+            raise ValueError(
+                f"revnet conv_branch: params[{name!r}] has shape {jnp.shape(params[name])}, "
+                f"expected {expected[name]} for a half of shape {jnp.shape(h)} (N, H, W, C) "
+                f"and w1 of shape {w1} (3, 3, C, hidden)"
+            )
 
 
 def revnet_block() -> Coupling:
@@ -81,9 +112,13 @@ def init_revnet(
 
     Raises:
       ValueError: ``stages`` not a non-negative int; ``in_channels``, ``blocks``, ``hidden`` or
-        ``num_classes`` not a positive int; an unknown ``downsample``.
+        ``num_classes`` not a positive int; ``scale`` not a finite real number; an unknown
+        ``downsample``.
     """
     _check_downsample(downsample)
+    number = real_scalar(scale)
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"init_revnet: scale must be a finite real number, got {scale!r}")
     if stages != 0:
         stages = positive_int(stages, "stages (or 0 for no trunk)", "init_revnet")
     for name, value in [

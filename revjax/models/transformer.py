@@ -113,6 +113,12 @@ def _embedding_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
     return table.at[tokens].get(out_sharding=out, mode="fill", fill_value=jnp.nan)
 
 
+def _check_width(x: jax.Array, dim: int, where: str, layout: str, *, min_ndim: int) -> None:
+    """``x`` has at least ``min_ndim`` axes and ``dim`` features on the last (static shapes)."""
+    if jnp.ndim(x) < min_ndim or jnp.shape(x)[-1] != dim:
+        raise ValueError(f"{where}: expects x of shape {layout} with dim={dim}, got {jnp.shape(x)}")
+
+
 class CausalSelfAttention(nnx.Module):
     """``x (B, T, D) -> Dropout(W_o softmax(Q K^T / sqrt(D/H) + causal mask) V)``, with
     ``Q, K, V = LN(x) W_q, LN(x) W_k, LN(x) W_v`` split into ``H`` heads.
@@ -130,11 +136,12 @@ class CausalSelfAttention(nnx.Module):
         tensor_parallel: str | None = None,
         rngs: nnx.Rngs,
     ):
+        dim = positive_int(dim, "dim", "CausalSelfAttention")
         heads = positive_int(heads, "heads", "CausalSelfAttention")
         if dim % heads:
             raise ValueError(f"CausalSelfAttention: dim={dim} is not divisible by heads={heads}")
         _check_tensor_parallel(tensor_parallel, {"dim": dim}, "CausalSelfAttention")
-        self.heads = heads
+        self.heads, self.dim = heads, dim
         self.norm = nnx.LayerNorm(dim, rngs=rngs)
         self.q = _linear(dim, dim, "out", tensor_parallel, rngs, bias=False)
         self.k = _linear(dim, dim, "out", tensor_parallel, rngs, bias=False)
@@ -143,6 +150,7 @@ class CausalSelfAttention(nnx.Module):
         self.dropout = _dropout(dropout, "CausalSelfAttention", rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        _check_width(x, self.dim, "CausalSelfAttention", "(..., length, dim)", min_ndim=2)
         *batch, length, dim = x.shape
         h = self.norm(x)
         split = lambda a: a.reshape(*batch, length, self.heads, dim // self.heads)
@@ -164,13 +172,17 @@ class FeedForward(nnx.Module):
         tensor_parallel: str | None = None,
         rngs: nnx.Rngs,
     ):
+        dim = positive_int(dim, "dim", "FeedForward")
+        hidden = positive_int(hidden, "hidden", "FeedForward")
         _check_tensor_parallel(tensor_parallel, {"hidden": hidden}, "FeedForward")
+        self.dim = dim
         self.norm = nnx.LayerNorm(dim, rngs=rngs)
         self.up = _linear(dim, hidden, "out", tensor_parallel, rngs)
         self.down = _linear(hidden, dim, "in", tensor_parallel, rngs)
         self.dropout = _dropout(dropout, "FeedForward", rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        _check_width(x, self.dim, "FeedForward", "(..., dim)", min_ndim=1)
         return self.dropout(self.down(jax.nn.gelu(self.up(self.norm(x)))))
 
 
