@@ -80,6 +80,7 @@ def pure_branch(
     and otherwise raises ``ValueError`` naming ``owner``: its draws could not be replayed."""
 
     def branch(params: nnx.State, h: jax.Array, key: Key | None = None) -> jax.Array:
+        given = jax.tree.leaves(params)  # before the call: merge may share their Variables
         if template is None:
             module = nnx.merge(graphdef, params, rest)
         else:
@@ -104,6 +105,20 @@ def pure_branch(
                 f"{where} created state while running ({created[:3]}), e.g. by "
                 "sow() or perturb() (nnx.capture); values made inside the scan cannot leave it. "
                 "Return what you need to inspect, or run the block outside the stack"
+            )
+        flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
+        after = jax.tree.leaves(nnx.state(module, nnx.Param))
+        if len(after) == len(given) and any(a is not b for a, b in zip(after, given, strict=True)):
+            written = [
+                ".".join(map(str, path))
+                for (path, leaf), a, b in zip(flat, after, given, strict=True)
+                if a is not b
+            ]
+            raise TypeError(
+                f"{where} wrote to its parameters while running ({written[:3]}); a reversible "
+                "branch is a pure function of its parameters (it runs again to reconstruct, and "
+                "the write could not be kept), so compute the value and return it instead, or "
+                "keep it in an optimizer or outside the stack"
             )
         return out
 

@@ -254,8 +254,10 @@ def _forward(
         # optimisation barriers of prevent_cse=True are unnecessary (see jax.checkpoint's docs).
         step = jax.checkpoint(step, prevent_cse=False)
     with_anchors = every is not None and every < depth
+    # Built from the stream itself, so the buffer carries its sharding: on an Explicit mesh a
+    # fresh jnp.zeros is unsharded and writing the batch-sharded stream into it is refused.
     anchors = (
-        jax.tree.map(lambda a: jnp.zeros((depth // every, *a.shape), a.dtype), x)
+        jax.tree.map(lambda a: jnp.broadcast_to(jnp.zeros_like(a), (depth // every, *a.shape)), x)
         if with_anchors
         else None
     )

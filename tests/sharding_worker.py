@@ -91,9 +91,9 @@ def mlp_problem(depth: int, rows: int):
     return mlp_coupling(), params, x
 
 
-def scan_loss(block):
+def scan_loss(block, checkpoint_every=None):
     def loss(params, x):
-        y1, y2 = rj.reversible_scan(block, params, x)
+        y1, y2 = rj.reversible_scan(block, params, x, checkpoint_every=checkpoint_every)
         return jnp.sum(y1 * y2) + jnp.sum(jnp.tanh(y1))
 
     return loss
@@ -154,8 +154,12 @@ def check_scan() -> dict:
         xs = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P("data"))), x)
         p = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P())), params)
         grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(p, xs)
+        # Anchors: their buffer once came out unsharded and the write of the batch-sharded
+        # stream into it was refused (a ShardingTypeError).
+        anchored = jax.jit(jax.grad(scan_loss(block, checkpoint_every=4), argnums=(0, 1)))(p, xs)
         out["data_explicit"] = {
             "grad_error": relative_error(grads, reference),
+            "anchored_grad_error": relative_error(anchored, reference),
             "input_grad_specs": specs(grads[1]),
             "param_grads_replicated": same_shardings(grads[0], p),
         }

@@ -419,6 +419,36 @@ def test_values_sown_inside_the_scan_are_refused_by_name(method, captured):
     assert jax.tree.leaves(sown)[0].shape == (BATCH, DIM)
 
 
+class CountingCalls(nnx.Module):
+    """Writes one of its own Params on every call."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(dim, dim, rngs=rngs)
+        self.calls = nnx.Param(jnp.zeros(()))
+
+    def __call__(self, h):
+        self.calls[...] = self.calls[...] + 1.0
+        return jnp.tanh(self.linear(h))
+
+
+@pytest.mark.parametrize("method", ["reversible", "backprop"])
+def test_writes_to_a_branch_parameter_are_refused_by_name(method):
+    """A branch writing one of its Params ran, and the write was silently lost (the stack's
+    parameters are scanned inputs); found by a probe."""
+
+    @rnnx.reversible
+    class CountingBlock(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f, self.g = CountingCalls(dim, rngs=rngs), nnx.Linear(dim, dim, rngs=rngs)
+
+    stack, x = rnnx.Stack(CountingBlock, 2, DIM, rngs=nnx.Rngs(0), method=method), inputs()
+    message = r"Stack\(CountingBlock\): branch f wrote to its parameters while running .*calls"
+    with pytest.raises(TypeError, match=message):
+        stack(x)
+    with pytest.raises(TypeError, match=message):
+        nnx.grad(lambda m: jnp.sum(m(x)[0]))(stack)
+
+
 def test_a_missing_rng_stream_names_the_option():
     """Dropout on a custom stream: the stack forks ``rng_stream`` (default "dropout")."""
 

@@ -78,6 +78,7 @@ def test_data_parallel_memory_per_device(results):
 def test_explicit_sharding_mode_data_parallel(results):
     run = results["scan"]["data_explicit"]
     assert run["grad_error"] <= 1e-5
+    assert run["anchored_grad_error"] <= 1e-5  # checkpoint_every=4 once failed to compile
     assert all("data" in spec for spec in run["input_grad_specs"])
     assert run["param_grads_replicated"]
 
