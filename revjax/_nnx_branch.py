@@ -80,7 +80,9 @@ def pure_branch(
     and otherwise raises ``ValueError`` naming ``owner``: its draws could not be replayed."""
 
     def branch(params: nnx.State, h: jax.Array, key: Key | None = None) -> jax.Array:
-        given = jax.tree.leaves(params)  # before the call: merge may share their Variables
+        # Taken before the call: under a trace merge shares the Variables, so a write would
+        # show in params too. Arrays are compared by identity: an unwritten Param keeps its.
+        given = {path: jax.tree.leaves(v) for path, v in nnx.to_flat_state(params)}
         if template is None:
             module = nnx.merge(graphdef, params, rest)
         else:
@@ -106,14 +108,13 @@ def pure_branch(
                 "sow() or perturb() (nnx.capture); values made inside the scan cannot leave it. "
                 "Return what you need to inspect, or run the block outside the stack"
             )
-        flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
-        after = jax.tree.leaves(nnx.state(module, nnx.Param))
-        if len(after) == len(given) and any(a is not b for a, b in zip(after, given, strict=True)):
-            written = [
-                ".".join(map(str, path))
-                for (path, leaf), a, b in zip(flat, after, given, strict=True)
-                if a is not b
-            ]
+        written = [
+            ".".join(map(str, path))
+            for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param))
+            if path in given
+            and any(a is not b for a, b in zip(jax.tree.leaves(v), given[path], strict=False))
+        ]
+        if written:
             raise TypeError(
                 f"{where} wrote to its parameters while running ({written[:3]}); a reversible "
                 "branch is a pure function of its parameters (it runs again to reconstruct, and "
