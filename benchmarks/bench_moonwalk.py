@@ -36,7 +36,13 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ResultFile, add_out_argument, environment
+from benchmarks.common import (
+    ResultFile,
+    add_force_argument,
+    add_out_argument,
+    environment,
+    refuse_accelerator_size_on_cpu,
+)
 from revjax import moonwalk as mw
 from revjax.diagnostics import relative_error
 from revjax.memory import memory_of
@@ -165,7 +171,9 @@ def main(argv=None) -> dict:
         "small network (default: cpu)",
     )  # fmt: skip
     add_out_argument(parser)
+    add_force_argument(parser)
     args = parser.parse_args(argv)
+    refuse_accelerator_size_on_cpu(parser, args.size, jax.default_backend(), args.force)
     size = SIZES[args.size]
     timed = jax.default_backend() != "cpu"
     env = environment()

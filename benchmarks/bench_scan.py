@@ -23,7 +23,13 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ResultFile, add_out_argument, environment
+from benchmarks.common import (
+    ResultFile,
+    add_force_argument,
+    add_out_argument,
+    environment,
+    refuse_accelerator_size_on_cpu,
+)
 from revjax import reversible_scan
 from revjax.diagnostics import format_table, relative_error
 from revjax.memory import compiled_memory
@@ -132,7 +138,9 @@ def main(argv=None):
         help="dtype of parameters, stream and compute",
     )
     add_out_argument(parser)
+    add_force_argument(parser)
     args = parser.parse_args(argv)
+    refuse_accelerator_size_on_cpu(parser, args.size, jax.default_backend(), args.force)
     with warnings.catch_warnings():
         # --dtype bfloat16 times a bfloat16 stream on purpose (its error is recorded too).
         warnings.simplefilter("ignore", LowPrecisionStreamWarning)

@@ -49,12 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
     ResultFile,
+    add_force_argument,
     add_out_argument,
     affine_guess,
     budget_bytes,
     deepest_fitting,
     environment,
     positive,
+    refuse_accelerator_size_on_cpu,
 )
 from revjax.memory import CompiledMemory, compiled_memory, device_peak_bytes, memory_of
 from revjax.models.lm_training import functional_train_step
@@ -224,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "with what was measured (default: no limit)",
     )  # fmt: skip
     add_out_argument(parser)
+    add_force_argument(parser)
     parser.add_argument("--task", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.budget_s is not None and not args.budget_s >= RESERVE_S + MIN_CHILD_S:
@@ -255,6 +258,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         if "failed" in probe:
             sys.exit(f"error: the probe process failed: {probe['failed']}")  # exit status 1
         env, budget = probe["env"], probe["budget_bytes"]
+        # The backend is known only now: this process never starts one (see above).
+        refuse_accelerator_size_on_cpu(parser, args.size, env["backend"], args.force)
     else:
         env, budget = environment(), budget_bytes(args.budget_gib)
     name = f"transformer_{args.size}_{env['backend']}.json"

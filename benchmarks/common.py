@@ -37,6 +37,30 @@ def add_out_argument(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+#: ``--size`` values made for an accelerator (batch 8192, width 1024), not for a CPU.
+ACCELERATOR_SIZES = frozenset({"gpu"})
+
+
+def add_force_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--force`` option of the scripts with an accelerator ``--size``."""
+    parser.add_argument(
+        "--force", action="store_true",
+        help=f"run {'/'.join(sorted(ACCELERATOR_SIZES))} sizes even where JAX sees only a CPU",
+    )  # fmt: skip
+
+
+def refuse_accelerator_size_on_cpu(
+    parser: argparse.ArgumentParser, size: str, backend: str, force: bool
+) -> None:
+    """Exit with a usage error (status 2) when an accelerator ``size`` would run on ``backend``
+    ``"cpu"`` without ``--force``: the accelerator size, slow on a CPU, where nothing is timed."""
+    if size in ACCELERATOR_SIZES and backend == "cpu" and not force:
+        parser.error(
+            f"--size {size} is sized for a GPU or TPU and JAX sees only a CPU; "
+            "use --size cpu, or --force to run it anyway"
+        )
+
+
 def positive(kind: type) -> Callable[[str], Any]:
     """``argparse`` type: a finite ``kind`` (int or float) above 0 (``nan``, ``inf`` refused)."""
 

@@ -55,7 +55,15 @@ from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, ResultFile, add_out_argument, environment, positive
+from benchmarks.common import (
+    RESULTS,
+    ResultFile,
+    add_force_argument,
+    add_out_argument,
+    environment,
+    positive,
+    refuse_accelerator_size_on_cpu,
+)
 from revjax import reversible_scan
 from revjax.coupling import Coupling
 from revjax.diagnostics import bitwise_equal, format_table, relative_error
@@ -342,7 +350,9 @@ def main(argv=None) -> None:
         action="store_true",
         help="keep the other depths' rows of the JSON already in --out (same size and device)",
     )
+    add_force_argument(parser)
     args = parser.parse_args(argv)
+    refuse_accelerator_size_on_cpu(parser, args.size, jax.default_backend(), args.force)
     size = dict(SIZES[args.size])
     if args.depths:
         size["depths"] = sorted(set(args.depths))  # each depth measured once

@@ -179,7 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {scripts} not found; run from a source checkout of revjax", file=sys.stderr)
         return 2
     out = [] if args.out is None else ["--out", str(args.out)]
-    commands = [[sys.executable, str(scripts / name), *rest, *out] for name, *rest in suite]
+    # The scripts check their own --size too: --force passes that check on as well.
+    force = ["--force"] if args.force and args.size == "gpu" else []
+    commands = [
+        [sys.executable, str(scripts / name), *rest, *(force if "--size" in rest else []), *out]
+        for name, *rest in suite
+    ]
     plots = [sys.executable, str(scripts / "plots.py")]
     report = [sys.executable, str(scripts / "report.py")]
     refresh = [] if args.out is not None else [plots, report]

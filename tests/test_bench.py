@@ -219,7 +219,7 @@ def test_bench_moonwalk_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_moonwalk, "speedups", lambda n: runs.append(n) or [speedup])
     monkeypatch.setattr(bench_moonwalk, "measure", _stop_after(2, measure))
     with pytest.raises(Stop):
-        bench_moonwalk.main(["--size", "gpu", "--out", str(tmp_path)])
+        bench_moonwalk.main(["--size", "gpu", "--force", "--out", str(tmp_path)])
     name = f"moonwalk_gpu_{jax.default_backend()}.json"
     partial = json.loads((tmp_path / name).read_text())
     assert not partial["complete"] and len(partial["rows"]) == 4
@@ -230,7 +230,7 @@ def test_bench_moonwalk_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch):
     assert "L = 6: 1.0 ms vs 9.0 ms, 9x faster" in text
 
     monkeypatch.setattr(bench_moonwalk, "measure", measure)
-    done = bench_moonwalk.main(["--size", "gpu", "--out", str(tmp_path)])
+    done = bench_moonwalk.main(["--size", "gpu", "--force", "--out", str(tmp_path)])
     assert done["complete"] and json.loads((tmp_path / name).read_text())["complete"]
     assert len(done["rows"]) == 2 * 2 * len(bench_moonwalk.DEPTHS)
     # The speed-up over exact forward mode is measured at the GPU size too (once it was only
@@ -481,3 +481,51 @@ def test_positive_options_say_what_they_expected(kind, text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
         positive(kind)(text)
     assert positive(kind)("3") == 3
+
+
+SIZED_SCRIPTS = ["bench_moonwalk", "bench_scan", "bench_transformer", "numerics_depth"]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the refusal is for a CPU backend")
+@pytest.mark.parametrize("name", SIZED_SCRIPTS)
+def test_a_script_refuses_its_gpu_size_on_a_cpu_without_force(name, tmp_path, capsys, monkeypatch):
+    """``--size gpu`` on a CPU used to start the GPU size (batch 8192, width 1024); like
+    ``python -m revjax bench --size gpu`` it is now a usage error unless ``--force`` is given.
+    bench_transformer learns the backend from its probe process, so it refuses after that."""
+    import importlib
+
+    script = importlib.import_module(f"benchmarks.{name}")
+
+    def started(*args, **kwargs):  # the first result file: measuring has begun
+        raise AssertionError(f"{name} began measuring the GPU size on a CPU")
+
+    monkeypatch.setattr(script, "ResultFile", started)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--size", "gpu", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--size gpu is sized for a GPU or TPU and JAX sees only a CPU" in err
+    assert "--force" in err
+    assert list(tmp_path.iterdir()) == []  # nothing measured, nothing written
+
+
+def test_force_reaches_the_scripts_that_take_a_size(tmp_path, capsys):
+    """``bench --size gpu --force`` passes ``--force`` on to each sized script (which checks its
+    size itself), and only to those: count_gemms has no ``--size`` and no ``--force``."""
+    only = ["bench_scan.py", "count_gemms.py", "bench_transformer.py"]
+    assert bench.main(["--size", "gpu", "--force", "--list", "--only", *only,
+                       "--out", str(tmp_path)]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [
+        f"bench_scan.py --size gpu --dtype float32 --force --out {tmp_path}",
+        f"bench_scan.py --size gpu --dtype bfloat16 --force --out {tmp_path}",
+        f"count_gemms.py --out {tmp_path}",
+        f"bench_transformer.py --size gpu --force --out {tmp_path}",
+    ]
+    import importlib
+
+    for name in SIZED_SCRIPTS:  # each script takes the option it is given
+        with pytest.raises(SystemExit) as exit_info:
+            importlib.import_module(f"benchmarks.{name}").main(["--help"])
+        assert exit_info.value.code == 0
+        assert "--force" in capsys.readouterr().out, name
