@@ -99,7 +99,7 @@ def relative_error(approx: PyTree, reference: PyTree) -> jax.Array:
     squares overflow float32) and tiny ones (whose squares underflow) still give the right
     answer. Returns ``inf`` when the reference is zero and the approximation is not, 0 when both
     are zero (also for pytrees without leaves), and NaN when either holds a NaN or inf (never a
-    misleading 0).
+    misleading 0). PRNG key leaves are refused (``TypeError`` naming the leaf).
     """
     if jax.tree.structure(approx) != jax.tree.structure(reference):
         raise ValueError(
@@ -109,6 +109,13 @@ def relative_error(approx: PyTree, reference: PyTree) -> jax.Array:
     paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(approx)]
     leaves = zip(paths, jax.tree.leaves(approx), jax.tree.leaves(reference), strict=True)
     for path, x, y in leaves:
+        if _is_key(x) or _is_key(y):  # key_data's bits are not a quantity with a norm
+            raise TypeError(
+                f"relative_error: leaf {path or '(root)'} is a PRNG key array "
+                f"({getattr(x, 'dtype', None)} vs {getattr(y, 'dtype', None)}); keys have no "
+                "error to measure. Compare the parameters only (e.g. nnx.state(model, "
+                "nnx.Param)), and keys with revjax.diagnostics.bitwise_equal"
+            )
         if jnp.shape(x) != jnp.shape(y):  # broadcasting would give a meaningless number
             raise ValueError(
                 f"relative_error: leaf {path or '(root)'} has shape {jnp.shape(x)} in approx "
@@ -117,8 +124,17 @@ def relative_error(approx: PyTree, reference: PyTree) -> jax.Array:
     return relative_norm(*metric_leaves("relative_error", approx, reference))
 
 
-def _given_dtype(value: Any) -> np.dtype:
-    """The dtype of ``value`` as given (a NumPy float64 stays float64 without x64)."""
+def _is_key(value: Any) -> bool:
+    """Whether ``value`` is a typed PRNG key array (``jax.random.key``)."""
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _given_dtype(value: Any) -> Any:
+    """The dtype of ``value`` as given (a NumPy float64 stays float64 without x64; a key array's
+    dtype names its implementation)."""
+    if _is_key(value):
+        return value.dtype
     return np.dtype(value.dtype) if hasattr(value, "dtype") else np.dtype(jnp.result_type(value))
 
 
@@ -143,7 +159,9 @@ def bitwise_equal(a: PyTree, b: PyTree) -> jax.Array:
     Stricter than ``array_equal``: ``+0.0`` and ``-0.0`` differ, and a NaN equals a NaN with the
     same payload. This is the check behind every "bitwise" claim of revjax. Dtypes are those
     of the leaves as given, and two NumPy leaves are compared on the host: a NumPy float64 is
-    neither float32 nor converted to it when JAX runs without x64.
+    neither float32 nor converted to it when JAX runs without x64. PRNG key arrays (an NNX
+    model's ``nnx.Rngs``) are equal when their implementations and key data are; ``float0``
+    leaves (integer inputs' gradients) have no bits, so equal shapes suffice.
     """
     if jax.tree.structure(a) != jax.tree.structure(b):
         return jnp.bool_(False)
@@ -151,9 +169,13 @@ def bitwise_equal(a: PyTree, b: PyTree) -> jax.Array:
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         if jnp.shape(x) != jnp.shape(y) or _given_dtype(x) != _given_dtype(y):
             return jnp.bool_(False)
+        if _given_dtype(x) == jax.dtypes.float0:  # no bits: equal shapes are all there is
+            continue
         if _on_host(x) and _on_host(y):
             same.append(jnp.bool_(_host_bitwise_equal(np.asarray(x), np.asarray(y))))
             continue
+        if _is_key(x):  # the same implementation (dtype, above): compare the key data
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
         x, y = jnp.asarray(x), jnp.asarray(y)
         if jnp.issubdtype(x.dtype, jnp.complexfloating):  # compare both parts' bits
             x, y = jnp.stack([x.real, x.imag]), jnp.stack([y.real, y.imag])

@@ -24,10 +24,12 @@ whatever the activation's dtype.
 ``f''/f'``, so the recovered derivative is exact up to ``|f''/f'| dy`` away from the minimum and
 up to ``sqrt(2 f'' dy)`` (about 1e-4) at it. Measured on a dense grid over ``[-20, 20]``
 (``tests/test_activations.py``, recorded by ``benchmarks/bench_activations.py``):
-``|f'(x_rec) - f'(x)| <= 1.6e-6`` for ``|x - x_min| > 0.1`` and ``<= 1.1e-4`` everywhere, for
-all three functions; from bfloat16 outputs, ``<= 7.8e-3`` for ``|x - x_min| > 0.1``; from
-float16 outputs (3 more mantissa bits), ``<= 1.2e-3`` there and ``<= 7.0e-3`` everywhere. In the far
-left tail, where ``y`` underflows to 0, ``|f'(x)| < 1e-30`` and the recovered derivative is 0.
+``|f'(x_rec) - f'(x)| <= 1.6e-6`` for ``|x - x_min| > 0.1`` and ``<= 1.1e-4`` on the grid, for
+all three functions (at every float32 within 1e-3 of the minimum, which the grid mostly
+steps over: ``<= 2.1e-4``, the same test file); from bfloat16 outputs, ``<= 7.8e-3`` for
+``|x - x_min| > 0.1``; from float16 outputs (3 more mantissa bits), ``<= 1.2e-3`` there and
+``<= 7.0e-3`` everywhere. In the far left tail, where ``y`` underflows to 0,
+``|f'(x)| < 1e-30`` and the recovered derivative is 0.
 """
 
 from __future__ import annotations
@@ -267,13 +269,27 @@ _GELU_TANH, _GELU_ERF, _SILU_FN = (_inverted(s) for s in (_TANH_GELU, _ERF_GELU,
 
 
 def _check_float(x: jax.Array, name: str) -> jax.Array:
+    """``x`` as an array of a supported dtype: float32, bfloat16 or float16."""
+    python_float = isinstance(x, float)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"revjax.activations.{name}: expected a floating array, got {x.dtype}")
     if jnp.finfo(x.dtype).bits > 32:
+        hint = (
+            f" (a Python float is float64 with jax_enable_x64 on: pass jnp.float32({x.item()!r}))"
+            if python_float
+            else ""
+        )
         raise TypeError(
             f"revjax.activations.{name}: computes and recovers in float32, so a {x.dtype} input "
-            f"would silently lose precision; use jax.nn.{name} for {x.dtype}"
+            f"would silently lose precision{hint}; use jax.nn.{name} for {x.dtype}"
+        )
+    if jnp.finfo(x.dtype).bits < 16:
+        # From 2-3 mantissa bits the recovered input is off by far more than the documented
+        # bounds, and its second derivative near the minimum was NaN.
+        raise TypeError(
+            f"revjax.activations.{name}: a {x.dtype} output is too coarse to recover the input "
+            f"from; use float32, bfloat16 or float16, or jax.nn.{name} for {x.dtype}"
         )
     return x
 

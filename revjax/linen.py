@@ -30,13 +30,30 @@ from flax.core import meta
 
 from revjax._validate import positive_int
 from revjax.coupling import Coupling, additive_coupling
+from revjax.scan import check_key
 
 PyTree = Any
+
+
+def _without_layer_axis(box: Any) -> Any:
+    """One layer's slice of a partitioning box from :func:`init_linen_stack`: the scan slices
+    the array, and this drops the layer axis's (unsharded) name in front of the names, so Flax
+    constrains the slice by one layer's names (as ``nn.scan`` does). A box whose names already
+    match its array (not from a stack) is left as it is."""
+    if (
+        isinstance(box, nn.Partitioned)
+        and len(box.names) == jnp.ndim(box.value) + 1
+        and box.names[0] is None
+    ):
+        return box.remove_axis(0, {nn.PARTITION_NAME: None})
+    return box
 
 
 def _apply(module: nn.Module, rng_collection: str):
     def branch(variables: PyTree, h: jax.Array, key: jax.Array | None = None) -> jax.Array:
         rngs = None if key is None else {rng_collection: key}
+        is_box = lambda leaf: isinstance(leaf, meta.AxisMetadata)
+        variables = jax.tree.map(_without_layer_axis, variables, is_leaf=is_box)
         try:
             return module.apply(variables, h, rngs=rngs)
         except flax.errors.InvalidRngError as err:
@@ -110,6 +127,7 @@ def init_linen_stack(
         raise TypeError(
             f"init_linen_stack: key must be a PRNG key, e.g. {example}, got {type(key).__name__}"
         )
+    check_key(key, where="init_linen_stack")  # one key: not a scalar, not a batch of keys
     if not (isinstance(x, tuple | list) and len(x) == 2):
         raise TypeError(
             "init_linen_stack: x must be the pair of halves (x1, x2) (arrays or shape structs), "

@@ -88,6 +88,24 @@ def _same_spec(value: np.ndarray, expected: jax.ShapeDtypeStruct) -> bool:
     return value.dtype == expected.dtype
 
 
+def _unrepresentable(value: np.ndarray, expected: jax.ShapeDtypeStruct) -> Any:
+    """An entry of ``value`` that JAX's conversion to ``expected``'s canonical dtype would
+    change past rounding (an int that wraps, a finite float that becomes inf), else ``None``.
+    Only a weakly typed abstract scalar converts: other leaves keep the stored dtype."""
+    dtype = np.dtype(jax.dtypes.canonicalize_dtype(expected.dtype))
+    if not expected.weak_type or value.dtype == dtype or value.size == 0:
+        return None
+    if np.issubdtype(dtype, np.integer) and np.issubdtype(value.dtype, np.integer):
+        info = np.iinfo(dtype)
+        bad = (value < info.min) | (value > info.max)
+    elif np.issubdtype(dtype, np.floating) and np.issubdtype(value.dtype, np.floating):
+        with np.errstate(over="ignore"):
+            bad = np.isfinite(value) & ~np.isfinite(value.astype(dtype))
+    else:
+        return None
+    return value[bad].flat[0].item() if bad.any() else None
+
+
 def _stored_spec(leaf: Any) -> jax.ShapeDtypeStruct:
     """Shape and dtype of ``_stored_form(leaf)``, without copying a device array to the host
     (and for an abstract leaf, a ``jax.ShapeDtypeStruct`` from ``nnx.eval_shape``)."""
@@ -156,7 +174,9 @@ def restore_state(node: Any, path: str | Path) -> None:
 
     Raises:
       ValueError: the file's variables differ from the module's (missing or extra paths, or a
-        different shape, dtype or number of leaves), naming the first differences.
+        different shape, dtype or number of leaves), naming the first differences; or a
+        Python scalar saved from a concrete module does not fit the dtype an abstract
+        module's scalar takes (an int past int32, a float past float32 without x64).
     """
     saved = serialization.msgpack_restore(Path(path).read_bytes())
     target = _flat_state(node)
@@ -191,6 +211,15 @@ def restore_state(node: Any, path: str | Path) -> None:
                 raise ValueError(
                     f"restore_state: {name} is {shown} in {path} but "
                     f"{expected.dtype}{list(expected.shape)} in the module"
+                )
+            bad = _unrepresentable(value, expected)
+            if bad is not None:  # JAX's conversion would wrap it or make it inf, silently
+                canonical = jax.dtypes.canonicalize_dtype(expected.dtype)
+                raise ValueError(
+                    f"restore_state: {name} is {bad} in {path}, which {canonical} cannot hold; "
+                    "the module is abstract, so this Python scalar would become a JAX array of "
+                    f"that dtype. Restore into a concrete module (it keeps Python scalars), or "
+                    "enable jax_enable_x64"
                 )
         new = [_restored_leaf(leaf, value) for leaf, value in zip(leaves, values, strict=True)]
         updates.append((var, new[0] if whole else jax.tree.unflatten(treedef, new)))

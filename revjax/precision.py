@@ -202,7 +202,26 @@ def round_to_grid(x: jax.Array, fraction_bits: int) -> jax.Array:
     factor of two of ``x``), so the sum is exactly the representable ``r``. Its derivative is
     1 at every order (no ``custom_jvp``: under JAX 0.10.2 one with an identity tangent got wrong
     second derivatives inside ``lax.scan``, ``tests/test_precision.py``).
+
+    Raises:
+      TypeError: ``fraction_bits`` is not an int (a bool, a float, a traced value).
+      ValueError: ``2^F`` or ``2^-F`` is not a normal number of ``x``'s dtype (float32:
+        ``|F| > 126``), where the scaling would give inf or 0 and the result NaN.
     """
+    if isinstance(fraction_bits, bool) or not isinstance(fraction_bits, numbers.Integral):
+        raise TypeError(
+            f"round_to_grid: fraction_bits must be a static int, got {type(fraction_bits).__name__}"
+        )
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"round_to_grid: x must be a floating array, got {x.dtype}")
+    info = jnp.finfo(x.dtype)
+    limit = min(int(info.maxexp) - 1, -int(info.minexp))
+    if abs(int(fraction_bits)) > limit:
+        raise ValueError(
+            f"round_to_grid: fraction_bits={fraction_bits} is out of range for {x.dtype} x: "
+            f"2^F and 2^-F must be normal {x.dtype} numbers, |F| <= {limit}"
+        )
     scale = 2.0**fraction_bits
     grid_point = (jnp.round(x * scale) / scale).astype(x.dtype)
     return x + lax.stop_gradient(grid_point - x)

@@ -198,9 +198,16 @@ def anchor_interval(
             raise TypeError
         checkpoint_every = operator.index(checkpoint_every)
     except TypeError:
+        traced = isinstance(checkpoint_every, jax.core.Tracer)
         raise TypeError(
             f"{where}: checkpoint_every must be an int or None, got "
             f"{type(checkpoint_every).__name__}"
+            + (
+                " (a traced value: it fixes the scan's structure, so it must be a static "
+                "Python int, e.g. a static_argnames argument of jax.jit)"
+                if traced
+                else ""
+            )
         ) from None
     if checkpoint_every < 1 or depth % checkpoint_every:
         divisors = [d for d in range(1, depth + 1) if depth % d == 0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import flax.errors
 import jax
 import jax.flatten_util
@@ -153,3 +155,43 @@ def test_partition_names_get_the_layer_axis():
         h = block.forward(jax.tree.map(lambda a, i=layer: a[i], nn.unbox(params)), h)
     np.testing.assert_allclose(y[0], h[0], rtol=1e-6)
     np.testing.assert_allclose(y[1], h[1], rtol=1e-6)
+
+
+def test_boxed_params_run_under_a_mesh():
+    """``init_linen_stack``'s boxes name the stacked axes; each layer got the stacked names with
+    its slice, so under a mesh Flax constrained a rank-2 kernel by a rank-3 spec (ValueError:
+    "only valid for values of rank at least 3"). One device is enough to show it."""
+    x = (jnp.ones((4, 8)), jnp.ones((4, 8)))
+    params = init_linen_stack(PartitionedMlp(), PartitionedMlp(), jax.random.key(0), 3, x)
+    block = linen_coupling(PartitionedMlp(), PartitionedMlp())
+
+    def loss(p):
+        return jnp.sum(rj.reversible_scan(block, p, x)[0] ** 2)
+
+    mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        boxed = jax.jit(jax.grad(loss))(params)
+        unboxed = jax.jit(jax.grad(lambda p: loss(nn.unbox(p))))(params)
+        back = jax.jit(lambda p: rj.inverse_scan(block, p, rj.reversible_scan(block, p, x)))(params)
+    assert jax.tree.structure(boxed) == jax.tree.structure(params)  # the gradient keeps boxes
+    for a, b in zip(jax.tree.leaves(boxed), jax.tree.leaves(unboxed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(back[0], x[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("key", "got"),
+    [
+        (jnp.int32(3), "int32[]"),
+        (np.array(0, np.uint32), "uint32[]"),
+        (jax.random.split(jax.random.key(0), 2), "key<fry>[2]"),
+    ],
+)
+def test_init_refuses_an_array_that_is_not_one_key(key, got):
+    """Arrays passed the isinstance check and failed inside JAX without naming
+    init_linen_stack ("invalid PRNG key data", "split accepts a single key")."""
+    x = (jnp.ones((4, 8)), jnp.ones((4, 8)))
+    with pytest.raises(
+        TypeError, match=rf"init_linen_stack: key must be one PRNG key.*{re.escape(got)}"
+    ):
+        init_linen_stack(PartitionedMlp(), PartitionedMlp(), key, 2, x)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,6 +171,35 @@ def test_restore_into_an_abstract_model(tmp_path):
     np.testing.assert_array_equal(abstract_stack(xs, key=key)[0], stack(xs, key=key)[0])
     np.testing.assert_array_equal(abstract_stack(xs)[0], stack(xs)[0])  # its own stream, too
     assert int(counter.count.get_value()) == 3
+
+
+@pytest.mark.skipif(jax.config.jax_enable_x64, reason="with x64 an abstract scalar is 64-bit")
+def test_an_abstract_scalar_that_cannot_hold_the_saved_value_is_refused(tmp_path):
+    """An abstract model's Python-scalar variable becomes a JAX array of the default dtype: a
+    saved 3e9 came back as -1294967296 (int32 wrap, no warning) and 1e300 as inf."""
+
+    class Counters(nnx.Module):
+        def __init__(self, tokens, scale):
+            self.tokens = nnx.Variable(tokens)
+            self.scale = nnx.Variable(scale)
+
+    for tokens, scale, bad in [(3_000_000_000, 1.0, "tokens is 3000000000"),
+                               (5, 1e300, "scale is 1e+300")]:  # fmt: skip
+        path = tmp_path / "c.msgpack"
+        rnnx.save_state(Counters(tokens, scale), path)
+        concrete = Counters(0, 0.0)  # a concrete module keeps Python scalars: exact
+        rnnx.restore_state(concrete, path)
+        assert (concrete.tokens.get_value(), concrete.scale.get_value()) == (tokens, scale)
+        abstract = nnx.eval_shape(lambda: Counters(0, 0.0))
+        message = re.escape(f"restore_state: {bad} in ") + ".* cannot hold"
+        with pytest.raises(ValueError, match=message):
+            rnnx.restore_state(abstract, path)
+        assert isinstance(abstract.scale.get_value(), jax.ShapeDtypeStruct)  # left untouched
+    rnnx.save_state(Counters(2**31 - 1, -3.4e38), path)  # the edges of int32, float32 fit
+    abstract = nnx.eval_shape(lambda: Counters(0, 0.0))
+    rnnx.restore_state(abstract, path)
+    assert int(abstract.tokens.get_value()) == 2**31 - 1
+    assert np.isfinite(abstract.scale.get_value())
 
 
 def test_an_interrupted_save_leaves_the_previous_file(tmp_path, monkeypatch):

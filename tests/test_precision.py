@@ -200,6 +200,23 @@ def test_policy_must_be_a_policy():
 # --- exact mode ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("fraction_bits", "error", "message"),
+    [
+        (130, ValueError, r"fraction_bits=130 is out of range for float32 x: .* \|F\| <= 126"),
+        (-200, ValueError, "fraction_bits=-200 is out of range"),
+        (2.0, TypeError, "fraction_bits must be a static int, got float"),
+        (True, TypeError, "fraction_bits must be a static int, got bool"),
+    ],
+)
+def test_round_to_grid_refuses_a_scale_that_is_not_a_normal_number(fraction_bits, error, message):
+    """2^130 overflows float32 (and 2^-200 underflows): the public helper returned NaN."""
+    with pytest.raises(error, match=message):
+        round_to_grid(jnp.float32(1.0), fraction_bits)
+    assert float(round_to_grid(jnp.float32(1.3), 126)) == pytest.approx(1.3)  # the edge works
+    assert float(round_to_grid(jnp.float32(5.0), -2)) == 4.0  # a grid of 4
+
+
 def test_round_to_grid_is_on_grid_with_straight_through_gradient():
     x = jax.random.normal(jax.random.key(0), (1000,)) * 10
     q = round_to_grid(x, 8)

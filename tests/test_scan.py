@@ -576,6 +576,15 @@ def test_bad_anchor_interval_is_rejected(every, error, message):
     assert re.search(message, str(info.value)), str(info.value)
 
 
+def test_a_traced_anchor_interval_is_refused_as_not_static():
+    """Passed through jax.jit as an argument, the interval is a tracer: the message said only
+    "got DynamicJaxprTracer"; it now says the interval must be static and how."""
+    params, x = init_mlp_stack(jax.random.key(0), DEPTH, 8, 16), stream(width=8)
+    run = jax.jit(lambda p, k: rj.reversible_scan(mlp_coupling(), p, x, checkpoint_every=k))
+    with pytest.raises(TypeError, match=r"a traced value: .* static Python int.*static_argnames"):
+        run(params, 4)
+
+
 @pytest.mark.parametrize("every", [np.int64(4), jnp.int32(4)])
 def test_numpy_and_jax_integer_anchor_interval_is_accepted(every):
     params, x = init_mlp_stack(jax.random.key(0), DEPTH, 8, 16), stream(width=8)

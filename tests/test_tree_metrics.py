@@ -115,3 +115,36 @@ def test_relative_error_counts_float0_leaves_as_zeros():
     assert float(relative_error(grads, grads)) == 0.0
     shifted = (grads[0] + 1.0, grads[1])
     assert float(relative_error(shifted, grads)) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_bitwise_equal_compares_keys_by_implementation_and_data(jit):
+    """An NNX model's state holds PRNG keys (``nnx.Rngs``, ``Dropout``): comparing two states
+    raised ``TypeError: Cannot interpret 'key<fry>' as a data type``."""
+    check = jax.jit(bitwise_equal) if jit else bitwise_equal
+    state = {"w": jnp.ones(3), "key": jax.random.key(0)}
+    assert bool(check(state, {"w": jnp.ones(3), "key": jax.random.key(0)}))
+    assert not bool(check(state, {"w": jnp.ones(3), "key": jax.random.key(1)}))
+    other_impl = jax.random.key(0, impl="rbg")  # same seed, another implementation
+    assert not bool(bitwise_equal(jax.random.key(0), other_impl))
+    raw = jax.random.key_data(jax.random.key(0))  # the same bits, but not a key
+    assert not bool(bitwise_equal(jax.random.key(0), raw))
+
+
+def test_bitwise_equal_of_float0_leaves_under_jit():
+    """``float0`` gradients (of integer inputs, ``allow_int``) have no bits; under ``jit`` the
+    comparison raised ``TypeError: Called equal with a float0 array``."""
+    grads = jax.grad(lambda p: p["w"].sum(), allow_int=True)({"w": jnp.ones(3), "i": jnp.arange(3)})
+    assert grads["i"].dtype == jax.dtypes.float0
+    assert bool(bitwise_equal(grads, grads))
+    assert bool(jax.jit(bitwise_equal)(grads, grads))
+    other = {"w": jnp.full(3, 2.0), "i": grads["i"]}
+    assert not bool(jax.jit(bitwise_equal)(grads, other))
+
+
+def test_relative_error_refuses_key_leaves_by_name():
+    """A key has no error to measure: ``relative_error`` named no leaf (``Cannot determine dtype
+    of key<fry>``); now it names the leaf and says what to compare instead."""
+    state = {"w": jnp.ones(3), "rngs": {"key": jax.random.key(0)}}
+    with pytest.raises(TypeError, match=r"leaf \['rngs'\]\['key'\] is a PRNG key array"):
+        relative_error(state, state)
