@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import math
 import sys
 from pathlib import Path
@@ -30,6 +31,31 @@ from revjax.data import load_stdlib_text, unigram_entropy
 from revjax.models.lm_training import LMConfig, resume, train_lm
 
 METHODS = ("reversible", "backprop")
+
+
+def largest_gap(gaps) -> float:
+    """The largest of ``gaps``, NaN if any is NaN (``max`` keeps a NaN only in first place)."""
+    gaps = list(gaps)
+    return float("nan") if any(math.isnan(g) for g in gaps) else max(gaps)
+
+
+def least_text() -> int:
+    """The fewest bytes for which :func:`load_stdlib_text` (at its default block size and
+    validation fraction, as used here) has a validation split: one byte into the first
+    held-out block."""
+    defaults = inspect.signature(load_stdlib_text).parameters
+    every = round(1 / defaults["valid_fraction"].default)
+    return (every - 1) * defaults["block_bytes"].default + 1
+
+
+def as_option(message: str) -> str:
+    """An ``LMConfig`` error in the words of this command line: ``LMConfig: eval_batches
+    must ...`` becomes ``--eval-batches must ...``."""
+    for field in dataclasses.fields(LMConfig):
+        prefix = f"LMConfig: {field.name} "
+        if message.startswith(prefix):
+            return f"--{field.name.replace('_', '-')} " + message[len(prefix) :]
+    return message
 
 
 def curve_gap(a: dict, b: dict, key: str) -> float:
@@ -117,21 +143,29 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--checkpoint {args.checkpoint}: {problem}")
     try:
         config = LMConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LMConfig)})
-        resumed = None
-        if args.resume_from is not None:
-            resumed = resume(config, args.resume_from, "reversible")
-            if resumed[2] >= config.steps:
-                raise ValueError(
-                    f"{args.resume_from} is at step {resumed[2]}, the run's last (--steps "
-                    f"{config.steps}): nothing left to train"
-                )
+    except ValueError as err:  # "LMConfig: eval_batches ..." names the option, --eval-batches
+        parser.error(as_option(str(err)))
+    try:
         corpus = load_stdlib_text(args.max_bytes)
+    except ValueError as err:  # its block size is fixed here: only --max-bytes can change
+        parser.error(f"--max-bytes {args.max_bytes}: {err}".replace(
+            "; raise max_bytes or lower block_bytes", f"; use --max-bytes {least_text()} or more"
+        ))  # fmt: skip
+    try:
         for name, split in (("train", corpus.train), ("valid", corpus.valid)):
             if len(split) < config.seq_len + 1:  # else it fails once the first bar is drawn
                 raise ValueError(
                     f"--seq-len {config.seq_len}: the {name} split of --max-bytes "
                     f"{args.max_bytes} has {len(split)} bytes, fewer than one window of "
                     f"{config.seq_len + 1}; use a shorter --seq-len or a larger --max-bytes"
+                )
+        resumed = None
+        if args.resume_from is not None:
+            resumed = resume(config, corpus, args.resume_from, "reversible")
+            if resumed[2] >= config.steps:
+                raise ValueError(
+                    f"{args.resume_from} is at step {resumed[2]}, the run's last (--steps "
+                    f"{config.steps}): nothing left to train"
                 )
     except ValueError as err:
         parser.error(str(err))
@@ -171,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"final eval loss: reversible {rev['eval_loss'][-1]:.4f}, twin {twin['eval_loss'][-1]:.4f} "
         f"nats/byte (unigram entropy {payload['unigram_entropy_valid']:.4f}); largest relative "
-        f"gap {max(payload['max_relative_gap'].values()):.2e}; wrote {path}"
+        f"gap {largest_gap(payload['max_relative_gap'].values()):.2e}; wrote {path}"
     )
     return payload
 

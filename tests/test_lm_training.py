@@ -42,7 +42,7 @@ def test_resume_from_checkpoint_continues_the_same_run(corpus, tmp_path):
     _, _, whole = train_lm(config, corpus)
     path = tmp_path / "lm.msgpack"
     train_lm(config, corpus, stop_step=10, checkpoint=path)
-    model, optimizer, step = resume(config, path)
+    model, optimizer, step = resume(config, corpus, path)
     assert step == 10
     _, _, second_half = train_lm(config, corpus, start_step=10, model=model, optimizer=optimizer)
     assert second_half.steps == [20]
@@ -65,9 +65,9 @@ def test_the_recorded_config_describes_the_saved_weights(corpus, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train_lm(other, corpus, checkpoint=path, progress=interrupt)
-    assert resume(config, path)[2] == 2
+    assert resume(config, corpus, path)[2] == 2
     with pytest.raises(ValueError, match=r"lr: checkpoint 0\.003, now 0\.05"):
-        resume(other, path)
+        resume(other, corpus, path)
 
 
 def test_script_resumes_from_its_checkpoint(tmp_path, capsys):
@@ -100,7 +100,7 @@ def test_script_resumes_from_its_checkpoint(tmp_path, capsys):
         script.main([*tiny, "--steps", "8", "--resume-from", str(path), "--out", str(tmp_path)])
     assert "steps: checkpoint 6, now 8" in capsys.readouterr().err
     # A checkpoint at the last step leaves nothing to train: a message, not an IndexError.
-    model, optimizer, _ = resume(config, path)
+    model, optimizer, _ = resume(config, text, path)
     train_lm(config, text, start_step=4, model=model, optimizer=optimizer, checkpoint=path)
     with pytest.raises(SystemExit):
         script.main([*tiny, "--steps", "6", "--resume-from", str(path), "--out", str(tmp_path)])
@@ -117,6 +117,8 @@ def test_script_resumes_from_its_checkpoint(tmp_path, capsys):
         # Accepted before, failing later inside NumPy, Flax or optax (or training on nonsense).
         *[("seed", -1), ("seed", 1.5), ("warmup", -1), ("warmup", 2.5), ("lr", float("inf"))],
         *[("lr", 0.0), ("weight_decay", -0.1), ("weight_decay", float("nan"))],
+        # JAX's keys need seed + 2 to fit int64: 2**63 - 1 failed with an OverflowError.
+        *[("seed", 2**32), ("seed", 2**63 - 1)],
     ],
 )
 def test_config_is_validated(field, value):
@@ -153,7 +155,7 @@ def test_an_older_config_is_gone_before_the_weights_are_overwritten(corpus, tmp_
         train_lm(config, corpus, checkpoint=checkpoint)
     assert not config_path.exists()
     with pytest.raises(ValueError, match="has no recorded config"):
-        resume(config, checkpoint)
+        resume(config, corpus, checkpoint)
 
 
 def test_train_lm_refuses_an_empty_range(corpus):
@@ -199,6 +201,11 @@ def test_every_window_can_be_drawn_including_the_last():
     [
         (["--max-bytes", "0"], "max_bytes must be >= 1000, got 0"),
         (["--max-bytes", "1000"], "so the validation part would be empty"),
+        # It said "raise max_bytes or lower block_bytes"; the script has no --block-bytes.
+        (["--max-bytes", "36864"], "use --max-bytes 36865 or more"),
+        # Config errors named LMConfig's fields, not the script's options.
+        (["--eval-batches", "0"], "error: --eval-batches must be a positive int, got 0"),
+        (["--seed", str(2**63 - 1)], f"error: --seed must be < 2**32, got {2**63 - 1}"),
         (["--checkpoint", "/no/such/dir/c.msgpack"], "directory /no/such/dir does not exist"),
         # 40960 bytes hold a valid split of 4096: the window did not fit, found after the bar.
         (["--max-bytes", "40960", "--seq-len", "5000"], "--seq-len 5000: the valid split"),
@@ -225,3 +232,43 @@ def test_script_curve_gap_reports_a_diverged_curve_as_nan():
     diverged = {"steps": [1, 2, 3], "loss": [2.2, float("nan"), 0.5]}
     assert curve_gap(close, twin, "loss") == pytest.approx(0.1)
     assert np.isnan(curve_gap(diverged, twin, "loss"))
+
+
+def test_script_reports_a_nan_gap_as_nan():
+    """The summary line took max() over both curves' gaps, which keeps a NaN only in first
+    place: a diverged eval curve (gap NaN after a finite train gap) printed "gap 0.00e+00"."""
+    from benchmarks.train_lm import largest_gap
+
+    assert np.isnan(largest_gap([0.0, float("nan")]))
+    assert np.isnan(largest_gap([float("nan"), 0.0]))
+    assert largest_gap([1e-7, 3e-7]) == 3e-7
+
+
+def test_resume_refuses_another_corpus(corpus, tmp_path):
+    """The checkpoint recorded only LMConfig: resumed on other text (the script's --max-bytes),
+    the run silently trained its second part on different data."""
+    config = LMConfig(depth=1, dim=16, heads=2, seq_len=16, batch=4, steps=4, eval_every=2)
+    path = tmp_path / "lm.msgpack"
+    train_lm(config, corpus, stop_step=2, checkpoint=path)
+    assert resume(config, corpus, path)[2] == 2
+    other = load_stdlib_text(60_000)
+    with pytest.raises(ValueError, match=r"corpus: checkpoint .*bytes, sha256 .* now .*bytes"):
+        resume(config, other, path)
+    # The same sizes with other bytes are refused too (the digest, not only the lengths).
+    changed = type(corpus)(corpus.train.copy(), corpus.valid)
+    changed.train[0] ^= 1
+    with pytest.raises(ValueError, match="corpus: checkpoint"):
+        resume(config, changed, path)
+
+
+def test_train_lm_refuses_a_start_step_its_optimizer_is_not_at(corpus, tmp_path):
+    """A resumed optimizer with the default start_step=0 ran the schedule past its end (and
+    logged wrong steps); start_step > 0 with a new optimizer started the schedule at 0."""
+    config = LMConfig(depth=1, dim=16, heads=2, seq_len=16, batch=4, steps=4, eval_every=2)
+    model, optimizer, _ = train_lm(config, corpus, stop_step=2)
+    with pytest.raises(ValueError, match="start_step=0 but the given optimizer has made 2"):
+        train_lm(config, corpus, model=model, optimizer=optimizer)
+    with pytest.raises(ValueError, match="start_step=2 but a new optimiser starts at 0"):
+        train_lm(config, corpus, start_step=2)
+    history = train_lm(config, corpus, start_step=2, model=model, optimizer=optimizer)[2]
+    assert history.steps == [4]

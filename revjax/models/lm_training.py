@@ -9,6 +9,7 @@ and two runs with different ``method`` (reversible vs its twin) see identical da
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import numbers
@@ -16,7 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -70,6 +71,8 @@ class LMConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                 raise ValueError(f"LMConfig: {name} must be an int >= 0, got {value!r}")
             object.__setattr__(self, name, int(value))
+        if self.seed >= SEED_LIMIT:  # the keys are seed + 2 at most, and JAX's must fit int64
+            raise ValueError(f"LMConfig: seed must be < 2**32, got {self.seed}")
         if self.dim % self.heads:
             raise ValueError(f"LMConfig: dim={self.dim} is not divisible by heads={self.heads}")
         for name, low, open_low in (("lr", 0.0, True), ("weight_decay", 0.0, False)):
@@ -82,6 +85,21 @@ class LMConfig:
             object.__setattr__(self, name, float(value))
         check_dropout_rate(self.dropout, "LMConfig")
         object.__setattr__(self, "dropout", float(self.dropout))
+
+
+#: Seeds are below this (``jax.random.key(seed + 2)`` and ``nnx.Rngs`` need them to fit 64 bits).
+SEED_LIMIT = 2**32
+
+
+def corpus_fingerprint(corpus: TextSplit) -> dict[str, Any]:
+    """What identifies the text a run trains and evaluates on: the splits' sizes and the
+    SHA-256 of both (recorded with a checkpoint, compared by :func:`resume`)."""
+    digest = hashlib.sha256()
+    for split in (corpus.train, corpus.valid):
+        data = np.ascontiguousarray(split)
+        digest.update(str((data.dtype.str, data.shape)).encode())
+        digest.update(data.tobytes())
+    return {"train": len(corpus.train), "valid": len(corpus.valid), "sha256": digest.hexdigest()}
 
 
 #: Settings a checkpoint's continuation must share with the run that wrote it: the learning-rate
@@ -226,12 +244,15 @@ def train_lm(
     Losses are logged at every ``eval_every``-th step and at the last one. With ``model`` and
     ``optimizer`` (e.g. restored by :func:`resume`) training continues them; ``checkpoint``
     saves both at every logged step (overwriting), so it always holds the latest logged state,
-    and records ``config`` beside it (:func:`config_path`) for :func:`resume` to check.
-    ``progress(step, loss)`` is called after every step.
+    and records ``config`` and the corpus's :func:`corpus_fingerprint` beside it
+    (:func:`config_path`) for :func:`resume` to check. ``progress(step, loss)`` is called after
+    every step.
 
     Raises:
       ValueError: ``start_step >= stop_step`` (nothing to train) or ``stop_step`` beyond
-        ``config.steps``; a split of ``corpus`` shorter than one window of
+        ``config.steps``; ``start_step`` is not the given ``optimizer``'s step count (its
+        learning-rate schedule would be off by the difference), or not 0 without one (a new
+        optimiser starts at 0); a split of ``corpus`` shorter than one window of
         ``config.seq_len + 1`` bytes (refused before any model is built).
     """
     stop_step = config.steps if stop_step is None else stop_step
@@ -239,6 +260,14 @@ def train_lm(
         raise ValueError(
             f"train_lm: nothing to train from step {start_step} to {stop_step} (need "
             f"0 <= start < stop <= steps = {config.steps})"
+        )
+    updates = 0 if optimizer is None else int(optimizer.step[...])
+    if start_step != updates:
+        given = "a new optimiser starts at 0" if optimizer is None else "the given optimizer"
+        raise ValueError(
+            f"train_lm: start_step={start_step} but {given} has made {updates} updates; "
+            "continue a run with start_step equal to its optimiser's step count (resume "
+            "returns it), or the batches and the learning-rate schedule disagree"
         )
     for name, split in (("train", corpus.train), ("valid", corpus.valid)):
         if len(split) < config.seq_len + 1:
@@ -269,7 +298,8 @@ def train_lm(
                 # run stopped before its first save must not relabel an older checkpoint). An
                 # older run's config goes first: stopped between the two writes, the weights
                 # have no config, which resume refuses, instead of another run's.
-                recorded = json.dumps(dataclasses.asdict(config), indent=2)
+                fingerprint = {"corpus": corpus_fingerprint(corpus)}
+                recorded = json.dumps(dataclasses.asdict(config) | fingerprint, indent=2)
                 config_path(checkpoint).unlink(missing_ok=True)
                 save_state((model, optimizer), checkpoint)
                 partial = config_path(checkpoint).with_suffix(".partial")
@@ -280,15 +310,16 @@ def train_lm(
 
 
 def resume(
-    config: LMConfig, checkpoint: str | Path, method: Method = "reversible"
+    config: LMConfig, corpus: TextSplit, checkpoint: str | Path, method: Method = "reversible"
 ) -> tuple[ReversibleTransformer, nnx.Optimizer, int]:
     """``(model, optimizer, step)`` restored from :func:`train_lm`'s ``checkpoint`` file;
-    ``step`` (the optimiser's update count) is where training continues.
+    ``step`` (the optimiser's update count) is where training continues, on ``corpus``.
 
     Raises:
       ValueError: ``config`` differs from the checkpoint's recorded config in a setting the
         trajectory depends on (:data:`TRAJECTORY_FIELDS`; e.g. ``steps``, which sets the
-        learning-rate schedule), or the checkpoint has no recorded config.
+        learning-rate schedule), ``corpus`` is not the text the checkpoint was trained on
+        (:func:`corpus_fingerprint`), or the checkpoint has no recorded config.
     """
     recorded = config_path(checkpoint)
     if not recorded.exists():
@@ -299,6 +330,12 @@ def resume(
         for name in TRAJECTORY_FIELDS
         if saved.get(name) != getattr(config, name)
     }
+    if saved.get("corpus") != corpus_fingerprint(corpus):
+        was = saved.get("corpus", "not recorded")
+        now = corpus_fingerprint(corpus)
+        if isinstance(was, dict):  # sizes say more than digests
+            was = f"{was.get('train')}+{was.get('valid')} bytes, sha256 {was.get('sha256')}"
+        differ["corpus"] = (was, f"{now['train']}+{now['valid']} bytes, sha256 {now['sha256']}")
     if differ:
         details = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
         raise ValueError(
@@ -315,6 +352,7 @@ __all__ = [
     "VOCAB_SIZE",
     "History",
     "LMConfig",
+    "corpus_fingerprint",
     "eval_step",
     "evaluate",
     "functional_train_step",
