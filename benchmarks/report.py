@@ -831,16 +831,16 @@ def _render_block(render, payload: dict, filename: str | tuple[str, ...]) -> str
 
 
 def render_readme(text: str) -> str:
+    """``text`` with every results block rendered from its JSON; a block whose JSON is
+    missing is emptied (text left there would be checked against nothing)."""
     for name, (filename, render) in RENDERERS.items():
         filename = _resolve(filename)
         payload = None if filename is None else _load(filename)
-        if payload is None:
-            continue
-        block = _render_block(render, payload, filename)
+        block = "" if payload is None else _render_block(render, payload, filename) + "\n"
         pattern = re.compile(
             rf"(<!-- results:{name} -->\n)(?:.*?\n)?(<!-- /results:{name} -->)", re.S
         )
-        text = pattern.sub(lambda m, b=block: m.group(1) + b + "\n" + m.group(2), text)
+        text = pattern.sub(lambda m, b=block: m.group(1) + b + m.group(2), text)
     return text
 
 

@@ -112,17 +112,21 @@ COMMIT_ENV = "REVJAX_COMMIT"
 
 def source_commit() -> str | None:
     """The revjax commit being measured: ``git rev-parse --short HEAD`` of the checkout, with
-    ``+dirty`` when a tracked file under ``revjax/`` or ``benchmarks/`` differs from it; where
-    the sources are not a git checkout (a copy on a device machine), :data:`COMMIT_ENV` if set,
-    else None. A result's numbers belong to the code of this commit."""
-    git = ["git", "-C", str(ROOT)]
+    ``+dirty`` when a file under ``revjax/`` or ``benchmarks/`` differs from it or is new (not
+    ignored); the results themselves (``benchmarks/results/``) do not count, or every script
+    after a suite's first would say dirty. Where the sources are not a git checkout (a copy on
+    a device machine), :data:`COMMIT_ENV` if set, else None. A result's numbers belong to the
+    code of this commit. Read-only: git's optional index refresh is off, so the user's own git
+    commands never meet a lock taken by a benchmark."""
+    git = ["git", "--no-optional-locks", "-C", str(ROOT)]
     try:
         head = subprocess.run(
             [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
         )
         if head.returncode == 0:
+            paths = ["revjax", "benchmarks", ":(exclude)benchmarks/results"]
             dirty = subprocess.run(
-                [*git, "status", "--porcelain", "--untracked-files=no", "revjax", "benchmarks"],
+                [*git, "status", "--porcelain", "--untracked-files=normal", "--", *paths],
                 capture_output=True, text=True, timeout=10,
             )  # fmt: skip
             return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
@@ -155,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=float, default=None, help="seconds each script may run (default: none)"
     )
     args = parser.parse_args(argv)
+    if args.force and args.size != "gpu":  # nothing to force: accepted, it did nothing
+        parser.error(f"--force applies to --size gpu only, got --size {args.size}")
     if args.timeout is not None and not args.timeout > 0:
         parser.error(f"--timeout must be > 0 seconds, got {args.timeout}")
     problem = None if args.out is None else output_path_problem(args.out, directory=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -184,6 +185,42 @@ def test_the_environment_records_the_commit_measured(tmp_path, monkeypatch):
     monkeypatch.setenv(bench.COMMIT_ENV, "abc1234")
     assert bench.source_commit() == "abc1234"
     assert bench.environment()["commit"] == "abc1234"
+
+
+def test_the_commit_is_dirty_for_code_changes_only_and_leaves_the_index_alone(
+    tmp_path, monkeypatch
+):
+    """Results written by a suite's first script made every later one record ``+dirty`` for
+    unchanged code; a new, untracked module did not count; and ``git status`` rewrote the
+    user's ``.git/index`` (its optional refresh)."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t",
+                               "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout  # fmt: skip
+
+    for path in ("revjax/a.py", "benchmarks/b.py", "benchmarks/results/r.json"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "x")
+    head = git("rev-parse", "--short", "HEAD").strip()
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    assert bench.source_commit() == head
+    (tmp_path / "benchmarks/results/r.json").write_text("2\n")  # a result: not the code
+    (tmp_path / "benchmarks/results/new.json").write_text("3\n")
+    index = tmp_path / ".git" / "index"
+    os.utime(tmp_path / "revjax/a.py", ns=(1, 1))  # same content, stale stat: git would refresh
+    before = index.stat().st_mtime_ns
+    assert bench.source_commit() == head
+    assert index.stat().st_mtime_ns == before
+    (tmp_path / "revjax/new.py").write_text("new\n")  # untracked code: dirty
+    assert bench.source_commit() == f"{head}+dirty"
+    (tmp_path / "revjax/new.py").unlink()
+    (tmp_path / "benchmarks/b.py").write_text("2\n")  # changed code: dirty
+    assert bench.source_commit() == f"{head}+dirty"
 
 
 # Every benchmark rewrites its JSON after each unit of work, marked incomplete until the end, so
@@ -507,6 +544,15 @@ def test_a_script_refuses_its_gpu_size_on_a_cpu_without_force(name, tmp_path, ca
     assert "--size gpu is sized for a GPU or TPU and JAX sees only a CPU" in err
     assert "--force" in err
     assert list(tmp_path.iterdir()) == []  # nothing measured, nothing written
+
+
+def test_force_without_the_gpu_size_is_refused(capsys):
+    """``--force`` forces the GPU sizes onto a CPU; with ``--size cpu`` it was accepted and
+    did nothing."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--force", "--list"])
+    assert exit_info.value.code == 2
+    assert "--force applies to --size gpu only, got --size cpu" in capsys.readouterr().err
 
 
 def test_force_reaches_the_scripts_that_take_a_size(tmp_path, capsys):

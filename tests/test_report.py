@@ -96,6 +96,17 @@ def _results_with(tmp_path, monkeypatch, *names: str) -> Path:
     return tmp_path
 
 
+def test_a_block_whose_result_file_is_missing_is_emptied(tmp_path, monkeypatch):
+    """A block without its JSON was skipped, so --check passed whatever text stood in it (an
+    edited number, or a table of results deleted since)."""
+    _results_with(tmp_path, monkeypatch, "gemm_count_cpu.json")  # no scan_gpu_gpu.json
+    readme = "<!-- results:scan -->\n| 8 | 26.25 | hand-edited |\n<!-- /results:scan -->\n"
+    assert report.render_readme(readme) == "<!-- results:scan -->\n<!-- /results:scan -->\n"
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    (tmp_path / "README.md").write_text(readme)
+    assert report.main(["--check"]) == 1
+
+
 def test_the_scan_summary_prefers_gpu_matmul_counts(tmp_path, monkeypatch):
     """The GPU timings are explained by the GPU's HLO where count_gemms.py ran there; the
     CPU's counts are the fallback, and the text says which it used."""
