@@ -19,6 +19,7 @@ twice per step by the reconstruction, so :func:`init_linen_stack` refuses them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.errors
@@ -49,29 +50,70 @@ def _without_layer_axis(box: Any) -> Any:
     return box
 
 
-def _apply(module: nn.Module, rng_collection: str):
+def _rngs(collections: tuple[str, ...], key: jax.Array | None) -> dict[str, jax.Array] | None:
+    """The ``rngs`` of one branch call: ``key`` itself for one collection, one key split off
+    it per collection for several."""
+    if key is None:
+        return None
+    if len(collections) == 1:
+        return {collections[0]: key}
+    return dict(zip(collections, jax.random.split(key, len(collections)), strict=True))
+
+
+def _note_call_arguments(err: TypeError, where: str, module: nn.Module) -> None:
+    """Adds what to do when a branch's ``__call__`` wants more than the half it is given."""
+    if "required positional argument" in str(err) or "required keyword" in str(err):
+        err.add_note(
+            f"revjax: {where} calls {type(module).__name__} with the half alone; make other "
+            f"arguments (a train flag, say) attributes of the module, {type(module).__name__}"
+            "(..., train=True), or wrap it in a module whose __call__ takes only the half"
+        )
+
+
+def _apply(module: nn.Module, collections: tuple[str, ...]):
+    shown = collections[0] if len(collections) == 1 else collections
+
     def branch(variables: PyTree, h: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        rngs = None if key is None else {rng_collection: key}
         is_box = lambda leaf: isinstance(leaf, meta.AxisMetadata)
         variables = jax.tree.map(_without_layer_axis, variables, is_leaf=is_box)
         try:
-            return module.apply(variables, h, rngs=rngs)
+            return module.apply(variables, h, rngs=_rngs(collections, key))
         except flax.errors.InvalidRngError as err:
             if key is None:
                 err.add_note(
                     f"revjax: the branch draws random numbers; pass key= to reversible_scan "
                     f"(and the same key to inverse_scan): it reaches each branch as its "
-                    f"{rng_collection!r} RNG, replayed in the backward pass"
+                    f"{shown!r} RNG, replayed in the backward pass"
                 )
             else:
                 err.add_note(
-                    f"revjax: the scan's key reaches the branches as their {rng_collection!r} "
-                    "RNG only; name the collection the module draws from with "
-                    "linen_coupling(..., rng_collection=...)"
+                    f"revjax: the scan's key reaches the branches as their {shown!r} RNG "
+                    "only; name every collection the module draws from with "
+                    "linen_coupling(..., rng_collection=...), a tuple for several, e.g. "
+                    "('dropout', 'noise')"
                 )
+            raise
+        except TypeError as err:
+            _note_call_arguments(err, "linen_coupling", module)
             raise
 
     return branch
+
+
+def _collections(rng_collection: Any) -> tuple[str, ...]:
+    """``rng_collection`` as a tuple of distinct names; anything else raises ``TypeError``."""
+    names = (rng_collection,) if isinstance(rng_collection, str) else rng_collection
+    if (
+        not isinstance(names, tuple | list)
+        or not names
+        or not all(isinstance(n, str) for n in names)
+        or len(set(names)) != len(names)
+    ):
+        raise TypeError(
+            "linen_coupling: rng_collection must name the RNG collection the scan's key "
+            f"feeds (e.g. 'dropout'), or a tuple of distinct names, got {rng_collection!r}"
+        )
+    return tuple(names)
 
 
 def _check_modules(where: str, f: Any, g: Any) -> None:
@@ -88,22 +130,22 @@ def _check_modules(where: str, f: Any, g: Any) -> None:
             )
 
 
-def linen_coupling(f: nn.Module, g: nn.Module, *, rng_collection: str = "dropout") -> Coupling:
+def linen_coupling(
+    f: nn.Module, g: nn.Module, *, rng_collection: str | Sequence[str] = "dropout"
+) -> Coupling:
     """The additive coupling ``y1 = x1 + f(x2)``, ``y2 = x2 + g(y1)`` of two Linen modules.
 
     ``params = (variables_f, variables_g)``, each a Linen variable dict ``{"params": ...}``.
+    A branch's key (split off the scan's) is its ``rng_collection`` RNG; for a tuple of
+    collections (``("dropout", "noise")``) it is split into one key per collection.
 
     Raises:
       TypeError: ``f`` or ``g`` is not a ``flax.linen.Module`` (or is the class, not an
-        instance); ``rng_collection`` is not a string.
+        instance); ``rng_collection`` is not a string or a tuple of distinct strings.
     """
     _check_modules("linen_coupling", f, g)
-    if not isinstance(rng_collection, str):
-        raise TypeError(
-            "linen_coupling: rng_collection must name the RNG collection the scan's key "
-            f"feeds (e.g. 'dropout'), got {rng_collection!r}"
-        )
-    return additive_coupling(_apply(f, rng_collection), _apply(g, rng_collection))
+    collections = _collections(rng_collection)
+    return additive_coupling(_apply(f, collections), _apply(g, collections))
 
 
 def init_linen_stack(
@@ -140,7 +182,14 @@ def init_linen_stack(
         kf, kg = jax.random.split(layer_key)
         return f.init(kf, x2), g.init(kg, x1)
 
-    variables = jax.vmap(init_layer)(jax.random.split(key, depth))
+    try:
+        variables = jax.vmap(init_layer)(jax.random.split(key, depth))
+    except TypeError as err:
+        for module in (f, g):
+            if type(module).__name__ in str(err):
+                _note_call_arguments(err, "init_linen_stack", module)
+                break
+        raise
     # Partitioning metadata (nn.with_partitioning) names the axes of one layer's arrays; the
     # stacked arrays have a leading layer axis, which is not sharded (as revjax.nnx.Stack does).
     variables = meta.add_axis(variables, 0, {nn.PARTITION_NAME: None})

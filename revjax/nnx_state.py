@@ -45,6 +45,12 @@ def _stored_form(name: str, leaf: Any) -> np.ndarray:
     """One leaf of a variable's value as the array :func:`save_state` writes (key data for PRNG
     keys, NumPy arrays for Python scalars); a leaf that is no number (a string, an int past
     64 bits) raises ``TypeError`` naming the variable."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        raise TypeError(
+            f"save_state: {name} is abstract ({leaf.dtype}{list(leaf.shape)}, a node built by "
+            "nnx.eval_shape), so it has no values to save; save a concrete node, or fill this "
+            "one with restore_state"
+        )
     if _is_key(leaf):
         leaf = jax.random.key_data(leaf)
     try:

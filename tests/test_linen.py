@@ -195,3 +195,59 @@ def test_init_refuses_an_array_that_is_not_one_key(key, got):
         TypeError, match=rf"init_linen_stack: key must be one PRNG key.*{re.escape(got)}"
     ):
         init_linen_stack(PartitionedMlp(), PartitionedMlp(), key, 2, x)
+
+
+class TwoStreams(nn.Module):
+    """Draws from two RNG collections: dropout, and additive noise of its own."""
+
+    @nn.compact
+    def __call__(self, h):
+        h = nn.Dropout(0.3, deterministic=False)(nn.Dense(DIM)(h))
+        return h + 0.1 * jax.random.normal(self.make_rng("noise"), h.shape)
+
+
+def test_a_branch_may_draw_from_several_rng_collections():
+    """Only one collection name was accepted, so a branch with dropout and its own noise could
+    not run at all (the note suggested the one option that cannot help)."""
+    x = tuple(jax.random.normal(k, (4, DIM)) for k in jax.random.split(jax.random.key(0)))
+    block = linen_coupling(TwoStreams(), TwoStreams(), rng_collection=("dropout", "noise"))
+    params = init_linen_stack(TwoStreams(), TwoStreams(), jax.random.key(1), 3, x)
+    key = jax.random.key(2)
+
+    def loss(scan):
+        return lambda p, x: jnp.sum(jnp.sin(scan(block, p, x, key=key)[0]))
+
+    grads = jax.grad(loss(rj.reversible_scan), argnums=(0, 1))(params, x)
+    twin = jax.grad(loss(plain_scan), argnums=(0, 1))(params, x)
+    assert relative_error(grads, twin) <= 1e-5  # both streams replayed in the backward pass
+    y = rj.reversible_scan(block, params, x, key=key)
+    assert relative_error(rj.inverse_scan(block, params, y, key=key), x) <= 1e-5
+    # Naming one of the two leaves the other without a key: the note now says how to name both.
+    dropout_only = linen_coupling(TwoStreams(), TwoStreams(), rng_collection="dropout")
+    with pytest.raises(flax.errors.InvalidRngError) as info:
+        rj.reversible_scan(dropout_only, params, x, key=key)
+    assert any("a tuple for several" in note for note in info.value.__notes__)
+    for bad in [(), ("dropout", "dropout"), ("dropout", 3)]:
+        with pytest.raises(TypeError, match="or a tuple of distinct names"):
+            linen_coupling(TwoStreams(), TwoStreams(), rng_collection=bad)
+
+
+class TrainFlag(nn.Module):
+    @nn.compact
+    def __call__(self, h, train: bool):
+        return nn.Dropout(0.2, deterministic=not train)(nn.Dense(DIM)(h))
+
+
+def test_a_branch_that_wants_a_call_argument_gets_a_note():
+    """A ``train`` argument of ``__call__`` (a common Linen idiom) failed with Flax's bare
+    TypeError; the note says to make it an attribute."""
+    x = (jnp.ones((4, DIM)), jnp.ones((4, DIM)))
+    with pytest.raises(TypeError, match="missing 1 required positional argument") as info:
+        init_linen_stack(TrainFlag(), TrainFlag(), jax.random.key(0), 2, x)
+    notes = getattr(info.value, "__notes__", [])
+    assert any("init_linen_stack calls TrainFlag with the half alone" in n for n in notes)
+    params = init_linen_stack(Branch(), Branch(), jax.random.key(0), 2, x)
+    with pytest.raises(TypeError) as info:
+        rj.reversible_scan(linen_coupling(TrainFlag(), TrainFlag()), params, x)
+    notes = getattr(info.value, "__notes__", [])
+    assert any("linen_coupling calls TrainFlag with the half alone" in n for n in notes)

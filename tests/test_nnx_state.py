@@ -202,6 +202,15 @@ def test_an_abstract_scalar_that_cannot_hold_the_saved_value_is_refused(tmp_path
     assert np.isfinite(abstract.scale.get_value())
 
 
+def test_saving_an_abstract_node_says_it_is_abstract(tmp_path):
+    """It said the variable held "a value of type ShapeDtypeStruct (object as an array)" and
+    to keep such values out of nnx variables."""
+    abstract = nnx.eval_shape(lambda: nnx.Linear(3, 4, rngs=nnx.Rngs(0)))
+    with pytest.raises(TypeError, match=r"save_state: \S+ is abstract \(float32\[\d.*eval_shape"):
+        rnnx.save_state(abstract, tmp_path / "a.msgpack")
+    assert not (tmp_path / "a.msgpack").exists()
+
+
 def test_an_interrupted_save_leaves_the_previous_file(tmp_path, monkeypatch):
     """The file was written in place: a kill mid-write destroyed the only checkpoint."""
     path = tmp_path / "m.msgpack"
