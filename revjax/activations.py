@@ -4,8 +4,9 @@ After Novikov & Oseledets, "Inverted Activations: Reducing Memory Footprint in N
 Training" (arXiv 2407.15545). The following layer stores the activation's output ``y`` anyway (a
 matmul needs its input), so if the backward pass can recover ``f'(x)`` from ``y`` the input ``x``
 need not be stored. GELU and SiLU are not injective: each decreases on ``(-inf, x_min)`` and
-increases on ``(x_min, inf)``; one bit per element, ``x >= x_min`` (packed 8 per byte), says which
-branch ``x`` came from, and then ``x`` is the unique solution of ``f(x) = y`` on that branch.
+increases on ``(x_min, inf)``; one bit per element, ``x >= x_min`` (packed 8 per byte along the
+last axis, so each device of a mesh packs its own piece), says which branch ``x`` came from,
+and then ``x`` is the unique solution of ``f(x) = y`` on that branch.
 
 **Recovering x (our method).** Newton's method on ``f(x) = y`` fails near ``x_min`` where
 ``f' -> 0``. We solve instead in the variable
@@ -161,12 +162,38 @@ def _recover_input(spec: _TwoBranch, y: jax.Array, right: jax.Array) -> jax.Arra
     return x
 
 
+def _split_into_ragged_bytes(mask: jax.Array) -> bool:
+    """Whether ``mask``'s last axis is sharded over Explicit mesh axes into pieces that are
+    not whole bytes (a length per device not a multiple of 8): packing it would need a reshape
+    that JAX refuses across shards. (On an Auto mesh the compiler moves data instead.)"""
+    if mask.ndim == 0:
+        return False
+    sharding = jax.typeof(mask).sharding
+    spec = getattr(sharding, "spec", None)
+    if spec is None or len(spec) < mask.ndim or spec[mask.ndim - 1] is None:
+        return False
+    names = spec[mask.ndim - 1]
+    names = (names,) if isinstance(names, str) else names
+    devices = math.prod(sharding.mesh.shape[name] for name in names)
+    return (mask.shape[-1] // devices) % 8 != 0
+
+
 def _pack(mask: jax.Array) -> jax.Array:
-    return jnp.packbits(mask.reshape(-1))
+    """The boolean ``mask`` packed 8 per byte along its last axis (``uint8 (..., ceil(n/8))``),
+    so each device packs its own shard: no flattening, which a mesh would have to gather.
+    Where the last axis's shards are not whole bytes (:func:`_split_into_ragged_bytes`), the
+    mask is kept unpacked, one byte per element."""
+    if _split_into_ragged_bytes(mask):
+        return mask
+    return jnp.packbits(jnp.atleast_1d(mask), axis=-1)
 
 
 def _unpack(bits: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    return jnp.unpackbits(bits, count=math.prod(shape)).reshape(shape).astype(bool)
+    """The boolean mask of ``shape`` that :func:`_pack` stored as ``bits``."""
+    if bits.dtype == jnp.bool_:
+        return bits
+    count = shape[-1] if shape else 1
+    return jnp.unpackbits(bits, axis=-1, count=count).reshape(shape).astype(bool)
 
 
 _DERIVATIVE_FLOOR = 1e-20

@@ -397,6 +397,40 @@ def check_moonwalk() -> dict:
     return out
 
 
+#: Inverted-activation inputs on an 8-device mesh: (shape, spec, whether each device's piece
+#: of the last axis is whole bytes). Hidden units split over devices (tensor parallel) and a
+#: last axis too short to fill a byte are the cases that once failed or gathered.
+ACTIVATION_CASES = {
+    "rows": ((16, 64), P("m", None), True),
+    "hidden": ((16, 64), P(None, "m"), True),
+    "short_rows": ((8, 5), P("m", None), True),
+    "ragged_hidden": ((4, 24), P(None, "m"), False),  # 3 per device: kept unpacked
+}
+
+
+def check_activations() -> dict:
+    """activations.gelu's gradient on sharded inputs against jax.nn.gelu's, on an Explicit
+    and an Auto mesh: its error and the compiled program's collectives (jax.nn's has none)."""
+    from revjax import activations as act
+
+    out = {}
+    for kind in (AxisType.Explicit, AxisType.Auto):
+        mesh = jax.make_mesh((8,), ("m",), axis_types=(kind,))
+        for name, (shape, spec, _) in ACTIVATION_CASES.items():
+            x = jax.random.normal(jax.random.key(0), shape)
+            reference = jax.grad(lambda v: jnp.sum(jax.nn.gelu(v) ** 2))(x)
+            grad = jax.jit(jax.grad(lambda v: jnp.sum(act.gelu(v) ** 2)))
+            with jax.set_mesh(mesh):
+                sharded = put(mesh, x, spec)
+                try:  # a failure to trace is the finding, not the end of the worker
+                    error = relative_error(grad(sharded), reference)
+                    found = collectives(grad.lower(sharded).compile().as_text())
+                except Exception as err:
+                    error, found = f"{type(err).__name__}: {str(err)[:200]}", None
+            out[f"{kind.name.lower()}_{name}"] = {"grad_error": error, "collectives": found}
+    return out
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.devices()
     results = {
@@ -405,5 +439,6 @@ if __name__ == "__main__":
         "nnx": check_nnx(),
         "transformer": check_transformer(),
         "moonwalk": check_moonwalk(),
+        "activations": check_activations(),
     }
     print(json.dumps(results))
