@@ -145,12 +145,12 @@ def main(argv: list[str] | None = None) -> dict:
         config = LMConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LMConfig)})
     except ValueError as err:  # "LMConfig: eval_batches ..." names the option, --eval-batches
         parser.error(as_option(str(err)))
-    try:
-        corpus = load_stdlib_text(args.max_bytes)
-    except ValueError as err:  # its block size is fixed here: only --max-bytes can change
-        parser.error(f"--max-bytes {args.max_bytes}: {err}".replace(
-            "; raise max_bytes or lower block_bytes", f"; use --max-bytes {least_text()} or more"
-        ))  # fmt: skip
+    if args.max_bytes < least_text():  # else no validation split (load_stdlib_text's blocks)
+        parser.error(
+            f"--max-bytes {args.max_bytes} leaves no validation text (load_stdlib_text holds "
+            f"out whole blocks of its text); use --max-bytes {least_text()} or more"
+        )
+    corpus = load_stdlib_text(args.max_bytes)
     try:
         for name, split in (("train", corpus.train), ("valid", corpus.valid)):
             if len(split) < config.seq_len + 1:  # else it fails once the first bar is drawn

@@ -30,7 +30,9 @@ all three functions (at every float32 within 1e-3 of the minimum, which the grid
 steps over: ``<= 2.1e-4``, the same test file); from bfloat16 outputs, ``<= 7.8e-3`` for
 ``|x - x_min| > 0.1``; from float16 outputs (3 more mantissa bits), ``<= 1.2e-3`` there and
 ``<= 7.0e-3`` everywhere. In the far left tail, where ``y`` underflows to 0,
-``|f'(x)| < 1e-30`` and the recovered derivative is 0.
+``|f'(x)| < 1e-30`` and the recovered derivative is 0; where ``y`` is tiny but not 0 (tanh GELU
+near x = -10, SiLU near x = -50) it is floored at ``-1e-20`` (an absolute error below 1e-20),
+so that a second derivative can divide by it.
 """
 
 from __future__ import annotations

@@ -199,9 +199,10 @@ def test_every_window_can_be_drawn_including_the_last():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--max-bytes", "0"], "max_bytes must be >= 1000, got 0"),
-        (["--max-bytes", "1000"], "so the validation part would be empty"),
-        # It said "raise max_bytes or lower block_bytes"; the script has no --block-bytes.
+        # It said "max_bytes must be >= 1000" for 0, and for 1000 to 36864 "raise max_bytes or
+        # lower block_bytes": the script has no --block-bytes, and 1000 was not enough.
+        (["--max-bytes", "0"], "--max-bytes 0 leaves no validation text"),
+        (["--max-bytes", "1000"], "use --max-bytes 36865 or more"),
         (["--max-bytes", "36864"], "use --max-bytes 36865 or more"),
         # Config errors named LMConfig's fields, not the script's options.
         (["--eval-batches", "0"], "error: --eval-batches must be a positive int, got 0"),
