@@ -60,14 +60,19 @@ def _rngs(collections: tuple[str, ...], key: jax.Array | None) -> dict[str, jax.
     return dict(zip(collections, jax.random.split(key, len(collections)), strict=True))
 
 
-def _note_call_arguments(err: TypeError, where: str, module: nn.Module) -> None:
-    """Adds what to do when a branch's ``__call__`` wants more than the half it is given."""
-    if "required positional argument" in str(err) or "required keyword" in str(err):
+def _note_call_arguments(err: TypeError, where: str, module: nn.Module) -> bool:
+    """Adds what to do when ``module.__call__`` wants more than the half it is given (the
+    error names that method); returns whether it did."""
+    text = str(err)
+    wants_more = "required positional argument" in text or "required keyword" in text
+    if wants_more and f"{type(module).__name__}.__call__()" in text:
         err.add_note(
             f"revjax: {where} calls {type(module).__name__} with the half alone; make other "
             f"arguments (a train flag, say) attributes of the module, {type(module).__name__}"
             "(..., train=True), or wrap it in a module whose __call__ takes only the half"
         )
+        return True
+    return False
 
 
 def _apply(module: nn.Module, collections: tuple[str, ...]):
@@ -185,9 +190,8 @@ def init_linen_stack(
     try:
         variables = jax.vmap(init_layer)(jax.random.split(key, depth))
     except TypeError as err:
-        for module in (f, g):
-            if type(module).__name__ in str(err):
-                _note_call_arguments(err, "init_linen_stack", module)
+        for module in (f, g):  # one note, for the first branch that wants more
+            if _note_call_arguments(err, "init_linen_stack", module):
                 break
         raise
     # Partitioning metadata (nn.with_partitioning) names the axes of one layer's arrays; the

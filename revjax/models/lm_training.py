@@ -282,6 +282,7 @@ def train_lm(
         for i in range(config.eval_batches)
     ]
     base_key = jax.random.key(config.seed + 2)
+    fingerprint = None if checkpoint is None else {"corpus": corpus_fingerprint(corpus)}
     steps, train_losses, eval_losses = [], [], []
     start = time.perf_counter()
     for step in range(start_step, stop_step):
@@ -298,7 +299,6 @@ def train_lm(
                 # run stopped before its first save must not relabel an older checkpoint). An
                 # older run's config goes first: stopped between the two writes, the weights
                 # have no config, which resume refuses, instead of another run's.
-                fingerprint = {"corpus": corpus_fingerprint(corpus)}
                 recorded = json.dumps(dataclasses.asdict(config) | fingerprint, indent=2)
                 config_path(checkpoint).unlink(missing_ok=True)
                 save_state((model, optimizer), checkpoint)
@@ -330,9 +330,9 @@ def resume(
         for name in TRAJECTORY_FIELDS
         if saved.get(name) != getattr(config, name)
     }
-    if saved.get("corpus") != corpus_fingerprint(corpus):
+    now = corpus_fingerprint(corpus)
+    if saved.get("corpus") != now:
         was = saved.get("corpus", "not recorded")
-        now = corpus_fingerprint(corpus)
         if isinstance(was, dict):  # sizes say more than digests
             was = f"{was.get('train')}+{was.get('valid')} bytes, sha256 {was.get('sha256')}"
         differ["corpus"] = (was, f"{now['train']}+{now['valid']} bytes, sha256 {now['sha256']}")
