@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import inspect
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -50,12 +51,18 @@ def least_text() -> int:
 
 def as_option(message: str) -> str:
     """An ``LMConfig`` error in the words of this command line: ``LMConfig: eval_batches
-    must ...`` becomes ``--eval-batches must ...``."""
+    must ...`` becomes ``--eval-batches must ...``, ``LMConfig: dim=30 is not divisible by
+    heads=4`` becomes ``--dim 30 is not divisible by --heads 4``, ``LMConfig: dropout rate
+    ...`` becomes ``--dropout rate ...``."""
+    prefix = "LMConfig: "
+    if not message.startswith(prefix):
+        return message
+    body = message[len(prefix) :]
     for field in dataclasses.fields(LMConfig):
-        prefix = f"LMConfig: {field.name} "
-        if message.startswith(prefix):
-            return f"--{field.name.replace('_', '-')} " + message[len(prefix) :]
-    return message
+        option = "--" + field.name.replace("_", "-")
+        body = re.sub(rf"(?<![\w-]){field.name}=", f"{option} ", body)
+        body = re.sub(rf"^{field.name}(?= )", option, body)
+    return body
 
 
 def curve_gap(a: dict, b: dict, key: str) -> float:

@@ -41,6 +41,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -335,8 +337,26 @@ def warn_implicit_narrow_stream(dtype_names: str, where: str) -> None:
         "this stream on purpose (which also silences this warning); where no policy can be "
         "passed, a float32 input keeps a float32 stream",
         LowPrecisionStreamWarning,
-        stacklevel=2,
+        stacklevel=_stacklevel_outside_libraries(),
     )
+
+
+def _stacklevel_outside_libraries() -> int:
+    """The ``stacklevel`` that makes a warning issued by this function's caller name the
+    innermost frame outside revjax, JAX and Flax: the user's line that calls the model or
+    ``reversible_scan`` rather than the line of revjax (or of JAX's tracing machinery) that
+    warns. 2 (the caller's caller) when every frame is inside them."""
+    roots = tuple(
+        os.path.dirname(module.__file__) + os.sep
+        for name in ("revjax", "jax", "jaxlib", "flax")
+        if (module := sys.modules.get(name)) is not None and getattr(module, "__file__", None)
+    )
+    frame, level = sys._getframe(2), 2  # the warning's issuer, at stacklevel 1
+    while frame is not None:
+        if not os.path.abspath(frame.f_code.co_filename).startswith(roots):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 2
 
 
 def _cast_floats(tree: PyTree, dtype: np.dtype) -> PyTree:

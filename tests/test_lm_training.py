@@ -107,7 +107,7 @@ def test_script_resumes_from_its_checkpoint(tmp_path, capsys):
     assert "nothing left to train" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         script.main([*tiny[:4], "--heads", "3", "--steps", "2", "--out", str(tmp_path)])
-    assert "dim=16 is not divisible by heads=3" in capsys.readouterr().err
+    assert "--dim 16 is not divisible by --heads 3" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -207,6 +207,9 @@ def test_every_window_can_be_drawn_including_the_last():
         # Config errors named LMConfig's fields, not the script's options.
         (["--eval-batches", "0"], "error: --eval-batches must be a positive int, got 0"),
         (["--seed", str(2**63 - 1)], f"error: --seed must be < 2**32, got {2**63 - 1}"),
+        # These two said "LMConfig: dim=30 is not divisible by heads=4" and "LMConfig: dropout".
+        (["--dim", "30", "--heads", "4"], "error: --dim 30 is not divisible by --heads 4"),
+        (["--dropout", "1.0"], "error: --dropout rate must lie in [0, 1), got 1.0"),
         (["--checkpoint", "/no/such/dir/c.msgpack"], "directory /no/such/dir does not exist"),
         # 40960 bytes hold a valid split of 4096: the window did not fit, found after the bar.
         (["--max-bytes", "40960", "--seq-len", "5000"], "--seq-len 5000: the valid split"),
