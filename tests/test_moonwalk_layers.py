@@ -141,10 +141,70 @@ def test_width_increasing_linear_is_rejected():
         mw.init_submersive_linear(jax.random.key(0), 4, 8, name="up")
 
 
-@pytest.mark.parametrize("slope", [0.0, -0.5, float("nan")])
+# True was taken as slope 1; a string and an array failed inside math.isfinite.
+@pytest.mark.parametrize("slope", [0.0, -0.5, float("nan"), True, "0.1", np.array([0.1, 0.2])])
 def test_non_invertible_leaky_relu_is_rejected(slope):
     with pytest.raises(ValueError, match=r"leaky_relu\('act'\): slope must be finite and > 0"):
         mw.leaky_relu(slope, name="act")
+
+
+def test_leaky_relu_slope_that_rounds_to_zero_in_the_input_dtype_is_refused():
+    """slope 1e-8 is 0 in float16: the vijp divided by 0 and every Moonwalk gradient was
+    non-finite while backprop's were finite. float32 holds it."""
+    layer = mw.leaky_relu(1e-8, name="act")
+    x = -jnp.ones((2, 3), jnp.float16)
+    with pytest.raises(
+        ValueError, match=r"leaky_relu\('act'\): slope=1e-08 rounds to 0 in float16"
+    ):
+        mw.vijp(layer, None, x, x)
+    b = mw.vijp(layer, None, x.astype(jnp.float32), x.astype(jnp.float32))
+    np.testing.assert_allclose(b, -1e8 * np.ones((2, 3)), rtol=1e-6)
+
+
+def test_single_stream_layers_name_a_pytree_stream_and_bad_params():
+    """A tuple stream failed with "'>=' not supported between tuple and int" or "'tuple' object
+    has no attribute 'shape'"; params without a bias with a bare KeyError; a bias of shape (1,)
+    was broadcast silently over k outputs."""
+    pair = (jnp.ones((2, 4)), jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match=r"leaky_relu\('act'\): acts on one array, got tuple"):
+        mw.leaky_relu(0.1, name="act").forward(None, pair)
+    linear = mw.submersive_linear("down")
+    params = mw.init_submersive_linear(jax.random.key(0), 4, 3)
+    with pytest.raises(ValueError, match=r"submersive_linear\('down'\): acts on one array"):
+        linear.forward(params, pair)
+    no_bias = {k: v for k, v in params.items() if k != "bias"}
+    with pytest.raises(ValueError, match=r"'down'\): expects params .*got \['lower', 'upper'\]"):
+        linear.forward(no_bias, pair[0])
+    for shape in [(1,), (2,)]:
+        bad = params | {"bias": jnp.zeros(shape)}
+        with pytest.raises(
+            ValueError, match=re.escape(f"bias (k,); got upper (3, 3), lower (1, 3), bias {shape}")
+        ):
+            linear.forward(bad, pair[0])
+    assert linear.forward(params, pair[0]).shape == (2, 3)
+
+
+@pytest.mark.parametrize("tolerance", [-1.0, float("nan"), 1.0, "1e-6", None])
+def test_dense_tolerance_is_checked(tolerance):
+    """-1 accepted a rank-deficient layer (non-finite gradients, no error); NaN refused every
+    layer with "ratio is 1 <= nan"."""
+    with pytest.raises(ValueError, match=r"dense\('d'\): tolerance .* in \[0, 1\); got"):
+        mw.dense(lambda p, h: h @ p, "d", tolerance=tolerance)
+
+
+@pytest.mark.parametrize("method", ["moonwalk", "mixed_moonwalk"])
+def test_dense_sees_per_example_values_its_forward_closes_over(method):
+    """dense took each row's Jacobian from forward on that row alone, so a (batch, n) array the
+    forward closes over was broadcast from its first row: gradients off by 1.06 (relative),
+    with no error. The Jacobians now come from vjps of forward on the whole batch."""
+    mask = jnp.where(normal(7, (6, 5)) > 0, 1.5, 0.5)  # per example
+    layer = mw.dense(lambda p, h: jnp.tanh(h * mask) @ p, name="masked")
+    params, x = normal(8, (5, 4), 0.5), normal(9, (6, 5))
+    loss = lambda y: jnp.sum(y**2 + y, axis=-1)
+    _, reference = mw.value_and_grad(layer, loss, method="backprop")(params, x)
+    _, grads = mw.value_and_grad(layer, loss, method=method)(params, x)
+    # float32 SVD solves of 4 x 5 Jacobians: measured 1.0e-6 and 2.0e-6 (it was 1.24).
+    assert float(relative_error(grads, reference)) <= 1e-4
 
 
 def test_dense_rejects_width_increase_and_singular_jacobians():

@@ -149,6 +149,12 @@ def test_moonwalk_methods_sharded(results, layout, method):
     assert max(run["collectives"]["all-reduce"], default=0) <= bound
 
 
+@pytest.mark.parametrize("method", ["mixed_moonwalk", "revbackprop"])
+def test_moonwalk_methods_on_an_explicit_mesh(results, method):
+    """Data parallel on an Explicit mesh (pure Moonwalk is not supported there, README)."""
+    assert results["moonwalk"]["explicit_data"][method] <= 1e-5
+
+
 def test_example_script_trains_on_a_2d_mesh():
     """The README's recipe (examples/sharded_training.py) on 8 simulated devices."""
     script = Path(__file__).resolve().parents[1] / "examples" / "sharded_training.py"

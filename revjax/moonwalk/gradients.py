@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ from jax.flatten_util import ravel_pytree
 from revjax._tree_metrics import relative_error
 from revjax._validate import positive_int
 from revjax.coupling import Coupling
-from revjax.moonwalk.layers import Layer, _separating_masks, cast_like, chain, check_layer
+from revjax.moonwalk.layers import Layer, _separating_masks, chain, check_layer, widen_like
 
 PyTree = Any
 METHODS = ("backprop", "revbackprop", "moonwalk", "mixed_moonwalk", "forward", "projected_forward")
@@ -136,6 +137,8 @@ def input_cotangent_by_jvps(
     in every example at once returns ``dl_b / dx_bj`` for all ``b``: ``d`` JVPs (``d`` =
     per-example input size) give the whole input gradient. ``chunk_size`` of them run at once
     (all ``d`` when None), so the JVPs' live tangents take ``chunk_size / d`` of the memory.
+    ``h_0`` is shaped like ``x``, each leaf in the wider of its dtype and the loss's (a
+    bfloat16 ``x`` with a float32 loss gives a float32 ``h_0``: the sweep starts from it).
 
     The assumption is load-bearing: a loss or a layer that couples examples (a batch mean
     inside the loss, batch-statistics normalisation) would make ``h_0`` wrong, so
@@ -162,7 +165,9 @@ def input_cotangent_by_jvps(
     _check_per_example(out.shape, batch)
     coupled_at = first_coupled_example(forward, loss_fn, x, *loss_args, chunk_size=chunk_size)
     jax.debug.callback(_raise_if_examples_coupled, coupled_at)
-    first, unravel = ravel_pytree(jax.tree.map(lambda a: a[0], x))
+    # One example's layout, without slicing x (a slice of an example axis split over an
+    # Explicit mesh does not trace).
+    first, unravel = ravel_pytree(jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), x))
 
     def along(e):
         spread = lambda t, a: jnp.broadcast_to(t, a.shape).astype(a.dtype)
@@ -171,10 +176,16 @@ def input_cotangent_by_jvps(
 
     basis = jnp.eye(first.size, dtype=first.dtype)
     per_coordinate = lax.map(along, basis, batch_size=chunk_size or first.size)  # (d, batch)
-    # The JVPs come out in the loss's dtype (often float32 for a bf16 network); h_0 is a
-    # cotangent of x, so it takes x's dtypes, leaf by leaf.
-    h0 = jax.vmap(unravel)((per_coordinate.T / batch).astype(first.dtype))
-    return jax.tree.map(lambda h, a: h.astype(a.dtype), h0, x)
+    # The JVPs come out in the loss's dtype (often float32 for a bf16 network). h_0 keeps the
+    # wider of that and x's dtypes, leaf by leaf: rounding it to a bfloat16 x's dtype put a
+    # bfloat16-sized error into every gradient of a float32 network (see widen_like). So the
+    # rows are split by hand: ravel_pytree's unravel would cast them back to x's dtypes.
+    rows = per_coordinate.T / batch  # (batch, d)
+    leaves, treedef = jax.tree.flatten(x)
+    ends = np.cumsum([math.prod(a.shape[1:]) for a in leaves])
+    pieces = jnp.split(rows, ends[:-1], axis=1)
+    h0 = [p.reshape(a.shape) for p, a in zip(pieces, leaves, strict=True)]
+    return widen_like(jax.tree.unflatten(treedef, h0), x)
 
 
 def value_and_grad(
@@ -272,8 +283,8 @@ def value_and_grad(
         loss, h_y = jax.value_and_grad(mean_loss)(y, *args)
         _, h0 = net.pull(params, residuals, y, h_y)
         # The pull's h0 comes out in the dtypes of the first layer's parameters or of the
-        # cotangents it was given, which need not be x's.
-        _, h_end, grads = net.step(params, x, cast_like(h0, x))
+        # cotangents it was given, which need not be x's; it is not narrowed to x's.
+        _, h_end, grads = net.step(params, x, widen_like(h0, x))
         return (loss, grads, relative_error(h_end, h_y)) if with_drift else (loss, grads)
 
     def forward(params, x, *args, key=None):

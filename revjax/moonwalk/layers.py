@@ -22,7 +22,10 @@ linear map of full rank. A :class:`Layer` bundles what the gradient methods of
 A step or pull takes its cotangent in any floating dtype and casts it to its primal's before
 it meets a pullback, so layers of different dtypes (a bfloat16 layer, then a float32 one)
 compose. A step returns ``y_bar`` in ``y``'s dtypes; a pull, which need not know ``x``'s,
-leaves that cast to its caller (``value_and_grad`` casts ``h_0`` to ``x``'s dtypes).
+leaves that cast to its caller. The sweep never narrows a cotangent below the precision it
+was computed in before a layer needs it: ``value_and_grad`` keeps ``h_0`` in the wider of its
+own and ``x``'s dtypes (:func:`widen_like`), so a bfloat16 input into float32 layers starts
+the sweep from a float32 ``h_0``, as backprop's float32 layers see float32 cotangents.
 
 Layer constructors here: :func:`from_coupling` (any Coupling without side information),
 :func:`leaky_relu`, :func:`submersive_linear`, :func:`dense` (explicit-Jacobian fallback for
@@ -32,8 +35,7 @@ over stacked params).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -41,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from revjax._validate import positive_float, real_scalar
 from revjax.coupling import Coupling, reconstruct_and_vjp, sequence
 from revjax.scan import reversible_scan, stack_depth
 
@@ -92,6 +95,31 @@ def cast_like(cotangent: PyTree, primal: PyTree) -> PyTree:
         cotangent,
         primal,
     )
+
+
+def widen_like(cotangent: PyTree, primal: PyTree) -> PyTree:
+    """``cotangent`` in the wider of its own and ``primal``'s floating dtypes, leaf by leaf:
+    :func:`cast_like` where the cotangent is narrower, unchanged where it is wider (a float32
+    ``h_0`` of a bfloat16 input stays float32; rounding it to bfloat16 put a bfloat16-sized
+    error, 1.4e-3, into every parameter gradient of a float32 network)."""
+    inexact = lambda a: jnp.issubdtype(jnp.result_type(a), jnp.inexact)
+
+    def widen(c, a):
+        if not (inexact(c) and inexact(a)):
+            return c
+        return c.astype(jnp.promote_types(jnp.result_type(c), jnp.result_type(a)))
+
+    return jax.tree.map(widen, cotangent, primal)
+
+
+def _single_array(x: PyTree, where: str) -> jax.Array:
+    """``x`` when it is one array (these layers act on one stream), else ``ValueError``."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise ValueError(
+            f"{where}: acts on one array, got {type(x).__name__} {jax.tree.structure(x)}; "
+            "apply it to one part of a pytree stream inside a coupling's branch instead"
+        )
+    return x
 
 
 def vijp(layer: Layer, params: PyTree, x: PyTree, cotangent: PyTree) -> PyTree:
@@ -188,23 +216,30 @@ def leaky_relu(slope: float = 0.1, name: str = "leaky_relu") -> Layer:
 
     Raises:
       ValueError: ``slope <= 0`` (``slope = 0`` makes the Jacobian singular, a negative slope
-        makes the map non-injective) or a non-finite slope.
+        makes the map non-injective), a slope that is not one finite real number (``bool``,
+        a string, an array), or (at trace time) one that rounds to 0 in the input's dtype
+        (``1e-8`` in float16: the vijp would divide by 0), or an input that is not one array.
     """
-    if not (math.isfinite(slope) and slope > 0):
-        raise ValueError(
-            f"leaky_relu({name!r}): slope must be finite and > 0 for the layer to be invertible "
-            f"(slope 0 has a singular Jacobian); got {slope}"
-        )
+    where = f"leaky_relu({name!r})"
+    slope = positive_float(slope, "slope", where)  # 0: a singular Jacobian
 
     def forward(params, x):
+        x = _single_array(x, where)
+        if jnp.issubdtype(x.dtype, jnp.floating) and float(np.asarray(slope, x.dtype)) == 0:
+            raise ValueError(
+                f"{where}: slope={slope} rounds to 0 in {x.dtype}, so the Jacobian is singular "
+                "there and the vijp would divide by 0; use a larger slope"
+            )
         return jnp.where(x >= 0, x, slope * x)
 
     def derivative(positive, like):
         return jnp.where(positive, 1.0, slope).astype(like.dtype)
 
     def step(params, x, x_bar):
-        x_bar = cast_like(x_bar, x)
-        return forward(params, x), x_bar / derivative(x >= 0, x_bar), params
+        y = forward(params, x)
+        # Divided in the cotangent's own precision (not first rounded to x's), then y's dtype.
+        x_bar = widen_like(x_bar, x)
+        return y, (x_bar / derivative(x >= 0, x_bar)).astype(y.dtype), params
 
     def save_forward(params, x):
         return forward(params, x), jnp.packbits(x >= 0, axis=-1)
@@ -252,13 +287,24 @@ def init_submersive_linear(
 
 
 def submersive_weight(params: dict[str, jax.Array], name: str = "submersive_linear") -> jax.Array:
-    """``W = [I + triu(upper, 1); lower]``, shape ``(n, k)``: full column rank ``k`` always."""
-    upper, lower = params["upper"], params["lower"]
-    k = upper.shape[-1]
-    if upper.shape != (k, k) or lower.shape[-1] != k:
+    """``W = [I + triu(upper, 1); lower]``, shape ``(n, k)``: full column rank ``k`` always.
+
+    Raises:
+      ValueError: ``params`` not a mapping with exactly ``upper (k, k)``, ``lower (n - k, k)``
+        and ``bias (k,)`` (a ``bias`` of shape ``(1,)`` was broadcast silently).
+    """
+    keys = sorted(params) if isinstance(params, Mapping) else None
+    if keys != ["bias", "lower", "upper"]:
         raise ValueError(
-            f"submersive_linear({name!r}): expected upper (k, k) and lower (n - k, k); got "
-            f"upper {upper.shape}, lower {lower.shape}"
+            f"submersive_linear({name!r}): expects params {{'upper', 'lower', 'bias'}} (from "
+            f"init_submersive_linear); got {keys if keys is not None else type(params).__name__}"
+        )
+    upper, lower, bias = params["upper"], params["lower"], params["bias"]
+    k = upper.shape[-1]
+    if upper.shape != (k, k) or lower.ndim != 2 or lower.shape[-1] != k or bias.shape != (k,):
+        raise ValueError(
+            f"submersive_linear({name!r}): expected upper (k, k), lower (n - k, k) and bias "
+            f"(k,); got upper {upper.shape}, lower {lower.shape}, bias {bias.shape}"
         )
     unit_upper = jnp.eye(k, dtype=upper.dtype) + jnp.triu(upper, 1)
     return jnp.concatenate([unit_upper, lower], axis=0)
@@ -275,6 +321,7 @@ def submersive_linear(name: str = "submersive_linear") -> Layer:
 
     def forward(params, x):
         w = submersive_weight(params, name)
+        x = _single_array(x, f"submersive_linear({name!r})")
         if x.shape[-1] != w.shape[0]:
             raise ValueError(
                 f"submersive_linear({name!r}): input width {x.shape[-1]} does not match the "
@@ -285,8 +332,10 @@ def submersive_linear(name: str = "submersive_linear") -> Layer:
     def step(params, x, x_bar):
         y, pullback = jax.vjp(forward, params, x)
         u = submersive_weight(params, name)[: y.shape[-1]]
-        a = cast_like(x_bar, x)[..., : y.shape[-1]]
+        # Solved in the cotangent's own precision (not first rounded to x's), then y's dtype.
+        a = widen_like(x_bar, x)[..., : y.shape[-1]]
         flat = a.reshape(-1, a.shape[-1])  # solve U b^T = a^T for every row at once
+        flat = flat.astype(jnp.promote_types(flat.dtype, u.dtype))
         y_bar = jax.scipy.linalg.solve_triangular(u, flat.T, lower=False, unit_diagonal=True)
         y_bar = y_bar.T.reshape(a.shape).astype(y.dtype)  # promoted if x and W differ
         return y, y_bar, pullback(y_bar)[0]
@@ -366,16 +415,23 @@ def dense(
     ``forward(params, x)`` maps ``x (batch, n)`` to ``(batch, k)`` acting on each row
     independently (checked at run time by ``2 ceil(log2 batch)`` vjps, each with a cotangent in
     one subset of the rows; ``gradients.first_coupled_example`` checks losses alike). The vijp
-    computes each row's ``k x n`` Jacobian ``J = U S V^T`` (by reverse mode, ``k <= n`` vjps,
-    so a ``jax.custom_vjp`` inside ``forward``, such as ``revjax.activations.gelu``, works
-    under ``method="mixed_moonwalk"``) and returns ``b = a V S^-1 U^T`` (exact for ``a`` in the
-    row space). Mixed Moonwalk stores the input.
+    computes each row's ``k x n`` Jacobian ``J = U S V^T`` and returns ``b = a V S^-1 U^T``
+    (exact for ``a`` in the row space). The Jacobians come from ``k <= n`` vjps of the batched
+    ``forward``, the cotangent ``e_j`` in every row at once (rows are independent, so row
+    ``b`` of the result is row ``b``'s ``e_j J``): ``forward`` runs on the whole batch, as
+    called, so per-example values it closes over (a mask, a conditioning vector) line up with
+    their rows, and a ``jax.custom_vjp`` inside it, such as ``revjax.activations.gelu``, works
+    under ``method="mixed_moonwalk"``. Mixed Moonwalk stores the input.
+
+    ``tolerance``: the smallest accepted ratio of smallest to largest singular value, a
+    finite number in ``[0, 1)``.
 
     The SVD runs in float32 at least (XLA has no bfloat16/float16 SVD); ``y_bar`` is cast back
     to the output's dtype.
 
     Raises:
-      ValueError: (at trace time, in the vijp) ``x`` not of shape ``(batch, n)``, the output
+      ValueError: ``tolerance`` outside ``[0, 1)`` or not a real number (at construction); (at
+        trace time, in the vijp) ``x`` not of shape ``(batch, n)``, the output
         not ``(batch, k)``, or ``k > n``; or (at run time, through ``jax.debug.callback``) a
         ``forward`` that mixes rows, or a Jacobian whose singular values have a ratio ``<=
         tolerance`` or are not finite; all name the layer. Under ``jax.jit`` the run-time
@@ -383,8 +439,13 @@ def dense(
         exception cannot cross the compiled call), with the same message.
     """
 
-    def per_row(params, row):
-        return forward(params, row[None])[0]
+    number = real_scalar(tolerance)
+    if number is None or not 0 <= number < 1:  # NaN too: every layer was then refused
+        raise ValueError(
+            f"dense({name!r}): tolerance is the smallest accepted singular value ratio, a "
+            f"number in [0, 1); got {tolerance!r}"
+        )
+    tolerance = number
 
     def step(params, x, x_bar):
         shape = lambda a: getattr(a, "shape", jax.tree.structure(a))
@@ -405,7 +466,11 @@ def dense(
                 f"dense({name!r}): maps width {x.shape[-1]} to {y.shape[-1]}; a width-increasing "
                 "layer is not submersive, so its vijp does not exist"
             )
-        jac = jax.vmap(jax.jacrev(per_row, argnums=1), in_axes=(None, 0))(params, x)
+        # Row b of the x-cotangent of e_j in every row is row b's e_j J (rows independent):
+        # the Jacobians (batch, k, n) from k vjps of forward as called. A forward run on one row
+        # at a time gave every row the first row of a per-example array forward closes over.
+        unit = lambda j: jnp.broadcast_to(jnp.eye(y.shape[-1], dtype=y.dtype)[j], y.shape)
+        jac = jnp.moveaxis(jax.vmap(lambda j: pullback(unit(j))[1])(jnp.arange(y.shape[-1])), 0, 1)
         solve_dtype = jnp.promote_types(jac.dtype, jnp.float32)
         u, s, vt = jnp.linalg.svd(jac.astype(solve_dtype), full_matrices=False)
         largest = s[:, 0]  # an all-zero Jacobian has ratio 0 (singular), not 0/0
@@ -468,7 +533,9 @@ def chain(*layers: Layer, name: str = "chain") -> Layer:
     def step(params, x, x_bar):
         grads = []
         for layer, p in zip(layers, _params(params), strict=True):
-            x, x_bar, g = layer.step(p, x, cast_like(x_bar, x))  # for Layers written elsewhere
+            # Widened to x's precision at least (not narrowed: see widen_like) for Layers written
+            # elsewhere; each step casts to its pullback's dtype itself.
+            x, x_bar, g = layer.step(p, x, widen_like(x_bar, x))
             grads.append(g)
         return x, x_bar, _like(params, grads)
 
@@ -526,9 +593,9 @@ def stack(layer: Layer, name: str | None = None) -> Layer:
 
         def body(carry, p):
             y, y_bar, g = layer.step(p, *carry)
-            return (y, cast_like(y_bar, y)), g  # the carry keeps its dtypes
+            return (y, cast_like(y_bar, carry[1])), g  # the carry keeps its dtypes
 
-        (y, y_bar), grads = lax.scan(body, (x, cast_like(x_bar, x)), params)
+        (y, y_bar), grads = lax.scan(body, (x, widen_like(x_bar, x)), params)
         return y, y_bar, grads
 
     def save_forward(params, x):
