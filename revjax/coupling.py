@@ -261,7 +261,7 @@ class _CombineRule(NamedTuple):
 
 def _cast_like(d: PyTree, a: PyTree) -> PyTree:
     # The stream keeps its dtype: a bf16 branch output is added into a float32 stream in float32.
-    return jax.tree.map(lambda di, ai: di.astype(ai.dtype), d, a)
+    return jax.tree.map(lambda di, ai: jnp.asarray(di).astype(ai.dtype), d, a)
 
 
 _ADDITIVE = _CombineRule(
@@ -281,13 +281,27 @@ def _bounded_log_scale(raw: jax.Array, bound: float) -> jax.Array:
 
 
 def _affine_rule(bound: float) -> _CombineRule:
+    def check_bound(half):
+        for leaf in jax.tree.leaves(half):
+            dtype = jnp.result_type(leaf)
+            if jnp.issubdtype(dtype, jnp.floating) and bound >= math.log(jnp.finfo(dtype).max):
+                # e^m itself is inf there: y = inf, and the inverse's x = (inf - t) e^-s is NaN.
+                limit = math.log(jnp.finfo(dtype).max)
+                raise ValueError(
+                    f"affine_coupling: max_log_scale={bound} lets the scale e^s overflow the "
+                    f"{dtype} stream (e^m is finite only for m < log(max {dtype}) = "
+                    f"{limit:.4g}); use a smaller max_log_scale"
+                )
+
     def combine(a, st):
+        check_bound(a)
         s, t = st
         return jax.tree.map(
             lambda ai, si, ti: ai * jnp.exp(si.astype(ai.dtype)) + ti.astype(ai.dtype), a, s, t
         )
 
     def uncombine(y, st):
+        check_bound(y)
         s, t = st
         return jax.tree.map(
             lambda yi, si, ti: (yi - ti.astype(yi.dtype)) * jnp.exp(-si.astype(yi.dtype)), y, s, t
@@ -387,8 +401,19 @@ def _feistel_coupling(
                 )
             )
             raise
-        rule.check(f"{kind}: {name}", half_name, out, half)
-        return out
+        try:
+            rule.check(f"{kind}: {name}", half_name, out, half)
+        except ValueError as err:  # the branch may be right and the halves disagree
+            other_name = "x2" if name == "f" else "y1"
+            err.add_note(
+                f"revjax: {name} was called on {other_name} of shape {_describe(other)} and "
+                f"its output is combined with {half_name} of shape {_describe(half)}; if {name} "
+                "is right, the stream's two halves disagree: they must share their leading "
+                "(batch) axes"
+            )
+            raise
+        # Arrays from here on: a Python scalar output of a scalar half has no .astype.
+        return jax.tree.map(jnp.asarray, out)
 
     def forward(params, x, key=None):
         (pf, pg), (x1, x2) = (
@@ -537,7 +562,9 @@ def affine_coupling(f: Callable, g: Callable, *, max_log_scale: float = 2.0) -> 
       f: ``f(params_f, x2[, key]) -> (raw_log_scale, shift)``, both shaped like ``x1``.
       g: ``g(params_g, y1[, key]) -> (raw_log_scale, shift)``, both shaped like ``x2``.
       max_log_scale: bound ``m`` on the log-scale: ``s = m * tanh(raw / m)``, so every scale lies
-        in ``(e^-m, e^m)`` and the inverse never divides by a vanishing number.
+        in ``(e^-m, e^m)`` and the inverse never divides by a vanishing number. ``m`` must be
+        below ``log`` of the largest number of each half's dtype (88.7 for float32 and
+        bfloat16, 11.09 for float16), where ``e^m`` overflows: ``ValueError`` at trace time.
 
     Returns:
       A :class:`Coupling` with ``params = (params_f, params_g)`` and ``x = (x1, x2)``::

@@ -129,14 +129,30 @@ def _signature(tree: PyTree) -> tuple:
     ]
 
 
-def check_block(block: Coupling, params: PyTree, x: PyTree, key: Key | None, *, where: str) -> None:
-    """Traces one layer abstractly and checks that it maps the stream to the same type.
+def check_block(
+    block: Coupling,
+    params: PyTree,
+    x: PyTree,
+    key: Key | None,
+    *,
+    where: str,
+    check_inverse: bool = True,
+) -> None:
+    """Traces one layer abstractly and checks that it maps the stream to the same type, and
+    (``check_inverse``) that its inverse maps that back to the stream's type.
 
     A scan's carry cannot change structure, shape or dtype between layers; catching it here gives
-    an error that names the mismatch instead of a scan-internal one.
+    an error that names the mismatch instead of a scan-internal one (or, for an inverse that
+    drops a column, a broadcasting error raised inside ``forward`` during the backward pass).
+    A function that is not callable (``Coupling(forward, None)``) is a ``TypeError`` naming it.
     """
     if not isinstance(block, Coupling):
         raise TypeError(f"{where}: block must be a revjax.Coupling, got {type(block).__name__}")
+    for field in ("forward", "inverse"):
+        if not callable(getattr(block, field)):
+            raise TypeError(
+                f"{where}: block.{field} must be a function, got {getattr(block, field)!r}"
+            )
     k = layer_key(key, 0)
     out = jax.eval_shape(
         lambda p, x_: call_with_key(block.forward, p, x_, key=k), _layer_struct(params), x
@@ -145,6 +161,21 @@ def check_block(block: Coupling, params: PyTree, x: PyTree, key: Key | None, *, 
         raise ValueError(
             f"{where}: block.forward must return a stream of the same structure, shapes and "
             f"dtypes as its input; input {_signature(x)}, output {_signature(out)}"
+        )
+    if not check_inverse:
+        return
+
+    def round_trip(p, x_):
+        y = call_with_key(block.forward, p, x_, key=k)
+        side = None if block.aux is None else call_with_key(block.aux, p, x_, key=k)
+        return call_with_key(with_aux(block.inverse, block, side), p, y, key=k)
+
+    back = jax.eval_shape(round_trip, _layer_struct(params), x)
+    if _signature(back) != _signature(x):  # else the error came from the scan, or from forward
+        raise ValueError(
+            f"{where}: block.inverse must return a stream of the same structure, shapes and "
+            f"dtypes as block.forward's input; input {_signature(x)}, inverse(forward(x)) "
+            f"{_signature(back)}"
         )
 
 
@@ -444,9 +475,17 @@ _reversible_scan.defvjp(_reversible_scan_fwd, _reversible_scan_bwd)
 
 
 def prepare_stack(
-    block: Coupling, params: PyTree, x: PyTree, key: Key | None, policy: Policy | None, where: str
+    block: Coupling,
+    params: PyTree,
+    x: PyTree,
+    key: Key | None,
+    policy: Policy | None,
+    where: str,
+    *,
+    check_inverse: bool = True,
 ) -> tuple[Coupling, PyTree, int, RangeCheck | None]:
-    """Validates a stack's inputs and applies ``policy``.
+    """Validates a stack's inputs and applies ``policy`` (``check_inverse``: see
+    :func:`check_block`; plain backprop never calls the inverse).
 
     Returns ``(block, x, depth, check)``: the block with the policy applied, the input stream in
     the policy's stream dtype, the number of layers ``L``, and exact mode's range check (or
@@ -460,7 +499,7 @@ def prepare_stack(
     if not isinstance(block, Coupling):
         raise TypeError(f"{where}: block must be a revjax.Coupling, got {type(block).__name__}")
     block, x = apply_policy(block, policy), to_stream(x, policy)
-    check_block(block, params, x, key, where=where)
+    check_block(block, params, x, key, where=where, check_inverse=check_inverse)
     return block, x, depth, range_check(policy, where)
 
 
@@ -571,7 +610,9 @@ def plain_scan(
     ``return_log_det`` the same meaning, as in :func:`reversible_scan`, so the two compute the
     same network.
     """
-    block, x, _, check = prepare_stack(block, params, x, key, policy, "plain_scan")
+    block, x, _, check = prepare_stack(
+        block, params, x, key, policy, "plain_scan", check_inverse=False
+    )
     log_det = log_det_dtype(block, params, x, key, where="plain_scan") if return_log_det else None
     y, _, aux, total = _forward(block, params, x, key, remat=remat, check=check, log_det=log_det)
     return _outputs(y, total, aux, return_log_det, return_aux)

@@ -208,6 +208,53 @@ def test_branch_with_wrong_shape_is_rejected():
         block.forward((None, None), (jnp.ones((4, 3)), jnp.ones((4, 3))))
 
 
+def test_halves_that_disagree_are_not_blamed_on_the_branch_alone():
+    """x1 (2, 3) and x2 (5, 4) were reported only as 'f must return an array shaped like x1'
+    although f was right; a note now names what f was called on and the halves."""
+    block = rj.additive_coupling(lambda p, h: jnp.tanh(h @ p), lambda p, h: jnp.tanh(h @ p))
+    params = (jnp.ones((4, 3)), jnp.ones((3, 4)))
+    with pytest.raises(ValueError, match="f must return an array shaped like x1") as info:
+        block.forward(params, (jnp.ones((2, 3)), jnp.ones((5, 4))))
+    note = " ".join(getattr(info.value, "__notes__", []))
+    assert "f was called on x2 of shape (5, 4)" in note and "x1 of shape (2, 3)" in note
+    assert "the stream's two halves disagree" in note
+
+
+def test_python_scalar_branch_outputs_on_scalar_halves():
+    """A branch returning 0.0 for a scalar half passed the shape check and then failed with
+    AttributeError: 'float' object has no attribute 'astype'."""
+    x = (jnp.ones(()), jnp.ones(()))
+    additive = rj.additive_coupling(lambda p, h: 0.0, lambda p, h: h * p)
+    y = additive.forward((None, jnp.float32(2.0)), x)
+    assert [float(a) for a in y] == [1.0, 3.0]
+    affine = rj.affine_coupling(lambda p, h: (0.0, 0.0), lambda p, h: (0.0, h * p))
+    y = affine.forward((None, jnp.float32(2.0)), x)
+    assert [float(a) for a in y] == [1.0, 3.0]
+    assert [float(a) for a in affine.inverse((None, jnp.float32(2.0)), y)] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bound", "refused"),
+    [(jnp.float32, 100.0, True), (jnp.float16, 12.0, True), (jnp.float16, 11.0, False)],
+)
+def test_affine_bound_whose_scale_overflows_the_stream_is_refused(dtype, bound, refused):
+    """max_log_scale=100 in float32 (or 12 in float16) was accepted: e^m overflows, so a large
+    raw log-scale gave y = inf and a NaN inverse while log_det stayed finite. The bound must
+    be below log(finfo.max): 88.72 for float32, 11.09 for float16."""
+    big = lambda p, h: (jnp.full_like(h, 1e4), jnp.zeros_like(h))
+    block = rj.affine_coupling(big, big, max_log_scale=bound)
+    x = (jnp.full((2, 3), 0.5, dtype), jnp.full((2, 3), 0.5, dtype))
+    if refused:
+        with pytest.raises(
+            ValueError, match=f"max_log_scale={bound} lets the scale e\\^s overflow"
+        ):
+            block.forward((None, None), x)
+        return
+    y = block.forward((None, None), x)
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in y)
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in block.inverse((None, None), y))
+
+
 def test_broadcastable_branch_output_is_rejected():
     block = rj.additive_coupling(lambda p, h: h[0], lambda p, h: h)
     with pytest.raises(ValueError, match="f must return"):

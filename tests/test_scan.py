@@ -429,6 +429,43 @@ def test_type_changing_block_is_rejected():
         rj.reversible_scan(block, params, (jnp.ones((2, 4)), jnp.ones((2, 3))))
 
 
+def _scale_forward(p, x):
+    return (x[0] * p, x[1] + x[0])
+
+
+@pytest.mark.parametrize(
+    "inverse",
+    [
+        lambda p, y: (y[0][:, :2] / p[:2], y[1] - y[0]),  # drops a column
+        lambda p, y: [y[0] / p, y[1] - y[0] / p],  # a list
+        lambda p, y: (y[0] / p, (y[1] - y[0] / p).astype(jnp.float16)),  # another dtype
+    ],
+    ids=["drops a column", "list", "float16 half"],
+)
+def test_a_hand_written_inverse_of_the_wrong_type_is_named(inverse):
+    """Such an inverse was not checked up front: under jax.grad the first surfaced as a
+    broadcasting error raised inside forward, the others as JAX's scan-carry errors."""
+    block, p = Coupling(_scale_forward, inverse), jnp.full((3, 3), 2.0)
+    x = (jnp.ones((2, 3)), jnp.ones((2, 3)))
+    message = r"block\.inverse must return a stream of the same structure, shapes and dtypes"
+    with pytest.raises(ValueError, match="reversible_scan: " + message):
+        jax.grad(lambda p_: jnp.sum(rj.reversible_scan(block, p_, x)[0]))(p)
+    with pytest.raises(ValueError, match="inverse_scan: " + message):
+        rj.inverse_scan(block, p, x)
+    # Plain backprop never calls the inverse, so it does not check it.
+    assert plain_scan(block, p, x)[0].shape == (2, 3)
+
+
+def test_a_block_whose_inverse_is_not_a_function_is_named():
+    """Coupling(forward, None) failed with "'NoneType' object is not callable" from revjax's
+    closure hoisting, even in a forward pass."""
+    x = (jnp.ones((2, 3)), jnp.ones((2, 3)))
+    with pytest.raises(
+        TypeError, match=r"reversible_scan: block\.inverse must be a function, got None"
+    ):
+        rj.reversible_scan(Coupling(_scale_forward, None), jnp.full((3, 3), 2.0), x)
+
+
 def test_non_coupling_block_is_rejected():
     with pytest.raises(TypeError, match="Coupling"):
         rj.reversible_scan(lambda p, x: x, jnp.ones((2, 1)), jnp.ones(3))
