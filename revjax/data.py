@@ -22,8 +22,12 @@ class Split(NamedTuple):
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Split:
     """scikit-learn's 8x8 handwritten digits (1797 images, 10 classes, shipped with sklearn).
 
-    Pixels are standardised with the training set's per-pixel mean and std (std floored at 1e-3
-    for the always-blank border pixels). The split is a seeded permutation.
+    Pixels are standardised with the training set's per-pixel mean and std, the std floored at
+    1 (one grey level of the 0-16 scale): a pixel with ink in almost no training image has a
+    std near 0, and dividing by it turned a test image's ink there into outliers of up to
+    1000 (seeds 5, 6, 7, 10, 14, 15 of 0-19, with the old floor 1e-3). With the floor every
+    feature of every split lies within 15 of 0 for those seeds. The split is a seeded
+    permutation.
     """
     fraction = real_scalar(test_fraction)
     if fraction is None or not 0.0 < fraction < 1.0:
@@ -47,7 +51,7 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Split:
             "testing; both parts must be non-empty"
         )
     test, train = order[:n_test], order[n_test:]
-    mean, std = x[train].mean(0), np.maximum(x[train].std(0), 1e-3)
+    mean, std = x[train].mean(0), np.maximum(x[train].std(0), 1.0)
     standardise = lambda a: ((a - mean) / std).astype(np.float32)
     return Split(standardise(x[train]), y[train], standardise(x[test]), y[test])
 
