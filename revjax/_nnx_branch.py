@@ -17,6 +17,7 @@ re-exports :func:`draws_random`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -51,12 +52,15 @@ def stream_template(
 
 def _fresh_streams(template: tuple[Any, list], key: Key) -> nnx.State:
     """One layer's RNG state rebuilt from ``key``: stream ``i`` gets ``fold_in(key, i)``, count
-    0."""
+    0. A stream with its own axes (sub-layers made by ``nnx.vmap`` under ``nnx.split_rngs``, one
+    key each) gets that many independent keys split from it, in its shape."""
     treedef, spec = template
     leaves, stream = [], 0
     for shape, dtype, is_key in spec:
         if is_key:
-            leaves.append(jax.random.fold_in(key, stream))
+            one = jax.random.fold_in(key, stream)
+            size = math.prod(shape)
+            leaves.append(one if not shape else jax.random.split(one, size).reshape(shape))
             stream += 1
         else:
             leaves.append(jnp.zeros(shape, dtype))
@@ -114,6 +118,10 @@ def pure_branch(
             if path in given
             and any(a is not b for a, b in zip(jax.tree.leaves(v), given[path], strict=False))
         ]
+        # A Flax transform inside the branch (nnx.remat, nnx.jit) hands the state back as
+        # new values that merely pass the old ones through: traced again to tell them apart.
+        if written and not _params_written(graphdef, template, rest, params, h, key):
+            written = []
         if written:
             raise TypeError(
                 f"{where} wrote to its parameters while running ({written[:3]}); a reversible "
@@ -124,6 +132,73 @@ def pure_branch(
         return out
 
     return branch
+
+
+def _params_written(
+    graphdef: nnx.GraphDef,
+    template: tuple[Any, list] | None,
+    rest: nnx.State,
+    params: nnx.State,
+    h: PyTree,
+    key: Key | None,
+) -> bool:
+    """Whether calling the branch changes a parameter: traced on shapes, each parameter after
+    the call must be its input, possibly passed through nested computations (the outputs of
+    ``nnx.remat``/``nnx.jit`` that return their input unchanged); anything else is a write."""
+
+    def parameters_after(p, h_, k):
+        streams = () if template is None else (_fresh_streams(template, k),)
+        module = nnx.merge(graphdef, p, *streams, rest)
+        module(h_)
+        return nnx.state(module, nnx.Param)
+
+    shape = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+    inputs = jax.tree.map(shape, (params, h, key))
+    closed, after = jax.make_jaxpr(parameters_after, return_shape=True)(*inputs)
+    before = jax.tree_util.tree_flatten_with_path(params)[0]
+    position = {jax.tree_util.keystr(path): i for i, (path, _) in enumerate(before)}
+    jaxpr = closed.jaxpr
+    for out, (path, _) in zip(
+        jaxpr.outvars, jax.tree_util.tree_flatten_with_path(after)[0], strict=True
+    ):
+        expected = position.get(jax.tree_util.keystr(path))
+        if expected is None or _input_index(jaxpr, out) != expected:
+            return True
+    return False
+
+
+def _input_index(jaxpr: Any, var: Any) -> int | None:
+    """The position of the input of ``jaxpr`` that ``var`` equals, following outputs of nested
+    calls (``pjit``, ``remat``, ``closed_call``) that return one of their inputs unchanged;
+    None when ``var`` is computed."""
+    if not isinstance(var, jax.extend.core.Var):
+        return None
+    for i, v in enumerate(jaxpr.invars):
+        if v is var:
+            return i
+    for eqn in jaxpr.eqns:
+        if not any(v is var for v in eqn.outvars):
+            continue
+        inner = _nested_call(eqn)
+        if inner is None:
+            return None
+        position = next(i for i, v in enumerate(eqn.outvars) if v is var)
+        through = _input_index(inner, inner.outvars[position])
+        return None if through is None else _input_index(jaxpr, eqn.invars[through])
+    return None
+
+
+def _nested_call(eqn: Any) -> Any:
+    """The jaxpr an equation calls with its own inputs and outputs one to one, if any."""
+    for value in eqn.params.values():
+        inner = getattr(value, "jaxpr", value)  # a ClosedJaxpr's, or an open Jaxpr
+        if (
+            isinstance(inner, jax.extend.core.Jaxpr)
+            and len(inner.invars) == len(eqn.invars)
+            and len(inner.outvars) == len(eqn.outvars)
+        ):
+            return inner
+    return None
 
 
 def depends_on_key(branch: Any, params: PyTree, h: PyTree) -> bool:
@@ -140,11 +215,11 @@ def draws_random(block: Coupling, params: PyTree, x: PyTree) -> bool:
     """Whether one layer of ``block`` (params with a leading layer axis) at stream ``x`` has an
     output that depends on its key, i.e. whether its branches draw random numbers.
 
-    Decided on the traced computation of layer 0 by backward liveness: an equation is live if
-    one of its outputs is, and then all its inputs are (a live nested computation counts as
-    using all of its inputs, so the answer errs towards True). It sees any use of the
-    streams: dropout, noise layers, stochastic depth, dropout whose mode is given at call
-    time.
+    Decided on the traced computation of layer 0 by JAX's dead-code elimination, which looks
+    inside nested computations (``nnx.cond``, ``nnx.scan``, ``nnx.remat``, ``jax.jit``): a
+    branch whose dropout sits inside one is deterministic in eval mode. It sees any use of
+    the streams: dropout, noise layers, stochastic depth, dropout whose mode is given at
+    call time.
     """
     layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params)
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x)
@@ -155,8 +230,17 @@ def draws_random(block: Coupling, params: PyTree, x: PyTree) -> bool:
 
 
 def output_uses_first_input(jaxpr: Any) -> bool:
-    """Backward liveness on a jaxpr: whether its first input reaches an output (errs towards
-    True: a live equation counts as using all its inputs)."""
+    """Whether a jaxpr's first input reaches an output: by JAX's ``dce_jaxpr``, which follows
+    the use of each input into nested jaxprs (a ``cond`` whose branches ignore it does not
+    use it). Where that internal function is missing, a flat backward liveness pass, which
+    errs towards True (a live equation counts as using all its inputs)."""
+    try:
+        from jax._src.interpreters.partial_eval import dce_jaxpr
+    except ImportError:  # pragma: no cover - depends on the JAX version
+        dce_jaxpr = None
+    if dce_jaxpr is not None:
+        _, used_inputs = dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+        return bool(used_inputs[0])
     variable = lambda v: isinstance(v, jax.extend.core.Var)
     live = {v for v in jaxpr.outvars if variable(v)}
     for eqn in reversed(jaxpr.eqns):

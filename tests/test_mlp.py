@@ -50,6 +50,23 @@ def test_residual_mlp_loss_checkpoint_policy_recomputes_instead_of_storing():
 
 
 @pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"scale": float("nan")}, "scale must be a finite number >= 0, got nan"),
+        ({"std": float("inf")}, "std must be a finite number >= 0, got inf"),
+        ({"scale": -0.5}, "scale must be a finite number >= 0, got -0.5"),
+        ({"dtype": jnp.int32}, "dtype must be floating, got int32"),
+    ],
+)
+def test_bad_initialisations_are_refused(kwargs, message):
+    """NaN and inf gave non-finite weights, int32 all-zero weights, without an error."""
+    with pytest.raises(ValueError, match=f"init_mlp: {message}"):
+        init_mlp(jax.random.key(0), 2, 4, 8, **kwargs)
+    # Zero branches (the identity map at initialisation) stay allowed.
+    assert not bool(jnp.any(init_mlp(jax.random.key(0), 1, 4, 8, std=0.0)["w1"]))
+
+
+@pytest.mark.parametrize(
     ("name", "value"), [("num_layers", 0), ("width", -1), ("hidden", 0), ("width", 2.0)]
 )
 def test_bad_sizes_are_refused_by_name(name, value):

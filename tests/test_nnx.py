@@ -177,6 +177,84 @@ class CallTimeDropout(nnx.Module):
         return self.dropout(self.linear(h), deterministic=False)
 
 
+class Experts(nnx.Module):
+    """Three sub-layers made by nnx.vmap under nnx.split_rngs, each with dropout: the branch's
+    RNG streams have their own axis (3,)."""
+
+    def __init__(self, dim: int, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make(r):
+            return nnx.Sequential(nnx.Linear(dim, dim, rngs=r), nnx.Dropout(0.5, rngs=r))
+
+        self.experts = make(rngs)
+
+    def __call__(self, h):
+        run = nnx.vmap(lambda e, h_: e(jnp.tanh(h_)), in_axes=(0, None), out_axes=0)
+        return run(self.experts, h).mean(0)
+
+
+def test_a_branch_of_vmapped_sub_layers_with_dropout_runs_in_a_stack():
+    """Each such stream was rebuilt from one scalar key in place of its (3,) keys: the stack
+    failed in every mode ("vmap was requested to map its argument along axis 0"), also with
+    method='backprop'. Each now gets its own keys; gradients equal the backprop twin's."""
+
+    @rnnx.reversible
+    class ExpertBlock(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f, self.g = Experts(dim, rngs), Experts(dim, rngs)
+
+    stack, x, key = rnnx.Stack(ExpertBlock, 2, DIM, rngs=nnx.Rngs(0)), inputs(), jax.random.key(3)
+    loss = lambda m: loss_of(m, x, key)
+    grads = nnx.grad(loss)(stack)
+    reference = nnx.grad(loss)(nnx.view(stack, method="backprop"))
+    assert max_relative_error(grads, reference) <= 1e-5  # measured 1.2e-7
+    # The three experts draw different masks (one key each, not one key for all).
+    from revjax._nnx_branch import _fresh_streams, stream_template
+
+    streams = nnx.state(Experts(DIM, nnx.Rngs(0)), nnx.RngState)
+    keys = [
+        leaf
+        for leaf in jax.tree.leaves(_fresh_streams(stream_template(streams, False), key))
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+    ]
+    data = jax.random.key_data(keys[0]).reshape(3, -1)
+    assert keys[0].shape == (3,) and len({tuple(map(int, row)) for row in data}) == 3
+
+
+class CondDropout(nnx.Module):
+    """Dropout inside nnx.cond: a nested computation that draws only in training mode."""
+
+    def __init__(self, dim: int, rngs: nnx.Rngs):
+        self.linear, self.drop = nnx.Linear(dim, dim, rngs=rngs), nnx.Dropout(0.3, rngs=rngs)
+
+    def __call__(self, h):
+        branches = (lambda m, h_: m.drop(jnp.tanh(m.linear(h_))), lambda m, h_: m.drop(h_))
+        return nnx.cond(jnp.sum(h) > -1e9, *branches, self, h)
+
+
+def test_dropout_inside_a_nested_computation_is_seen_only_when_it_draws():
+    """A live nested computation counted as using all its inputs, so in eval mode this branch
+    was taken as drawing: inverse() without a key refused ('they draw even in eval mode'),
+    a single block could never be inverted, and the stack's stream advanced on every call."""
+
+    @rnnx.reversible
+    class CondBlock(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f, self.g = CondDropout(dim, rngs), CondDropout(dim, rngs)
+
+    stack, x = rnnx.Stack(CondBlock, 2, DIM, rngs=nnx.Rngs(0)), inputs()
+    assert rnnx.draws_random(*stack.coupling(), x)  # training mode: it draws
+    stack.eval()
+    assert not rnnx.draws_random(*stack.coupling(), x)
+    y = stack(x)
+    assert max_relative_error(stack.inverse(y), x) <= 1e-5
+    assert int(stack.rngs.count[...]) == 0
+    block = CondBlock(DIM, rngs=nnx.Rngs(0))
+    block.eval()
+    assert max_relative_error(block.inverse(block(x)), x) <= 1e-5
+
+
 @pytest.mark.parametrize("branch", [Noisy, CallTimeDropout])
 def test_any_random_branch_gets_fresh_draws_and_replays_with_a_key(branch):
     """Randomness is found in the traced computation, not from module attributes: a branch
@@ -447,6 +525,42 @@ def test_writes_to_a_branch_parameter_are_refused_by_name(method):
         stack(x)
     with pytest.raises(TypeError, match=message):
         nnx.grad(lambda m: jnp.sum(m(x)[0]))(stack)
+
+
+class Wrapped(nnx.Module):
+    """A branch running its layer through a Flax transform (nnx.remat or nnx.jit), which
+    hands the layer's state back as new values; ``write`` also changes a Param inside it."""
+
+    def __init__(self, dim: int, transform, *, write: bool = False, rngs: nnx.Rngs):
+        self.inner = CountingCalls(dim, rngs=rngs) if write else nnx.Linear(dim, dim, rngs=rngs)
+        self.transform = transform
+
+    def __call__(self, h):
+        return self.transform(lambda m, h_: jnp.tanh(m(h_)))(self.inner, h)
+
+
+@pytest.mark.parametrize("transform", [nnx.remat, nnx.jit], ids=["remat", "jit"])
+def test_flax_transforms_inside_a_branch_are_not_taken_for_writes(transform):
+    """Both returned the unchanged parameters as new values, which the stack took for writes:
+    'branch f wrote to its parameters' for a branch that writes nothing. A real write inside
+    the transform is still refused."""
+
+    def block_of(write):
+        @rnnx.reversible
+        class TransformBlock(nnx.Module):
+            def __init__(self, dim, *, rngs):
+                self.f = Wrapped(dim, transform, write=write, rngs=rngs)
+                self.g = Wrapped(dim, transform, rngs=rngs)
+
+        return rnnx.Stack(TransformBlock, 2, DIM, rngs=nnx.Rngs(0))
+
+    stack, x = block_of(False), inputs()
+    loss = lambda m: jnp.sum(jnp.sin(m(x)[0]) * m(x)[1])
+    grads = nnx.grad(loss)(stack)
+    reference = nnx.grad(loss)(nnx.view(stack, method="backprop"))
+    assert max_relative_error(grads, reference) <= 1e-5
+    with pytest.raises(TypeError, match=r"branch f wrote to its parameters .*inner\.calls"):
+        block_of(True)(x)
 
 
 def test_a_missing_rng_stream_names_the_option():

@@ -202,6 +202,9 @@ def test_bad_inputs_are_refused_with_the_expected_values():
     # an IndexError, hidden=0 built empty weights).
     for kwargs, message in [
         ({"stages": -1}, "stages \\(or 0 for no trunk\\) must be a positive int, got -1"),
+        # 0.0 failed with "'float' object cannot be interpreted as an integer", False was 0.
+        ({"stages": 0.0}, "stages \\(or 0 for no trunk\\) must be a positive int, got 0.0"),
+        ({"stages": False}, "stages \\(or 0 for no trunk\\) must be a positive int, got False"),
         ({"blocks": 0}, "blocks must be a positive int, got 0"),
         ({"hidden": 0}, "hidden must be a positive int, got 0"),
         ({"in_channels": 2.0}, "in_channels must be a positive int, got 2.0"),

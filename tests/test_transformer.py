@@ -114,6 +114,13 @@ def test_the_public_sublayers_check_their_sizes_and_input_width():
     ):
         feed_forward(jnp.ones((2, 5, 6)))
     assert attention(jnp.ones((2, 5, 8))).shape == feed_forward(jnp.ones((2, 5, 8))).shape
+    # Two batch axes (the docstring's (..., length, dim)) failed inside dot_product_attention
+    # ("too many values to unpack"); each leading index is attended on its own, causally.
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 8))
+    both = attention(x)
+    assert both.shape == (2, 3, 5, 8)
+    np.testing.assert_allclose(both[1, 2], attention(x[1, 2]), rtol=1e-5, atol=1e-6)
+    assert attention(jnp.ones((5, 8))).shape == (5, 8)
 
 
 def test_no_dropout_needs_no_dropout_stream():

@@ -8,13 +8,14 @@ leading layer axis, ready for :func:`revjax.reversible_scan`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from revjax._validate import check_dropout_rate, positive_int
+from revjax._validate import check_dropout_rate, positive_int, real_scalar
 from revjax.coupling import Coupling, additive_coupling
 
 MLPParams = dict[str, jax.Array]
@@ -74,10 +75,18 @@ def init_mlp(
     ``benchmarks/results/numerics_cpu.json``): reversible networks need bounded branches.
 
     Raises:
-      ValueError: ``num_layers``, ``width`` or ``hidden`` is not a positive int.
+      ValueError: ``num_layers``, ``width`` or ``hidden`` is not a positive int; ``scale`` or
+        ``std`` not a finite number >= 0 (NaN and inf gave non-finite weights); ``dtype`` not
+        floating (int32 gave all-zero weights).
     """
     for name, value in (("num_layers", num_layers), ("width", width), ("hidden", hidden)):
         positive_int(value, name, "init_mlp")
+    for name, value in (("scale", scale), ("std", 0.0 if std is None else std)):
+        number = real_scalar(value)  # 0 allowed: zero branches start as the identity map
+        if number is None or not (math.isfinite(number) and number >= 0):
+            raise ValueError(f"init_mlp: {name} must be a finite number >= 0, got {value!r}")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"init_mlp: dtype must be floating, got {jnp.dtype(dtype).name}")
     k1, k2, k3, k4 = jax.random.split(key, 4)
     # Drawn in float32, then cast: jax.random.normal in bfloat16 has only 128 distinct values
     # (max |z| 2.9), a visibly different distribution (tests/test_mlp.py).

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -119,8 +120,10 @@ def init_revnet(
     number = real_scalar(scale)
     if number is None or not math.isfinite(number):
         raise ValueError(f"init_revnet: scale must be a finite real number, got {scale!r}")
-    if stages != 0:
+    no_trunk = isinstance(stages, numbers.Integral) and not isinstance(stages, bool)
+    if not (no_trunk and stages == 0):  # 0.0 and False were taken as 0, or failed later
         stages = positive_int(stages, "stages (or 0 for no trunk)", "init_revnet")
+    stages = int(stages)
     for name, value in [
         ("in_channels", in_channels),
         ("blocks", blocks),

@@ -153,7 +153,9 @@ class CausalSelfAttention(nnx.Module):
         _check_width(x, self.dim, "CausalSelfAttention", "(..., length, dim)", min_ndim=2)
         *batch, length, dim = x.shape
         h = self.norm(x)
-        split = lambda a: a.reshape(*batch, length, self.heads, dim // self.heads)
+        # One batch axis for dot_product_attention, which takes (B, T, H, D / H) only: the
+        # leading axes are folded into it (two of them failed inside JAX) and unfolded after.
+        split = lambda a: a.reshape(-1, length, self.heads, dim // self.heads)
         q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
         attended = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         return self.dropout(self.out(attended.reshape(*batch, length, dim)))
