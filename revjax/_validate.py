@@ -8,7 +8,9 @@ import math
 import numbers
 import os
 from pathlib import Path
+from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -45,6 +47,19 @@ def positive_float(value: object, name: str, where: str) -> float:
     if number is None or not (math.isfinite(number) and number > 0):
         raise ValueError(f"{where}: {name} must be finite and > 0, got {value!r}")
     return number
+
+
+def check_nonzero_in(value: float, dtype: Any, name: str, where: str, why: str) -> None:
+    """Refuse a number > 0 that rounds to 0 in the floating ``dtype`` it is used in (``1e-8``
+    in float16); non-floating dtypes pass. Shapes and dtypes are static, so this runs at trace
+    time, under ``jit`` and in a scan's body too.
+
+    Raises:
+      ValueError: it rounds to 0; the message names ``where``, ``name``, the value, the dtype
+        and ``why`` that is fatal.
+    """
+    if jnp.issubdtype(dtype, jnp.floating) and float(np.asarray(value, dtype)) == 0:
+        raise ValueError(f"{where}: {name}={value} rounds to 0 in {np.dtype(dtype)}, so {why}")
 
 
 def check_dropout_rate(rate: float, where: str) -> None:

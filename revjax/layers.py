@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import solve_triangular
 
-from revjax._validate import positive_float, positive_int, real_scalar
+from revjax._validate import check_nonzero_in, positive_float, positive_int, real_scalar
 from revjax.coupling import Coupling
 from revjax.precision import Policy
 from revjax.scan import reversible_scan
@@ -84,11 +84,13 @@ def leaky_relu(slope: float = 0.1) -> Coupling:
     slope = positive_float(slope, "slope", "layers.leaky_relu")
 
     def check_representable(x):
-        if jnp.issubdtype(x.dtype, jnp.floating) and float(np.asarray(slope, x.dtype)) == 0:
-            raise ValueError(
-                f"layers.leaky_relu: slope={slope} rounds to 0 in {x.dtype}, so negative "
-                "inputs would all map to 0 and could not be recovered; use a larger slope"
-            )
+        check_nonzero_in(
+            slope,
+            x.dtype,
+            "slope",
+            "layers.leaky_relu",
+            "negative inputs would all map to 0 and could not be recovered; use a larger slope",
+        )
 
     def forward(params, x, key=None):
         check_representable(x)

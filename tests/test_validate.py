@@ -6,7 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from revjax._validate import check_dropout_rate, output_path_problem, positive_int
+from revjax._validate import (
+    check_dropout_rate,
+    check_nonzero_in,
+    output_path_problem,
+    positive_int,
+)
 
 
 @pytest.mark.parametrize("value", [1, 7, np.int64(3), np.uint8(2)])
@@ -19,6 +24,22 @@ def test_positive_int_returns_a_python_int(value):
 def test_positive_int_refuses_with_caller_and_argument_named(value):
     with pytest.raises(ValueError, match=r"^Stack\(Block\): depth must be a positive int, got "):
         positive_int(value, "depth", "Stack(Block)")
+
+
+@pytest.mark.parametrize(
+    "value, dtype", [(1e-8, jnp.float32), (1e-4, jnp.float16), (1e-8, jnp.int32), (1e-8, bool)]
+)
+def test_nonzero_in_accepts_a_number_representable_in_the_dtype(value, dtype):
+    check_nonzero_in(value, dtype, "slope", "where", "why")  # ints and bools are not rounded
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_nonzero_in_refuses_a_number_that_rounds_to_zero(dtype):
+    # 1e-50 is below the smallest subnormal of both (float16 6e-8, bfloat16 9e-41).
+    with pytest.raises(
+        ValueError, match=r"^where: slope=1e-50 rounds to 0 in (b)?float16, so why$"
+    ):
+        check_nonzero_in(1e-50, dtype, "slope", "where", "why")
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.5, np.float32(0.25), 0, jnp.float32(0.1)])

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from revjax._validate import positive_float, real_scalar
+from revjax._validate import check_nonzero_in, positive_float, real_scalar
 from revjax.coupling import Coupling, reconstruct_and_vjp, sequence
 from revjax.scan import reversible_scan, stack_depth
 
@@ -225,11 +225,13 @@ def leaky_relu(slope: float = 0.1, name: str = "leaky_relu") -> Layer:
 
     def forward(params, x):
         x = _single_array(x, where)
-        if jnp.issubdtype(x.dtype, jnp.floating) and float(np.asarray(slope, x.dtype)) == 0:
-            raise ValueError(
-                f"{where}: slope={slope} rounds to 0 in {x.dtype}, so the Jacobian is singular "
-                "there and the vijp would divide by 0; use a larger slope"
-            )
+        check_nonzero_in(
+            slope,
+            x.dtype,
+            "slope",
+            where,
+            "the Jacobian is singular there and the vijp would divide by 0; use a larger slope",
+        )
         return jnp.where(x >= 0, x, slope * x)
 
     def derivative(positive, like):
