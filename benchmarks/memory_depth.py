@@ -154,7 +154,10 @@ def plot(rows: list[dict], path: Path, env: dict) -> None:
     ax.set_xlabel("layers L")
     ax.set_ylabel("gradient temp memory (MiB)")
     where = f"{env['device']}, {env['date']}"  # as the plots of plots.py say it
-    ax.set_title(f"{WIDTH}-wide halves, hidden {HIDDEN}, batch {BATCH}, float32 ({where})")
+    # Two lines at plots.py's size: on one the device and date ran past the figure's edge.
+    ax.set_title(
+        f"{WIDTH}-wide halves, hidden {HIDDEN}, batch {BATCH}, float32\n{where}", fontsize=9
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

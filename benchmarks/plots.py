@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
         try:  # a file that is not JSON, or lacks a field its plot reads
             payload = json.loads(path.read_text())
             plot(payload, ax)
+            if not ax.has_data():  # a run stopped before its first row: no blank PNG
+                plt.close(fig)
+                print(f"skipped {path}: no rows to plot")
+                continue
             partial = "" if payload.get("complete", True) else "PARTIAL RUN, "
             ax.set_title(f"{path.stem} ({partial}{_where(payload['env'])})", fontsize=9)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:

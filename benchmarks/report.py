@@ -29,6 +29,14 @@ def _where(env: dict) -> str:
     return f"{env['device']} ({env['backend']}), jax {env['jax']}, {env['date']}{commit}"
 
 
+def _same_setup(a: dict, b: dict) -> bool:
+    """Same device, backend, jax, commit and day: two files one label may name (the minute of
+    day differs between scripts of one run)."""
+    keys = ("device", "backend", "jax", "commit")
+    day = lambda env: str(env.get("date", "")).split(" ")[0]
+    return all(a.get(k) == b.get(k) for k in keys) and day(a) == day(b)
+
+
 def _source(env: dict, script: str, *filenames: str) -> str:
     """``measured on <device> by `benchmarks/<script>` (`benchmarks/results/<file>`, ...)``."""
     files = ", ".join(f"`benchmarks/results/{f}`" for f in filenames)
@@ -84,7 +92,8 @@ def render_scan(payload: dict, filename: str) -> str:
         f"rows, halves {cfg['width']} wide, hidden {cfg['hidden']}, {dtype} parameters, stream "
         f"and compute. Measured on {_where(env)} by `benchmarks/bench_scan.py --size "
         f"{payload['size']} --dtype {dtype}` (`benchmarks/results/{filename}`); time is the "
-        f"median of {cfg['repeats']} runs.\n\n{table}"
+        f"median of {cfg['repeats']} runs. Each gradient error is measured against plain "
+        f"backprop of the same {dtype} network in the same run.\n\n{table}"
     )
 
 
@@ -582,8 +591,7 @@ def render_revnet_memory(payload: dict, filename: str) -> str:
         full_text = (
             f"The fully invertible variant also needs {amounts(full)} bytes here: the stage "
             "outputs the per-stage variant keeps (each the size of the float32 input batch) fit "
-            "inside one block's backward working set, so XLA's peak does not change; the "
-            "difference grows with the number of stages and the image size."
+            "inside one block's backward working set, so XLA's peak does not change."
         )
     else:
         full_text = f"The fully invertible variant needs {amounts(full)} bytes."
@@ -694,7 +702,12 @@ def render_scan_summary(payloads: dict, filenames: tuple) -> str:
     )
     counts = gemms["matmuls_per_layer"]
     errors = lambda p, key: _span([r[key] for r in p["rows"] if r["method"] == "reversible"])
-    source = _source(env, "bench_scan.py", f32_name, bf16_name)
+    source = (
+        _source(env, "bench_scan.py", f32_name, bf16_name)
+        if _same_setup(env, bf16["env"])
+        else f"{_source(env, 'bench_scan.py', f32_name)}; bfloat16 "
+        f"{_source(bf16['env'], 'bench_scan.py', bf16_name)}"
+    )
     return (
         f"On the {env['device']} at L = {deep}, `reversible_scan` needs "
         f"1/{1 / row(f32, 'reversible', deep)['temp_ratio_to_backprop']:.0f} of plain "
@@ -725,7 +738,8 @@ def render_scan_summary(payloads: dict, filenames: tuple) -> str:
         f"matmul precision (TF32-like rounding of matmul inputs) is "
         f'{errors(f32, "grad_rel_err_default")}; with `jax.default_matmul_precision("highest")` '
         f"it is {errors(f32, 'grad_rel_err_highest')}. In bfloat16 (stream included) it is "
-        f"{errors(bf16, 'grad_rel_err_default')} (same files); a float32 stream is the remedy "
+        f"{errors(bf16, 'grad_rel_err_default')} against plain backprop of the same bfloat16 "
+        f"network (same files); a float32 stream is the remedy "
         f"(precision policies above)."
     )
 

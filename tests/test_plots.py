@@ -79,3 +79,15 @@ def test_a_bad_out_or_an_unreadable_result_is_said_in_one_line(tmp_path, capsys)
     with pytest.raises(SystemExit, match=f"not a result JSON, not plotted:\n  .*{names[0]}"):
         plots.main(["--results", str(results), "--out", str(tmp_path / "png")])
     assert [p.name for p in (tmp_path / "png").iterdir()] == [Path(names[1]).stem + ".png"]
+
+
+def test_a_result_without_rows_draws_no_blank_png(tmp_path, capsys):
+    """A run stopped before its first row was drawn as an empty PNG (and a matplotlib warning)."""
+    import json
+
+    payload = json.loads((plots.RESULTS / "moonwalk_cpu_cpu.json").read_text())
+    payload["rows"], payload["complete"] = [], False
+    (tmp_path / "moonwalk_cpu_cpu.json").write_text(json.dumps(payload))
+    assert plots.main(["--results", str(tmp_path), "--out", str(tmp_path)]) == []
+    assert not list(tmp_path.glob("*.png"))
+    assert "skipped" in capsys.readouterr().out

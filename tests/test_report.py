@@ -243,3 +243,41 @@ def test_a_result_names_the_commit_it_measured_where_it_recorded_one():
     assert report._where(GPU_ENV) == "NVIDIA H100 80GB HBM3 (gpu), jax 0.11.2, today"
     with_commit = report._where(GPU_ENV | {"commit": "6c72cb6"})
     assert with_commit == "NVIDIA H100 80GB HBM3 (gpu), jax 0.11.2, today, commit 6c72cb6"
+
+
+def test_the_scan_summary_names_each_files_setup_when_they_differ(tmp_path, monkeypatch):
+    """One label named both GPU files by the float32 file's device, jax and date: a bfloat16
+    file from another run would have been attributed to the float32 one. Files of one run
+    (minutes apart, same day) share the label; a different jax version gets its own."""
+    results = _results_with(
+        tmp_path, monkeypatch, "scan_gpu_gpu.json", "scan_gpu_gpu_bfloat16.json",
+        "gemm_count_cpu.json",
+    )  # fmt: skip
+    readme = "<!-- results:scan_summary -->\n<!-- /results:scan_summary -->"
+    together = " ".join(report.render_readme(readme).split())
+    assert "(`benchmarks/results/scan_gpu_gpu.json`, `benchmarks/results/scan_gpu_gpu_bfloat16" in (
+        together
+    )
+    assert "against plain backprop of the same bfloat16 network" in together
+    bf16 = json.loads((results / "scan_gpu_gpu_bfloat16.json").read_text())
+    bf16["env"]["jax"] = "0.12.0"
+    (results / "scan_gpu_gpu_bfloat16.json").write_text(json.dumps(bf16))
+    apart = " ".join(report.render_readme(readme).split())
+    assert "; bfloat16 measured on NVIDIA H100 80GB HBM3 (gpu), jax 0.12.0" in apart
+    assert "jax 0.11.2" in apart  # the float32 file keeps its own label
+
+
+def test_the_revnet_memory_line_claims_no_growth_it_did_not_measure():
+    """It said the fully invertible trunk's advantage "grows with the number of stages and the
+    image size"; measured at 8x8 to 32x32 images and 2 to 4 stages, the two stayed equal."""
+    rows = [
+        {"variant": variant, "blocks_per_stage": 2, "bytes_per_input_pixel": value}
+        for variant, value in (
+            ("RevNet", 104.9),
+            ("ResNet-like", 285.0),
+            ("fully invertible", 104.9),
+        )
+    ]
+    payload = {"rows": rows, "batch": 256, "env": GPU_ENV}
+    text = report.render_revnet_memory(payload, "revnet_cpu.json")
+    assert "grows" not in text and "XLA's peak does not change." in text
