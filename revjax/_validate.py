@@ -49,17 +49,22 @@ def positive_float(value: object, name: str, where: str) -> float:
     return number
 
 
-def check_nonzero_in(value: float, dtype: Any, name: str, where: str, why: str) -> None:
-    """Refuse a number > 0 that rounds to 0 in the floating ``dtype`` it is used in (``1e-8``
-    in float16); non-floating dtypes pass. Shapes and dtypes are static, so this runs at trace
-    time, under ``jit`` and in a scan's body too.
+def check_representable_in(value: float, dtype: Any, name: str, where: str, why: str) -> None:
+    """Refuse a finite number > 0 that rounds to 0 (``1e-8`` in float16) or overflows to inf
+    (``1e5`` in float16) in the floating ``dtype`` it is used in; non-floating dtypes pass.
+    Dtypes are static, so this runs at trace time, under ``jit`` and in a scan's body too.
 
     Raises:
-      ValueError: it rounds to 0; the message names ``where``, ``name``, the value, the dtype
+      ValueError: it does not fit; the message names ``where``, ``name``, the value, the dtype
         and ``why`` that is fatal.
     """
-    if jnp.issubdtype(dtype, jnp.floating) and float(np.asarray(value, dtype)) == 0:
-        raise ValueError(f"{where}: {name}={value} rounds to 0 in {np.dtype(dtype)}, so {why}")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return
+    with np.errstate(over="ignore"):  # the overflow is what is checked for
+        rounded = float(np.asarray(value, dtype))
+    if rounded == 0 or math.isinf(rounded):
+        outcome = "rounds to 0" if rounded == 0 else "overflows to inf"
+        raise ValueError(f"{where}: {name}={value} {outcome} in {np.dtype(dtype)}, so {why}")
 
 
 def check_dropout_rate(rate: float, where: str) -> None:

@@ -185,7 +185,7 @@ def _pack(mask: jax.Array) -> jax.Array:
     so each device packs its own shard: no flattening, which a mesh would have to gather.
     Where the last axis's shards are not whole bytes (:func:`_split_into_ragged_bytes`), the
     mask is kept unpacked, one byte per element."""
-    if _split_into_ragged_bytes(mask):
+    if _split_into_ragged_bytes(mask) or mask.size == 0:  # jnp.unpackbits fails on (0, C)
         return mask
     return jnp.packbits(jnp.atleast_1d(mask), axis=-1)
 

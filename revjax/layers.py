@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import solve_triangular
 
-from revjax._validate import check_nonzero_in, positive_float, positive_int, real_scalar
+from revjax._validate import check_representable_in, positive_float, positive_int, real_scalar
 from revjax.coupling import Coupling
 from revjax.precision import Policy
 from revjax.scan import reversible_scan
@@ -58,8 +58,48 @@ def _log_det_dtype(*arrays: jax.Array) -> jnp.dtype:
     return jnp.result_type(jnp.float32, *arrays)
 
 
-def _layer(forward, inverse, log_det, kind: str = "layerwise", aux=None) -> Coupling:
-    layer = Coupling(forward, inverse, log_det=log_det, aux=aux)
+def _one_array(x: Any, name: str) -> None:
+    """Layer-wise layers act on the stream as one channels-last array; a pytree stream (the
+    ``(x1, x2)`` halves) failed deep inside JAX (a tracer conversion, ``'tuple' has no
+    attribute 'dtype'``) without naming the layer."""
+    if not isinstance(x, jax.Array | np.ndarray):
+        raise TypeError(
+            f"layers.{name}: acts on one channels-last array, got {type(x).__name__} "
+            f"{jax.tree.structure(x)}; put it where the stream is one array, or on one half "
+            "inside a coupling's branch (layers.layerwise_branch)"
+        )
+
+
+def _in_stream_dtype(fn: Callable, name: str) -> Callable:
+    """``fn(params, x, ...)`` checked to get one array and returned in ``x``'s dtype: a layer
+    transforms the stream itself, so it keeps the stream's dtype as a coupling's combine does
+    (float32 params on a bfloat16 stream promoted the output to float32, and the scans refused
+    the stack); it computes in the dtype ``x`` and the params promote to."""
+
+    def in_stream_dtype(params, x, *args, **kwargs):
+        _one_array(x, name)
+        return fn(params, x, *args, **kwargs).astype(x.dtype)
+
+    return in_stream_dtype
+
+
+def _checked(fn: Callable, name: str) -> Callable:
+    """``fn(params, x, ...)`` checked to get one array (``log_det``, ``aux``)."""
+
+    def checked(params, x, *args, **kwargs):
+        _one_array(x, name)
+        return fn(params, x, *args, **kwargs)
+
+    return checked
+
+
+def _layer(forward, inverse, log_det, name: str, kind: str = "layerwise", aux=None) -> Coupling:
+    layer = Coupling(
+        _in_stream_dtype(forward, name),
+        _in_stream_dtype(inverse, name),
+        log_det=_checked(log_det, name),
+        aux=None if aux is None else _checked(aux, name),
+    )
     return layer._replace(map_branches=_no_branches(layer, kind))
 
 
@@ -74,37 +114,41 @@ def _check_permutation(permutation: Any, where: str) -> np.ndarray:
 def leaky_relu(slope: float = 0.1) -> Coupling:
     """``y = x`` for ``x >= 0``, ``slope x`` otherwise; params ``None``.
 
+    The branch is chosen by the sign bit, so ``-0.0`` is negative: a tiny negative ``x`` whose
+    ``slope x`` underflows to ``-0.0`` is reconstructed as ``-0.0``, on the same branch (by
+    ``x >= 0`` the vjp at the reconstruction took slope 1 where backprop took ``slope``).
     The inverse divides negative outputs by ``slope``, so it amplifies their round-off by
     ``1/slope`` (10x at the default): keep the slope moderate in deep layer-wise chains.
 
     Raises:
       ValueError: ``slope`` not a finite real number > 0 (``slope = 0`` is not invertible),
-        or, when called, one that rounds to 0 in the input's dtype (``1e-8`` in float16).
+        or, when called, one that rounds to 0 or overflows to inf in the input's dtype
+        (``1e-8`` or ``1e5`` in float16).
     """
     slope = positive_float(slope, "slope", "layers.leaky_relu")
 
     def check_representable(x):
-        check_nonzero_in(
+        check_representable_in(
             slope,
             x.dtype,
             "slope",
             "layers.leaky_relu",
-            "negative inputs would all map to 0 and could not be recovered; use a larger slope",
+            "negative inputs could not be recovered from the outputs; use a slope nearer 1",
         )
 
     def forward(params, x, key=None):
         check_representable(x)
-        return jnp.where(x >= 0, x, slope * x)
+        return jnp.where(jnp.signbit(x), slope * x, x)
 
     def inverse(params, y, key=None):
         check_representable(y)
-        return jnp.where(y >= 0, y, y / slope)
+        return jnp.where(jnp.signbit(y), y / slope, y)
 
     def log_det(params, x, key=None):
-        negatives = jnp.sum(x < 0, dtype=jnp.int32)  # each contributes log(slope)
+        negatives = jnp.sum(jnp.signbit(x), dtype=jnp.int32)  # each contributes log(slope)
         return negatives.astype(_log_det_dtype(x)) * math.log(slope)
 
-    return _layer(forward, inverse, log_det)
+    return _layer(forward, inverse, log_det, "leaky_relu")
 
 
 def _channels(x: jax.Array, expected: int, where: str) -> None:
@@ -170,7 +214,7 @@ def actnorm() -> Coupling:
         log_scale = params["log_scale"]
         return _pixels(x) * jnp.sum(log_scale.astype(_log_det_dtype(log_scale)))
 
-    return _layer(forward, inverse, log_det)
+    return _layer(forward, inverse, log_det, "actnorm")
 
 
 def init_actnorm(x: jax.Array, eps: float = 1e-6) -> dict[str, jax.Array]:
@@ -246,7 +290,7 @@ def batch_norm(eps: float = 1e-5, scale_eps: float = 1e-2) -> Coupling:
         per_pixel = jnp.log(scale.astype(wide)) - jnp.log(deviation.astype(wide))
         return _pixels(x) * jnp.sum(per_pixel)
 
-    return _layer(forward, inverse, log_det, aux=side)
+    return _layer(forward, inverse, log_det, "batch_norm", aux=side)
 
 
 def update_running_stats(
@@ -306,7 +350,7 @@ def batch_norm_inference(eps: float = 1e-5, scale_eps: float = 1e-2) -> Coupling
         scale = affine(params)[0]
         return _pixels(x) * jnp.sum(jnp.log(scale.astype(_log_det_dtype(scale))))
 
-    return _layer(forward, inverse, log_det)
+    return _layer(forward, inverse, log_det, "batch_norm_inference")
 
 
 def permute(permutation: Any) -> Coupling:
@@ -322,7 +366,7 @@ def permute(permutation: Any) -> Coupling:
         _channels(y, perm.size, "permute")
         return y[..., inv]
 
-    return _layer(forward, inverse, _zero_log_det, kind="permutation")
+    return _layer(forward, inverse, _zero_log_det, "permute", kind="permutation")
 
 
 def conv1x1(permutation: Any = None) -> Coupling:
@@ -379,7 +423,7 @@ def conv1x1(permutation: Any = None) -> Coupling:
         log_scale = params["log_scale"]
         return _pixels(x) * jnp.sum(log_scale.astype(_log_det_dtype(log_scale)))
 
-    return _layer(forward, inverse, log_det)
+    return _layer(forward, inverse, log_det, "conv1x1")
 
 
 def init_conv1x1(key: jax.Array, channels: int, scale: float = 0.1) -> dict[str, jax.Array]:
@@ -426,7 +470,7 @@ def squeeze() -> Coupling:
             raise ValueError(f"squeeze.inverse: expects (N, H, W, 4C), got shape {y.shape}")
         return _merge_2x2(y.reshape(*y.shape[:3], 4, y.shape[-1] // 4))
 
-    return _layer(forward, inverse, _zero_log_det, kind="permutation")
+    return _layer(forward, inverse, _zero_log_det, "squeeze", kind="permutation")
 
 
 def batch_pool() -> Coupling:
@@ -446,7 +490,7 @@ def batch_pool() -> Coupling:
         phases = jnp.moveaxis(y.reshape(4, y.shape[0] // 4, *y.shape[1:]), 0, 3)
         return _merge_2x2(phases)
 
-    return _layer(forward, inverse, _zero_log_det, kind="permutation")
+    return _layer(forward, inverse, _zero_log_det, "batch_pool", kind="permutation")
 
 
 def layerwise_branch(block: Coupling, *, policy: Policy | None = None) -> Callable[..., jax.Array]:

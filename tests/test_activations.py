@@ -291,3 +291,14 @@ def test_inverted_gelu_saves_memory_in_a_residual_mlp_stack():
 def test_derivative_error_refuses_an_unknown_function_by_listing_the_known_ones():
     with pytest.raises(ValueError, match=r"one of \['gelu_erf', 'gelu_tanh', 'silu'\], got 'relu'"):
         act.derivative_error("relu", GRID)
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8), (0,), (3, 0)])
+@pytest.mark.parametrize("name", ["gelu", "silu"])
+def test_empty_arrays_get_an_empty_gradient(name, shape):
+    """An empty batch of 8 features, (0, 8), failed in the backward pass (jnp.unpackbits
+    divided by zero reshaping the mask); jax.nn returns an empty gradient, as now does revjax."""
+    fn = getattr(act, name)
+    x = jnp.zeros(shape)
+    g = jax.grad(lambda v: fn(v).sum())(x)
+    assert g.shape == shape and g.dtype == x.dtype

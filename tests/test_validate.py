@@ -8,7 +8,7 @@ import pytest
 
 from revjax._validate import (
     check_dropout_rate,
-    check_nonzero_in,
+    check_representable_in,
     output_path_problem,
     positive_int,
 )
@@ -29,17 +29,17 @@ def test_positive_int_refuses_with_caller_and_argument_named(value):
 @pytest.mark.parametrize(
     "value, dtype", [(1e-8, jnp.float32), (1e-4, jnp.float16), (1e-8, jnp.int32), (1e-8, bool)]
 )
-def test_nonzero_in_accepts_a_number_representable_in_the_dtype(value, dtype):
-    check_nonzero_in(value, dtype, "slope", "where", "why")  # ints and bools are not rounded
+def test_representable_in_accepts_a_number_representable_in_the_dtype(value, dtype):
+    check_representable_in(value, dtype, "slope", "where", "why")  # ints and bools are not rounded
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
-def test_nonzero_in_refuses_a_number_that_rounds_to_zero(dtype):
+def test_representable_in_refuses_a_number_that_rounds_to_zero(dtype):
     # 1e-50 is below the smallest subnormal of both (float16 6e-8, bfloat16 9e-41).
     with pytest.raises(
         ValueError, match=r"^where: slope=1e-50 rounds to 0 in (b)?float16, so why$"
     ):
-        check_nonzero_in(1e-50, dtype, "slope", "where", "why")
+        check_representable_in(1e-50, dtype, "slope", "where", "why")
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.5, np.float32(0.25), 0, jnp.float32(0.1)])

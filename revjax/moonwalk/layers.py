@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from revjax._validate import check_nonzero_in, positive_float, real_scalar
+from revjax._validate import check_representable_in, positive_float, real_scalar
 from revjax.coupling import Coupling, reconstruct_and_vjp, sequence
 from revjax.scan import reversible_scan, stack_depth
 
@@ -218,19 +218,20 @@ def leaky_relu(slope: float = 0.1, name: str = "leaky_relu") -> Layer:
       ValueError: ``slope <= 0`` (``slope = 0`` makes the Jacobian singular, a negative slope
         makes the map non-injective), a slope that is not one finite real number (``bool``,
         a string, an array), or (at trace time) one that rounds to 0 in the input's dtype
-        (``1e-8`` in float16: the vijp would divide by 0), or an input that is not one array.
+        (``1e-8`` in float16: the vijp would divide by 0) or overflows to inf (``1e5``), or an
+        input that is not one array.
     """
     where = f"leaky_relu({name!r})"
     slope = positive_float(slope, "slope", where)  # 0: a singular Jacobian
 
     def forward(params, x):
         x = _single_array(x, where)
-        check_nonzero_in(
+        check_representable_in(
             slope,
             x.dtype,
             "slope",
             where,
-            "the Jacobian is singular there and the vijp would divide by 0; use a larger slope",
+            "the Jacobian is singular or infinite there; use a slope nearer 1",
         )
         return jnp.where(x >= 0, x, slope * x)
 
