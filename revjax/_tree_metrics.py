@@ -91,7 +91,9 @@ def relative_norm(approx: list[jax.Array], reference: list[jax.Array]) -> jax.Ar
 
 def relative_error(approx: PyTree, reference: PyTree) -> jax.Array:
     """``||approx - reference|| / ||reference||`` over all leaves jointly, in float32 (float64
-    when a leaf is float64, with x64 on).
+    when a leaf is float64, with x64 on). Concrete leaves whose values float32 cannot hold (a
+    NumPy float64 without x64, an integer dtype of 32 or more bits) are compared on the host in
+    NumPy float64, and the result is a NumPy float64.
 
     The norm is the Euclidean norm of every leaf flattened and concatenated; both pytrees must
     have the same structure and shapes (real dtypes: complex leaves raise ``TypeError``). Every
@@ -99,7 +101,9 @@ def relative_error(approx: PyTree, reference: PyTree) -> jax.Array:
     squares overflow float32) and tiny ones (whose squares underflow) still give the right
     answer. Returns ``inf`` when the reference is zero and the approximation is not, 0 when both
     are zero (also for pytrees without leaves), and NaN when either holds a NaN or inf (never a
-    misleading 0). PRNG key leaves are refused (``TypeError`` naming the leaf).
+    misleading 0). Values are taken as normal numbers: XLA on CPU flushes float32 subnormals
+    (``|v| < 1.2e-38``) to zero, so two arrays differing only there compare as equal. PRNG key
+    leaves are refused (``TypeError`` naming the leaf).
     """
     if jax.tree.structure(approx) != jax.tree.structure(reference):
         raise ValueError(
@@ -121,7 +125,53 @@ def relative_error(approx: PyTree, reference: PyTree) -> jax.Array:
                 f"relative_error: leaf {path or '(root)'} has shape {jnp.shape(x)} in approx "
                 f"but {jnp.shape(y)} in reference"
             )
+    if _wider_than_float32(approx, reference):
+        return _host_relative_norm(jax.tree.leaves(approx), jax.tree.leaves(reference))
     return relative_norm(*metric_leaves("relative_error", approx, reference))
+
+
+#: Dtypes whose values float32 cannot hold: float64's range and digits, integers above 2^24.
+_WIDE = {np.dtype(d) for d in ("float64", "int32", "int64", "uint32", "uint64")}
+
+
+def _wider_than_float32(*trees: PyTree) -> bool:
+    """Whether the comparison must leave float32: a leaf, as given, of a dtype in ``_WIDE``
+    where JAX would compute in float32 (a NumPy float64 without x64: ``1e-300`` became 0 and
+    ``1e300`` inf, so ``relative_error`` said 0 or NaN; any integer above ``2^24``). Only for
+    concrete leaves, which NumPy can read: under ``jit`` (tracers) the device path is kept."""
+    leaves = [leaf for tree in trees for leaf in jax.tree.leaves(tree)]
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return False
+    given = [_given_dtype(leaf) for leaf in leaves if not _is_key(leaf)]
+    if jax.config.jax_enable_x64:  # float64 stays float64 on the device: only integers
+        return any(d in _WIDE and d.kind in "iu" for d in given)
+    return any(d in _WIDE for d in given)
+
+
+def _host_relative_norm(approx: list[Any], reference: list[Any]) -> np.float64:
+    """:func:`relative_norm` in NumPy float64 on the host, same conventions (inf, 0, NaN)."""
+    as_f64 = lambda leaves: [np.asarray(v, np.float64).ravel() for v in leaves]
+    approx, reference = as_f64(approx), as_f64(reference)
+    if not all(np.all(np.isfinite(v)) for v in [*approx, *reference]):
+        return np.float64(np.nan)
+
+    def norm(vectors):  # scaled by the largest entry so no square overflows or underflows
+        peak = max((float(np.max(np.abs(v), initial=0.0)) for v in vectors), default=0.0)
+        if peak == 0:
+            return 0.0
+        return peak * float(np.sqrt(sum(np.sum(np.square(v / peak)) for v in vectors)))
+
+    with np.errstate(over="ignore"):  # a - r of two huge finite values may be inf: scaled below
+        diff = [a - r for a, r in zip(approx, reference, strict=True)]
+    if not all(np.all(np.isfinite(d)) for d in diff):
+        common = max(float(np.max(np.abs(v), initial=0.0)) for v in [*approx, *reference])
+        diff = [a / common - r / common for a, r in zip(approx, reference, strict=True)]
+        diff_norm, ref_norm = norm(diff), norm([r / common for r in reference])
+    else:
+        diff_norm, ref_norm = norm(diff), norm(reference)
+    if ref_norm == 0:
+        return np.float64(np.inf if diff_norm > 0 else 0.0)
+    return np.float64(diff_norm / ref_norm)
 
 
 def _is_key(value: Any) -> bool:
@@ -136,6 +186,10 @@ def _given_dtype(value: Any) -> Any:
     if _is_key(value):
         return value.dtype
     return np.dtype(value.dtype) if hasattr(value, "dtype") else np.dtype(jnp.result_type(value))
+
+
+def _python_number(value: Any) -> bool:
+    return isinstance(value, int | float | complex)
 
 
 def _on_host(value: Any) -> bool:
@@ -159,7 +213,9 @@ def bitwise_equal(a: PyTree, b: PyTree) -> jax.Array:
     Stricter than ``array_equal``: ``+0.0`` and ``-0.0`` differ, and a NaN equals a NaN with the
     same payload. This is the check behind every "bitwise" claim of revjax. Dtypes are those
     of the leaves as given, and two NumPy leaves are compared on the host: a NumPy float64 is
-    neither float32 nor converted to it when JAX runs without x64. PRNG key arrays (an NNX
+    neither float32 nor converted to it when JAX runs without x64, and two Python numbers are
+    compared exactly (``1.0`` and ``1.0 + 1e-12`` differ; an int above ``2^31`` is no
+    error), of the same Python type. PRNG key arrays (an NNX
     model's ``nnx.Rngs``) are equal when their implementations and key data are; ``float0``
     leaves (integer inputs' gradients) have no bits, so equal shapes suffice.
     """
@@ -167,6 +223,10 @@ def bitwise_equal(a: PyTree, b: PyTree) -> jax.Array:
         return jnp.bool_(False)
     same = [jnp.bool_(True)]
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if _python_number(x) and _python_number(y):  # exactly, not rounded to float32/int32
+            equal = type(x) is type(y) and _host_bitwise_equal(np.asarray(x), np.asarray(y))
+            same.append(jnp.bool_(equal))
+            continue
         if jnp.shape(x) != jnp.shape(y) or _given_dtype(x) != _given_dtype(y):
             return jnp.bool_(False)
         if _given_dtype(x) == jax.dtypes.float0:  # no bits: equal shapes are all there is

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from revjax._validate import output_path_problem
+from revjax._validate import output_path_problem, positive_float, positive_int
 from revjax.bench import environment
 from revjax.data import load_digits
 from revjax.diagnostics import format_table, relative_error
@@ -134,9 +134,25 @@ def run(
     """Trains the classifier by each of ``METHODS`` from the same initial parameters and prints
     one table: test accuracy, gradient error vs backprop at initialisation, gradient temp
     memory at ``depth`` and ``deep`` layers, step time. Returns the table's rows (and writes
-    them with the environment to ``json_path`` when given)."""
+    them with the environment to ``json_path`` when given).
+
+    Raises:
+      ValueError: ``depth``, ``deep``, ``width``, ``hidden``, ``epochs`` or ``batch`` not a
+        positive int (``epochs=0`` crashed after building everything), ``batch`` larger than
+        the training set (no step was taken, and the table showed the untrained network), or
+        ``lr`` not finite and > 0.
+    """
+    sizes = {"depth": depth, "deep": deep, "width": width, "hidden": hidden, "epochs": epochs}
+    for name, value in (sizes | {"batch": batch}).items():
+        positive_int(value, name, "demo.run")
+    positive_float(lr, "lr", "demo.run")
     started = time.perf_counter()
     data = load_digits(seed=seed)
+    if batch > len(data.x_train):
+        raise ValueError(
+            f"demo.run: batch={batch} is larger than the training set "
+            f"({len(data.x_train)} examples): no training step would be taken"
+        )
     features = data.x_train.shape[1]
     print(
         f"revjax demo: sklearn digits, {len(data.x_train)} train / {len(data.x_test)} test, "

@@ -45,7 +45,12 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Compil
 
     Nothing is executed, so abstract arguments measure sizes that would not fit in memory.
     ``fn`` may already be jitted; keyword arguments are traced, not static.
+
+    Raises:
+      TypeError: ``fn`` is not callable.
     """
+    if not callable(fn):  # a str has .lower too, which was taken for a jitted function's
+        raise TypeError(f"compiled_memory: expected a function, got {type(fn).__name__} {fn!r}")
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
     return memory_of(jitted.lower(*args, **kwargs).compile())
 

@@ -70,3 +70,20 @@ def test_demo_refuses_bad_arguments_before_training(args, message, capsys):
         demo_main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        # Crashed with UnboundLocalError after building everything.
+        ({"epochs": 0}, r"demo\.run: epochs must be a positive int, got 0"),
+        # Trained nothing and printed the untrained accuracy (0.134) for every method.
+        ({"batch": 5000}, r"demo\.run: batch=5000 is larger than the training set \(1438 "),
+        ({"depth": 0}, r"demo\.run: depth must be a positive int, got 0"),  # named init_mlp
+        ({"lr": -1.0}, r"demo\.run: lr must be finite and > 0, got -1\.0"),  # was accepted
+    ],
+)
+def test_run_refuses_bad_arguments_by_name(kwargs, message, capsys):
+    with pytest.raises(ValueError, match=message):
+        run(**kwargs)
+    assert "test acc" not in capsys.readouterr().out  # no table for a run that did not train

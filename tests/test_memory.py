@@ -65,3 +65,11 @@ def test_memory_of_wants_a_compiled_executable():
     with pytest.raises(TypeError, match=r"memory_of: expected a compiled executable.*PjitFunction"):
         memory_of(fn)  # was AttributeError: no attribute 'memory_analysis'
     assert memory_of(fn.lower(jnp.ones(4)).compile()).output_bytes == 16
+
+
+@pytest.mark.parametrize("fn", ["abc", 3, None])
+def test_compiled_memory_wants_a_function(fn):
+    """A str has a .lower attribute and was taken for a jitted function: "str.lower() takes
+    no arguments"."""
+    with pytest.raises(TypeError, match=r"compiled_memory: expected a function, got"):
+        compiled_memory(fn, jnp.ones(3))

@@ -148,3 +148,44 @@ def test_relative_error_refuses_key_leaves_by_name():
     state = {"w": jnp.ones(3), "rngs": {"key": jax.random.key(0)}}
     with pytest.raises(TypeError, match=r"leaf \['rngs'\]\['key'\] is a PRNG key array"):
         relative_error(state, state)
+
+
+@pytest.mark.parametrize(
+    "approx, reference, expected",
+    [
+        ([1e-300], [2e-300], 0.5),  # was 0.0: both rounded to float32's 0
+        ([1e300], [2e300], 0.5),  # was NaN: both rounded to inf
+        ([1.0 + 1e-12], [1.0], (1.0 + 1e-12) - 1.0),  # was 0.0: below float32's ulp
+        ([1.7e308], [-1.7e308], 2.0),  # a - r overflows float64: rescaled
+    ],
+)
+def test_relative_error_of_numpy_float64_without_x64_is_taken_in_float64(
+    approx, reference, expected
+):
+    """NumPy float64 leaves were cast to float32 (JAX without x64): finite inputs gave a
+    misleading 0 or a NaN. They are compared on the host in float64."""
+    assert not jax.config.jax_enable_x64
+    error = relative_error(np.array(approx), np.array(reference))
+    assert isinstance(error, np.float64)
+    np.testing.assert_allclose(error, expected, rtol=1e-9)
+
+
+def test_relative_error_of_integers_above_float32_digits():
+    """int32 2^24 + 1 and 2^24 are one float32 apart from nothing: 0 instead of 6.0e-8."""
+    error = relative_error(jnp.array([2**24 + 1]), jnp.array([2**24]))
+    np.testing.assert_allclose(error, 2.0**-24, rtol=1e-12)
+    both_zero = relative_error(np.zeros(3, np.int64), np.zeros(3, np.int64))
+    assert float(both_zero) == 0.0
+    assert float(relative_error(np.zeros(2), np.full(2, 1e-300))) == 1.0
+    assert np.isnan(relative_error(np.array([np.inf]), np.array([1.0])))
+    under_jit = jax.jit(relative_error)(jnp.array([3]), jnp.array([4]))  # tracers: device path
+    assert isinstance(under_jit, jax.Array) and float(under_jit) == pytest.approx(0.25)
+
+
+def test_bitwise_equal_compares_python_numbers_exactly():
+    """A Python float was rounded to float32 first (1.0 and 1.0 + 1e-12 were "equal") and a
+    Python int above 2^31 raised OverflowError."""
+    assert not bool(bitwise_equal(1.0, 1.0 + 1e-12))
+    assert not bool(bitwise_equal(2**40, 2**40 + 1)) and bool(bitwise_equal(2**40, 2**40))
+    assert not bool(bitwise_equal(0.0, -0.0)) and not bool(bitwise_equal(1.0, 1))
+    assert bool(bitwise_equal({"lr": 0.1, "steps": 3}, {"lr": 0.1, "steps": 3}))
