@@ -301,8 +301,8 @@ def update_running_stats(
     leaves may be stacked over layers). Call it once per training step.
 
     Raises:
-      ValueError: ``momentum`` (a concrete number) outside ``[0, 1]``, or a dict without
-        ``mean`` and ``var``.
+      ValueError: ``momentum`` (a concrete number) outside ``[0, 1]``, a dict without
+        ``mean`` and ``var``, or running and batch statistics of different shapes.
     """
     number = real_scalar(momentum)
     if isinstance(momentum, bool | str) or (number is not None and not 0.0 <= number <= 1.0):
@@ -312,6 +312,13 @@ def update_running_stats(
             got = sorted(stats) if isinstance(stats, Mapping) else type(stats).__name__
             raise ValueError(
                 f"update_running_stats: {name} must be a dict with 'mean' and 'var', got {got}"
+            )
+    for key in ("mean", "var"):  # else (C,) running stats broadcast over (L, C) stacked ones
+        if jnp.shape(running[key]) != jnp.shape(batch[key]):
+            raise ValueError(
+                f"update_running_stats: running[{key!r}] has shape {jnp.shape(running[key])} "
+                f"but batch[{key!r}] {jnp.shape(batch[key])}; stack the running statistics "
+                "like the batch's (one row per layer from reversible_scan's aux)"
             )
     return {key: momentum * running[key] + (1 - momentum) * batch[key] for key in ("mean", "var")}
 

@@ -635,8 +635,8 @@ def inverse_scan(
     ``reversible_scan(..., return_aux=True)`` returned.
 
     Raises:
-      ValueError: the block has side information and ``aux`` is missing, or ``aux`` is given
-        for a block without side information.
+      ValueError: the block has side information and ``aux`` is missing, ``aux`` is given
+        for a block without side information, or a leaf of ``aux`` has not ``L`` entries.
     """
     block, y, depth, _ = prepare_stack(block, params, y, key, policy, "inverse_scan")
     if block.aux is not None and aux is None:
@@ -649,6 +649,14 @@ def inverse_scan(
             "inverse_scan: aux= was given but this block has no side information (only blocks "
             "such as layers.batch_norm do), so it would be ignored; drop aux="
         )
+    if aux is not None:  # else lax.scan's "different leading axis sizes: 3, 3, 3, 2, 2"
+        lengths = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in jax.tree.leaves(aux)}
+        if lengths - {depth}:
+            raise ValueError(
+                f"inverse_scan: aux must hold one entry per layer (leading axis L = {depth}, "
+                f"from params), got leading axes {sorted(lengths, key=str)}; pass the aux "
+                "reversible_scan(..., return_aux=True) returned for these params"
+            )
 
     def body(y_, inputs):
         p, layer, side = inputs

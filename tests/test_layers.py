@@ -429,6 +429,10 @@ def test_batch_norm_stack_in_reversible_scan():
     assert float(relative_error(rj.inverse_scan(block, params, y, aux=aux), x)) <= 1e-5
     with pytest.raises(ValueError, match="needs side information"):
         rj.inverse_scan(block, params, y)
+    # aux of another depth: was lax.scan's "different leading axis sizes: 6, 6, 6, 5, 5".
+    short = jax.tree.map(lambda a: a[:5], aux)
+    with pytest.raises(ValueError, match=r"aux must hold one entry per layer \(leading axis L = 6"):
+        rj.inverse_scan(block, params, y, aux=short)
 
 
 def test_log_det_of_a_layerwise_stack_through_the_generic_step():
@@ -747,6 +751,10 @@ def test_init_and_running_stats_settings_are_checked():
             layers.update_running_stats(stats, stats, momentum)
     with pytest.raises(ValueError, match=r"batch must be a dict with 'mean' and 'var', got \['m"):
         layers.update_running_stats(stats, {"mean": jnp.zeros(3)})
+    # (C,) running statistics against (L, C) stacked batch ones were broadcast to (L, C).
+    stacked = {"mean": jnp.zeros((2, 3)), "var": jnp.ones((2, 3))}
+    with pytest.raises(ValueError, match=r"running\['mean'\] has shape \(3,\) but batch"):
+        layers.update_running_stats(stats, stacked)
     # A traced momentum (a schedule under jit) is not checked, and works.
     out = jax.jit(layers.update_running_stats)(stats, {**stats, "mean": jnp.ones(3)}, 0.25)
     np.testing.assert_allclose(out["mean"], 0.75)
