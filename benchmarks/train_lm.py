@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{args.resume_from} is at step {resumed[2]}, the run's last (--steps "
                     f"{config.steps}): nothing left to train"
                 )
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:  # a config whose weights file is gone
         parser.error(str(err))
 
     runs = {}

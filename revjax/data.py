@@ -125,8 +125,12 @@ def load_stdlib_text(
     if not is_valid.any():
         raise ValueError(
             f"load_stdlib_text: {len(corpus)} bytes make fewer than {every} blocks of "
-            f"{block_bytes}, so the validation part would be empty; raise max_bytes or lower "
-            "block_bytes"
+            f"{block_bytes}, so the validation part would be empty; "
+            + (
+                "raise max_bytes or lower block_bytes"
+                if len(corpus) == max_bytes
+                else f"the standard library holds only these {len(corpus)} bytes: lower block_bytes"
+            )
         )
     return TextSplit(corpus[~is_valid].copy(), corpus[is_valid].copy())
 

@@ -179,12 +179,25 @@ def restore_state(node: Any, path: str | Path) -> None:
     arrays, placed by the shardings the abstract values carry.
 
     Raises:
-      ValueError: the file's variables differ from the module's (missing or extra paths, or a
+      FileNotFoundError: no file at ``path``.
+      ValueError: the file is not msgpack written by :func:`save_state`, or its variables
+        differ from the module's (missing or extra paths, or a
         different shape, dtype or number of leaves), naming the first differences; or a
         Python scalar saved from a concrete module does not fit the dtype an abstract
         module's scalar takes (an int past int32, a float past float32 without x64).
     """
-    saved = serialization.msgpack_restore(Path(path).read_bytes())
+    raw = Path(path).read_bytes()  # FileNotFoundError names the path
+    try:
+        saved = serialization.msgpack_restore(raw)
+    except Exception as err:  # msgpack's own errors ("unpack(b) received extra data") name no file
+        raise ValueError(
+            f"restore_state: {path} is not a checkpoint written by save_state (msgpack: {err})"
+        ) from err
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"restore_state: {path} is not a checkpoint written by save_state (it holds a "
+            f"{type(saved).__name__}, not variables by path)"
+        )
     target = _flat_state(node)
     missing, extra = sorted(set(target) - set(saved)), sorted(set(saved) - set(target))
     if missing or extra:

@@ -77,6 +77,15 @@ def test_stdlib_text_refuses_a_bad_block_size(block_bytes):
         load_stdlib_text(20_000, block_bytes=block_bytes)
 
 
+def test_stdlib_text_too_short_for_its_blocks_gives_advice_that_can_work():
+    """Asking for more text than the standard library holds said "raise max_bytes", which
+    cannot help there; only a smaller block does."""
+    with pytest.raises(ValueError, match=r"the standard library holds only these \d+ bytes"):
+        load_stdlib_text(10**12, block_bytes=10**6)
+    with pytest.raises(ValueError, match="raise max_bytes or lower block_bytes"):
+        load_stdlib_text(5_000, modules=("typing",), block_bytes=1000)
+
+
 def test_stdlib_text_is_disjoint_interleaved_and_bounded():
     from revjax.data import unigram_entropy
 

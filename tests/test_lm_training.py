@@ -276,3 +276,56 @@ def test_train_lm_refuses_a_start_step_its_optimizer_is_not_at(corpus, tmp_path)
         train_lm(config, corpus, start_step=2)
     history = train_lm(config, corpus, start_step=2, model=model, optimizer=optimizer)[2]
     assert history.steps == [4]
+
+
+def test_train_lm_refuses_a_model_that_is_not_configs_or_an_optimizer_without_its_model(
+    corpus, tmp_path
+):
+    """An optimizer without its model drove a fresh random model with the old moments (eval
+    loss 5.90 against 5.86 uninterrupted); a model of other sizes was trained and checkpointed
+    under config's, which resume then could not restore; method= was ignored for a given
+    model."""
+    from revjax.models.lm_training import make_model
+
+    config = LMConfig(depth=1, dim=16, heads=2, seq_len=16, batch=2, steps=4, eval_every=2)
+    _, optimizer, _ = train_lm(config, corpus, stop_step=2)
+    with pytest.raises(ValueError, match="optimizer= was given without its model="):
+        train_lm(config, corpus, start_step=2, optimizer=optimizer)
+    bigger = make_model(dataclasses.replace(config, depth=2, dim=32))
+    with pytest.raises(ValueError, match=r"are not those config \(depth=1, dim=16, heads=2"):
+        train_lm(config, corpus, model=bigger, checkpoint=tmp_path / "c.msgpack")
+    assert not (tmp_path / "c.msgpack").exists()
+    with pytest.raises(ValueError, match=r"are not those config"):  # same shapes, 4 heads
+        train_lm(config, corpus, model=make_model(dataclasses.replace(config, heads=4)))
+    with pytest.raises(ValueError, match=r"method='reversible' but .* method='backprop'"):
+        train_lm(config, corpus, model=make_model(config, "backprop"))
+
+
+def test_train_lm_trains_a_model_handed_over_in_eval_mode_with_dropout(corpus):
+    """A model in eval mode trained without dropout until evaluate() switched it back to
+    training mode: its run differed from the same model's in training mode."""
+    from revjax.models.lm_training import make_model
+
+    config = LMConfig(depth=1, dim=16, heads=2, seq_len=16, batch=2, steps=2, dropout=0.3)
+    as_built = train_lm(config, corpus, model=make_model(config))[2]
+    evaluated = make_model(config)
+    evaluated.eval()
+    after_eval = train_lm(config, corpus, model=evaluated)[2]
+    assert after_eval.train_loss == as_built.train_loss
+    assert after_eval.eval_loss == as_built.eval_loss
+
+
+def test_script_refuses_a_checkpoint_whose_weights_are_gone(corpus, tmp_path, capsys):
+    """A recorded config without its weights file ended in a FileNotFoundError traceback."""
+    from benchmarks import train_lm as script
+
+    config = LMConfig(depth=1, dim=16, heads=2, seq_len=16, batch=2, steps=4, eval_every=2)
+    path = tmp_path / "c.msgpack"
+    train_lm(config, corpus, stop_step=2, checkpoint=path)
+    path.unlink()
+    args = ["--depth", "1", "--dim", "16", "--heads", "2", "--seq-len", "16", "--batch", "2",
+            "--steps", "4", "--eval-every", "2", "--max-bytes", "300000"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([*args, "--resume-from", str(path), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "No such file or directory" in capsys.readouterr().err

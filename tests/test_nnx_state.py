@@ -59,6 +59,21 @@ def test_a_failed_restore_leaves_the_module_untouched(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
+    """Corrupt bytes raised msgpack's "unpack(b) received extra data", naming no file."""
+    model = make_stack()
+    path = tmp_path / "state.msgpack"
+    rnnx.save_state(model, path)
+    path.write_bytes(path.read_bytes() + b"junk")
+    with pytest.raises(ValueError, match=r"restore_state: .*state\.msgpack is not a checkpoint"):
+        rnnx.restore_state(model, path)
+    path.write_bytes(b"\x01")  # valid msgpack, the integer 1
+    with pytest.raises(ValueError, match=r"not a checkpoint written by save_state \(it holds"):
+        rnnx.restore_state(model, path)
+    with pytest.raises(FileNotFoundError, match=r"missing\.msgpack"):
+        rnnx.restore_state(model, tmp_path / "missing.msgpack")
+
+
 def test_python_scalar_variables_round_trip(tmp_path):
     class Scaled(nnx.Module):
         def __init__(self):

@@ -69,6 +69,8 @@ def test_bad_sizes():
         ReversibleTransformer(256, 32, 0, 4, 16, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="sequence length 40 exceeds max_len=32"):
         small_model()(tokens(1, 40))
+    with pytest.raises(ValueError, match=r"tokens have length 0 \(shape \(2, 0\)\)"):
+        small_model()(tokens(2, 0))  # was a ZeroDivisionError from a reshape
     with pytest.raises(TypeError, match=r"tokens must be integer ids.*got float32\[1, 8\]"):
         small_model()(tokens(1, 8).astype(jnp.float32))  # was "indices must have an integer type"
     with pytest.raises(

@@ -172,6 +172,35 @@ def make_model(config: LMConfig, method: Method = "reversible") -> ReversibleTra
     )
 
 
+def _check_model_matches(model: ReversibleTransformer, config: LMConfig, method: Method) -> None:
+    """Refuse a given model that is not ``config``'s (it was trained, then checkpointed under
+    ``config``'s sizes, which resume could not restore) or not built for ``method`` (which
+    was ignored)."""
+    if not isinstance(model, ReversibleTransformer):
+        raise TypeError(
+            f"train_lm: model must be a ReversibleTransformer, got {type(model).__name__}"
+        )
+    expected = nnx.state(nnx.eval_shape(lambda: make_model(config, method)), nnx.Param)
+    given = nnx.state(model, nnx.Param)
+    shapes = lambda state: [a.shape for a in jax.tree.leaves(state)]
+    heads = getattr(getattr(model.stack.blocks, "f", None), "heads", config.heads)
+    if (
+        jax.tree.structure(expected) != jax.tree.structure(given)
+        or shapes(expected) != shapes(given)
+        or heads != config.heads  # the same parameter shapes, another computation
+    ):
+        raise ValueError(
+            "train_lm: the given model's parameters (or heads) are not those config "
+            f"(depth={config.depth}, dim={config.dim}, heads={config.heads}, "
+            f"seq_len={config.seq_len}) gives; build it with make_model(config, method)"
+        )
+    if model.stack.method != method:
+        raise ValueError(
+            f"train_lm: method={method!r} but the given model was built with "
+            f"method={model.stack.method!r}"
+        )
+
+
 def make_optimizer(model: ReversibleTransformer, config: LMConfig) -> nnx.Optimizer:
     """AdamW with linear warm-up to ``lr`` then cosine decay to 0 at ``steps``."""
     schedule = optax.warmup_cosine_decay_schedule(
@@ -253,7 +282,12 @@ def train_lm(
         ``config.steps``; ``start_step`` is not the given ``optimizer``'s step count (its
         learning-rate schedule would be off by the difference), or not 0 without one (a new
         optimiser starts at 0); a split of ``corpus`` shorter than one window of
-        ``config.seq_len + 1`` bytes (refused before any model is built).
+        ``config.seq_len + 1`` bytes (refused before any model is built); an ``optimizer``
+        without its ``model``; a ``model`` whose parameter shapes are not ``config``'s or
+        built for another ``method``.
+      TypeError: ``model`` is not a :class:`ReversibleTransformer`.
+
+    A given model is switched to training mode (``model.train()``) before the first step.
     """
     stop_step = config.steps if stop_step is None else stop_step
     if not 0 <= start_step < stop_step <= config.steps:
@@ -275,7 +309,16 @@ def train_lm(
                 f"train_lm: the corpus's {name} split has {len(split)} bytes, fewer than one "
                 f"window of seq_len + 1 = {config.seq_len + 1}; use a shorter seq_len or more text"
             )
-    model = model if model is not None else make_model(config, method)
+    if model is None:
+        if optimizer is not None:  # its moments and step count would drive a fresh model
+            raise ValueError(
+                "train_lm: optimizer= was given without its model=; pass both (resume returns "
+                "both) or neither"
+            )
+        model = make_model(config, method)
+    else:
+        _check_model_matches(model, config, method)
+    model.train()  # a model handed over in eval mode trained without dropout until evaluate()
     optimizer = optimizer if optimizer is not None else make_optimizer(model, config)
     valid = [
         sample_batch(corpus.valid, config.batch, config.seq_len, config.seed + 1, i)

@@ -275,6 +275,11 @@ class ReversibleTransformer(nnx.Module):
                 f"shape {jnp.shape(tokens)}"
             )
         length = tokens.shape[-1]
+        if length == 0:  # else a ZeroDivisionError from a reshape in the attention
+            raise ValueError(
+                f"ReversibleTransformer: tokens have length 0 (shape {jnp.shape(tokens)}); "
+                "a sequence needs at least one token"
+            )
         if length > self.max_len:
             raise ValueError(
                 f"ReversibleTransformer: sequence length {length} exceeds max_len={self.max_len}"
