@@ -133,10 +133,14 @@ def _block_forward(self, x: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax
 def _block_inverse(self, y: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
     name = type(self).__name__
     y1, y2 = halves(y, name)
-    # g runs at y1 and f at x2, which has y2's shape.
-    if branch_draws_random(self.g, y1) or branch_draws_random(self.f, y2):
-        quiet = nnx.with_attributes(self, deterministic=True, raise_if_not_found=False)
-        if branch_draws_random(quiet.g, y1) or branch_draws_random(quiet.f, y2):
+    # g runs at y1 and f at x2, which has y2's shape. Traced here first: errors name the block.
+    with named(f"{name}.inverse"):
+        draws = branch_draws_random(self.g, y1) or branch_draws_random(self.f, y2)
+        if draws:
+            quiet = nnx.with_attributes(self, deterministic=True, raise_if_not_found=False)
+            draws_in_eval = branch_draws_random(quiet.g, y1) or branch_draws_random(quiet.f, y2)
+    if draws:
+        if draws_in_eval:
             advice = ", even in eval mode (e.g. a noise layer); use"  # .eval() would not help
         else:
             advice = "; call .eval() first (dropout off), or use"

@@ -231,7 +231,10 @@ class Stack(nnx.Module):
         if key is None and self.rngs is not None:
             # Draw (and advance the stream) only when the output depends on it; blocks that
             # draw nothing still need stream values to merge, and ignore them.
-            key = self.rngs() if draws_random(block, params, x) else jax.random.key(0)
+            # Traced here first: a wrong branch shape must name the stack here too.
+            with named(f"Stack({type(self.blocks).__name__})"):
+                draws = draws_random(block, params, x)
+            key = self.rngs() if draws else jax.random.key(0)
         options = dict(key=key, policy=self.policy)
         with named(f"Stack({type(self.blocks).__name__})"):
             if self.method == "backprop":
@@ -255,8 +258,12 @@ class Stack(nnx.Module):
         y = halves(y, f"Stack({type(self.blocks).__name__})")
         block, params = self.coupling()
         if key is None and self.rngs is not None:
-            if draws_random(block, params, y):
-                if not self.deterministic and not draws_random(*self._coupling(True), y):
+            where = f"Stack({type(self.blocks).__name__}).inverse"
+            with named(where):  # traced here first: errors name the stack here too
+                draws = draws_random(block, params, y)
+                quiet_draws = draws and draws_random(*self._coupling(True), y)
+            if draws:
+                if not self.deterministic and not quiet_draws:
                     hint = ", or call model.eval() first (dropout off)"
                 else:  # eval mode does not govern these draws (e.g. a noise layer)
                     hint = (

@@ -254,3 +254,33 @@ def test_single_block_errors_name_the_block_class():
         block(x)
     with pytest.raises(ValueError, match=r"^Wide\.inverse: additive_coupling: g must return"):
         block.inverse(x)
+
+
+def test_errors_name_the_block_class_when_branches_hold_rng_streams():
+    """With dropout in a branch the block is first traced to see whether it draws, outside the
+    naming context: the same shape error came without "Stack(WideDrop)" (called without key=)
+    or "WideDrop.inverse"."""
+
+    class WidenDrop(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.linear = nnx.Linear(dim, 2 * dim, rngs=rngs)
+            self.dropout = nnx.Dropout(0.1, rngs=rngs)
+
+        def __call__(self, h):
+            return self.dropout(self.linear(h))
+
+    @rnnx.reversible
+    class WideDrop(nnx.Module):
+        def __init__(self, dim, *, rngs):
+            self.f, self.g = nnx.Linear(dim, dim, rngs=rngs), WidenDrop(dim, rngs=rngs)
+
+    x = inputs()
+    stack = rnnx.Stack(WideDrop, 2, DIM, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"^Stack\(WideDrop\): additive_coupling: g must"):
+        stack(x)
+    with pytest.raises(ValueError, match=r"^Stack\(WideDrop\)\.inverse: additive_coupling: g"):
+        stack.inverse(x)
+    block = WideDrop(DIM, rngs=nnx.Rngs(0))
+    block.eval()
+    with pytest.raises(ValueError, match=r"^WideDrop\.inverse: additive_coupling: g must"):
+        block.inverse(x)
