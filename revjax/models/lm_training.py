@@ -71,8 +71,8 @@ class LMConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                 raise ValueError(f"LMConfig: {name} must be an int >= 0, got {value!r}")
             object.__setattr__(self, name, int(value))
-        if self.seed >= SEED_LIMIT:  # the keys are seed + 2 at most, and JAX's must fit int64
-            raise ValueError(f"LMConfig: seed must be < 2**32, got {self.seed}")
+        if self.seed >= SEED_LIMIT:  # seed + 2 seeds a key, and JAX's keys hold 32 bits
+            raise ValueError(f"LMConfig: seed must be < 2**32 - 2, got {self.seed}")
         if self.dim % self.heads:
             raise ValueError(f"LMConfig: dim={self.dim} is not divisible by heads={self.heads}")
         for name, low, open_low in (("lr", 0.0, True), ("weight_decay", 0.0, False)):
@@ -87,8 +87,9 @@ class LMConfig:
         object.__setattr__(self, "dropout", float(self.dropout))
 
 
-#: Seeds are below this (``jax.random.key(seed + 2)`` and ``nnx.Rngs`` need them to fit 64 bits).
-SEED_LIMIT = 2**32
+#: Seeds are below this: ``jax.random.key(seed + 2)`` keeps 32 bits without x64, so
+#: ``seed = 2**32 - 2`` gave the base key of ``key(0)`` (and 2**63 an ``OverflowError``).
+SEED_LIMIT = 2**32 - 2
 
 
 def corpus_fingerprint(corpus: TextSplit) -> dict[str, Any]:
