@@ -24,12 +24,11 @@ output is rounded onto the grid, ``q(d) = round(d 2^F) 2^-F``, with a straight-t
 so ``(x1 + q(d)) - q(d) == x1`` bit for bit: reconstruction is exact at any depth *provided the
 branch output ``d`` has the same bits in the forward pass and in the backward pass's vjp*. XLA
 does not promise that: a branch dividing by ``sqrt`` (``h / jnp.sqrt(v + eps)``, an RMSNorm or
-LayerNorm written so) was measured to round differently in the two programs (about 900 of 4096
-elements one ulp apart), so some ``q(d)`` land on another grid point and the gradient is then
-less accurate than a float32 stream's (1.1e-4 against 1.3e-6 at L = 16, by a read-only probe).
-``jax.lax.rsqrt``, ``jax.nn.standardize``, tanh, GELU, SiLU, softmax and exp were measured
-identical; :func:`revjax.diagnostics.reconstruction_report` inverts by ``block.inverse``, not the
-backward pass, so it cannot see this. Where the two agree, the gradient
+LayerNorm written so) rounds differently in the two programs on CPU, so some ``q(d)`` land on
+another grid point and the gradient is then less accurate than a float32 stream's (1.1e-4
+against 1.3e-6 at L = 16); written with ``jax.lax.rsqrt`` it is not affected
+(``tests/test_precision.py``). :func:`revjax.diagnostics.reconstruction_report` inverts by
+``block.inverse``, not the backward pass, so it cannot see this. Where the two agree, the gradient
 of :func:`revjax.reversible_scan` equals plain backprop of the same (quantised) network up to the
 rounding of the gradient arithmetic itself, which XLA may order differently in the two programs
 (bitwise equal for GELU-MLP branches; within float32 rounding, not compounding with depth, for
