@@ -161,6 +161,26 @@ def test_leaky_relu_slope_that_rounds_to_zero_in_the_input_dtype_is_refused():
     np.testing.assert_allclose(b, -1e8 * np.ones((2, 3)), rtol=1e-6)
 
 
+def test_leaky_relu_vijp_and_pull_use_the_slope_the_stream_dtype_applies():
+    """forward multiplies a bfloat16 x by the slope rounded to bfloat16 (0.3 -> 0.30078125),
+    but a float32 cotangent was divided (step) or multiplied (pull) by the exact 0.3, and
+    step rounded its float32 y_bar to bfloat16: both 2.6e-3 off on the negative side."""
+    layer = mw.leaky_relu(0.3, name="act")
+    x = jnp.array([[-1.0, 2.0, -3.0, 0.5]], jnp.bfloat16)
+    applied = np.float32(jnp.bfloat16(0.3))  # 0.30078125, the slope forward really used
+    a = jnp.array([[0.7, -1.3, 0.1, 2.2]], jnp.float32)
+    b = mw.vijp(layer, None, x, a)
+    assert b.dtype == jnp.float32  # not rounded to x's bfloat16
+    np.testing.assert_allclose(b, a / np.where(x >= 0, 1, applied), rtol=1e-7)
+    _, residual = layer.save_forward(None, x)
+    _, x_bar = layer.pull(None, residual, None, a)
+    np.testing.assert_allclose(x_bar, a * np.where(x >= 0, 1, applied), rtol=1e-7)
+    # pull is the layer's own vjp: with a bfloat16 cotangent they agree bit for bit.
+    a16 = a.astype(jnp.bfloat16)
+    assert np.array_equal(layer.pull(None, residual, None, a16)[1],
+                          jax.vjp(lambda x_: layer.forward(None, x_), x)[1](a16)[0])  # fmt: skip
+
+
 def test_single_stream_layers_name_a_pytree_stream_and_bad_params():
     """A tuple stream failed with "'>=' not supported between tuple and int" or "'tuple' object
     has no attribute 'shape'"; params without a bias with a bare KeyError; a bias of shape (1,)

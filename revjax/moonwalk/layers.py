@@ -21,11 +21,13 @@ linear map of full rank. A :class:`Layer` bundles what the gradient methods of
 
 A step or pull takes its cotangent in any floating dtype and casts it to its primal's before
 it meets a pullback, so layers of different dtypes (a bfloat16 layer, then a float32 one)
-compose. A step returns ``y_bar`` in ``y``'s dtypes; a pull, which need not know ``x``'s,
-leaves that cast to its caller. The sweep never narrows a cotangent below the precision it
-was computed in before a layer needs it: ``value_and_grad`` keeps ``h_0`` in the wider of its
-own and ``x``'s dtypes (:func:`widen_like`), so a bfloat16 input into float32 layers starts
-the sweep from a float32 ``h_0``, as backprop's float32 layers see float32 cotangents.
+compose. A step returns ``y_bar`` in the wider of ``y``'s dtypes and the precision it was
+computed in; a pull, which need not know ``x``'s, leaves that cast to its caller. The sweep
+never narrows a cotangent below the precision it was computed in before a layer needs it:
+``value_and_grad`` keeps ``h_0`` in the wider of its own and ``x``'s dtypes
+(:func:`widen_like`), so a bfloat16 input into float32 layers starts the sweep from a float32
+``h_0``, and a float32 ``y_bar`` out of a bfloat16 leaky ReLU reaches the float32 layer after it
+unrounded, as backprop's float32 layers see float32 cotangents.
 
 Layer constructors here: :func:`from_coupling` (any Coupling without side information),
 :func:`leaky_relu`, :func:`submersive_linear`, :func:`dense` (explicit-Jacobian fallback for
@@ -158,8 +160,10 @@ def from_coupling(block: Coupling, name: str = "coupling") -> Layer:
         return y, y_bar, forward_pullback(y_bar)[0]
 
     def fused_step(params, x, x_bar):
-        y, y_bar, params_bar = block.vijp_step(params, x, cast_like(x_bar, x))
-        return y, cast_like(y_bar, y), params_bar
+        # Not narrowed to x's dtypes: the fused step casts each branch's cotangent to that
+        # branch's output dtype itself and combines the rest in the cotangent's precision.
+        y, y_bar, params_bar = block.vijp_step(params, x, widen_like(x_bar, x))
+        return y, widen_like(y_bar, y), params_bar
 
     backward = reconstruct_and_vjp(block)
 
@@ -235,21 +239,26 @@ def leaky_relu(slope: float = 0.1, name: str = "leaky_relu") -> Layer:
         )
         return jnp.where(x >= 0, x, slope * x)
 
-    def derivative(positive, like):
-        return jnp.where(positive, 1.0, slope).astype(like.dtype)
+    def derivative(positive, stream, like):
+        # The slope as forward applies it, rounded to the stream's dtype (0.3 is 0.30078 in
+        # bfloat16), in the cotangent's dtype: the exact 0.3 misstated bfloat16's by 2.6e-3.
+        applied = jnp.asarray(slope, stream.dtype).astype(like.dtype)
+        return jnp.where(positive, jnp.ones((), like.dtype), applied)
 
     def step(params, x, x_bar):
         y = forward(params, x)
-        # Divided in the cotangent's own precision (not first rounded to x's), then y's dtype.
+        # Divided in the cotangent's own precision (not rounded to x's, before or after).
         x_bar = widen_like(x_bar, x)
-        return y, (x_bar / derivative(x >= 0, x_bar)).astype(y.dtype), params
+        return y, widen_like(x_bar / derivative(x >= 0, x, x_bar), y), params
 
     def save_forward(params, x):
-        return forward(params, x), jnp.packbits(x >= 0, axis=-1)
+        # The signs, plus a zero-size array that records x's dtype (the slope's rounding).
+        return forward(params, x), (jnp.packbits(x >= 0, axis=-1), jnp.zeros((0,), x.dtype))
 
-    def pull(params, bits, y, y_bar):
+    def pull(params, residual, y, y_bar):
+        bits, stream = residual
         positive = jnp.unpackbits(bits, axis=-1, count=y_bar.shape[-1]).astype(bool)
-        return None, y_bar * derivative(positive, y_bar)
+        return None, y_bar * derivative(positive, stream, y_bar)
 
     return Layer(name, forward, step, save_forward, pull)
 
@@ -335,13 +344,13 @@ def submersive_linear(name: str = "submersive_linear") -> Layer:
     def step(params, x, x_bar):
         y, pullback = jax.vjp(forward, params, x)
         u = submersive_weight(params, name)[: y.shape[-1]]
-        # Solved in the cotangent's own precision (not first rounded to x's), then y's dtype.
+        # Solved in the cotangent's own precision (not rounded to x's, before or after).
         a = widen_like(x_bar, x)[..., : y.shape[-1]]
         flat = a.reshape(-1, a.shape[-1])  # solve U b^T = a^T for every row at once
         flat = flat.astype(jnp.promote_types(flat.dtype, u.dtype))
         y_bar = jax.scipy.linalg.solve_triangular(u, flat.T, lower=False, unit_diagonal=True)
-        y_bar = y_bar.T.reshape(a.shape).astype(y.dtype)  # promoted if x and W differ
-        return y, y_bar, pullback(y_bar)[0]
+        y_bar = y_bar.T.reshape(a.shape).astype(jnp.promote_types(a.dtype, y.dtype))
+        return y, y_bar, pullback(cast_like(y_bar, y))[0]
 
     def pull(params, residual, y, y_bar):
         return None, y_bar @ submersive_weight(params, name).T
@@ -483,9 +492,11 @@ def dense(
         jax.debug.callback(
             _raise_if_singular, ratio, finite, mixed_at, name=name, tolerance=tolerance
         )
+        x_bar = widen_like(x_bar, x)
         coefficients = jnp.einsum("bn,bkn->bk", x_bar.astype(solve_dtype), vt) / s
-        y_bar = jnp.einsum("bk,bjk->bj", coefficients, u).astype(y.dtype)
-        return y, y_bar, pullback(y_bar)[0]
+        y_bar = jnp.einsum("bk,bjk->bj", coefficients, u)
+        y_bar = y_bar.astype(jnp.promote_types(x_bar.dtype, y.dtype))  # not rounded below either
+        return y, y_bar, pullback(cast_like(y_bar, y))[0]
 
     def pull(params, x, y, y_bar):
         y_again, pullback = jax.vjp(lambda x_: forward(params, x_), x)
