@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -109,3 +110,16 @@ def output_path_problem(path: str | os.PathLike, *, directory: bool = False) -> 
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         return f"{path} is not writable"
     return None
+
+
+def raise_on_host(callback: Any, *scalars: Any) -> None:
+    """Run ``callback(*scalars)`` on the host when the computation runs; it raises to report.
+
+    ``scalars`` must be reduced on the device (every device of a sharded computation holds
+    them whole), and every device calls ``callback`` (``partitioned=True``), so all raise
+    alike. Called from one device only, a raise left the others waiting in the next
+    collective: a data-parallel pure Moonwalk with a batch-coupled loss aborted the process
+    (XLA's termination timeout) instead of raising. Under ``jax.jit`` the exception reaches
+    the caller wrapped in ``jax.errors.JaxRuntimeError``, with its message.
+    """
+    jax.debug.callback(callback, *scalars, partitioned=True)

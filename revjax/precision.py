@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from revjax._validate import raise_on_host
 from revjax.coupling import Coupling
 
 PyTree = Any
@@ -216,6 +217,9 @@ def round_to_grid(x: jax.Array, fraction_bits: int) -> jax.Array:
       TypeError: ``fraction_bits`` is not an int (a bool, a float, a traced value).
       ValueError: ``2^F`` or ``2^-F`` is not a normal number of ``x``'s dtype (float32:
         ``|F| > 126``), where the scaling would give inf or 0 and the result NaN.
+
+    A finite ``x`` comes back finite: one large enough that ``x 2^F`` overflows is on the grid
+    already and is returned as it is.
     """
     if isinstance(fraction_bits, bool) or not isinstance(fraction_bits, numbers.Integral):
         raise TypeError(
@@ -233,7 +237,14 @@ def round_to_grid(x: jax.Array, fraction_bits: int) -> jax.Array:
         )
     scale = 2.0**fraction_bits
     grid_point = (jnp.round(x * scale) / scale).astype(x.dtype)
-    return x + lax.stop_gradient(grid_point - x)
+    rounded = x + lax.stop_gradient(grid_point - x)
+    # |x| >= 2^(nmant - F): x's spacing is at least 2^-F, so x is on the grid already, and
+    # x 2^F may overflow (5.0 at F = 126 gave inf). Where 2^(nmant - F) is beyond the dtype's
+    # range, so is every x 2^F.
+    on_grid_from = 2.0 ** (int(info.nmant) - int(fraction_bits))
+    if on_grid_from > float(info.max):
+        return rounded
+    return jnp.where(jnp.abs(x) >= on_grid_from, x, rounded)
 
 
 def _max_abs(tree: PyTree) -> jax.Array:
@@ -293,7 +304,7 @@ class RangeCheck:
         return jnp.logical_not(m < self.policy.grid_range), m
 
     def report(self, first_layer: jax.Array, value: jax.Array) -> None:
-        jax.debug.callback(
+        raise_on_host(
             functools.partial(_raise_if_out_of_range, policy=self.policy, where=self.where),
             first_layer,
             value,

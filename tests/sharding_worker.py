@@ -16,6 +16,7 @@ os.environ["XLA_FLAGS"] = (
 import functools
 import json
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import revjax as rj
 from revjax import moonwalk as mw
 from revjax.memory import compiled_memory
 from revjax.models.mlp import init_mlp_stack, mlp_coupling
+from revjax.precision import exact_policy
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 WIDTH, HIDDEN = 16, 64
@@ -443,8 +445,48 @@ def check_activations() -> dict:
     return out
 
 
+def check_run_time_errors() -> dict:
+    """Run-time checks on a batch split over 8 devices: each message (None if nothing raised).
+    (dense()'s mixing check is not here: with a batch-mixing forward on a sharded batch it
+    hangs, README known limits.)
+
+    Run in a process of its own (``sharding_worker.py errors``): before every device raised,
+    one device raised and the others waited in the next all-reduce until XLA aborted the
+    process, so these could not share a process with the measurements."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    params = init_mlp_stack(jax.random.key(0), 4, WIDTH, HIDDEN)
+    k1, k2 = jax.random.split(jax.random.key(1))
+    x = (jax.random.normal(k1, (16, WIDTH)), jax.random.normal(k2, (16, WIDTH)))
+    xs = jax.tree.map(lambda a: put(mesh, a, P("data")), x)
+
+    def message(fn, *args):
+        try:
+            jax.block_until_ready(fn(*args))
+        except Exception as err:  # the message is what is checked
+            return f"{type(err).__name__}: {err}"
+        return None
+
+    coupled = lambda y: jnp.sum(y[0] * y[1], axis=-1) - jnp.mean(y[0][:, 0])
+    net = mw.stack(mw.from_coupling(mlp_coupling()))
+    exact = exact_policy(20)  # float32 range 2^(24 - 20) = 16: |x| of 100 is outside
+    wide = jax.tree.map(lambda a: 100.0 * a, xs)
+    return {
+        "coupled_loss": message(
+            jax.jit(mw.value_and_grad(net, coupled, method="moonwalk")), params, xs
+        ),
+        "exact_range": message(
+            jax.jit(jax.grad(lambda p: jnp.sum(rj.reversible_scan(
+                mlp_coupling(), p, wide, policy=exact)[0]))),
+            params,
+        ),
+    }  # fmt: skip
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.devices()
+    if sys.argv[1:] == ["errors"]:
+        print(json.dumps(check_run_time_errors()))
+        sys.exit(0)
     results = {
         "scan": check_scan(),
         "memory": check_memory(),

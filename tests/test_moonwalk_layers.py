@@ -276,8 +276,10 @@ def test_dense_singular_message_prints_a_zero_ratio_as_0():
     from revjax.moonwalk.layers import _raise_if_singular
 
     with pytest.raises(ValueError, match=r"singular value ratio is 0 <= 1e-06") as info:
-        ratio, finite, unmixed = np.array([-0.0, 0.5]), np.array([True, True]), np.int32(-1)
-        _raise_if_singular(ratio, finite, unmixed, name="d", tolerance=1e-6)
+        # smallest ratio -0.0, first non-finite row 2 (the batch size: none), none non-finite,
+        # no row mixed
+        worst, first_nonfinite, nonfinite, unmixed = np.float32(-0.0), 2, 0, np.int32(-1)
+        _raise_if_singular(worst, first_nonfinite, nonfinite, unmixed, name="d", tolerance=1e-6)
     assert "ratio is -0" not in str(info.value)
 
 

@@ -217,6 +217,18 @@ def test_round_to_grid_refuses_a_scale_that_is_not_a_normal_number(fraction_bits
     assert float(round_to_grid(jnp.float32(5.0), -2)) == 4.0  # a grid of 4
 
 
+@pytest.mark.parametrize(
+    "x, fraction_bits",
+    [(jnp.float32(5.0), 126), (jnp.float32(3e8), 100), (jnp.float16(5.0), 14),
+     (jnp.float32(-3.4e38), 1)],
+)  # fmt: skip
+def test_round_to_grid_returns_a_large_x_that_is_on_the_grid_as_it_is(x, fraction_bits):
+    """x 2^F overflowed to inf for a finite x already on the grid (its spacing >= 2^-F):
+    5.0 at F = 126 came back inf. The derivative stays 1."""
+    assert round_to_grid(x, fraction_bits) == x
+    assert float(jax.grad(lambda v: round_to_grid(v, fraction_bits).astype(jnp.float32))(x)) == 1
+
+
 def test_round_to_grid_is_on_grid_with_straight_through_gradient():
     x = jax.random.normal(jax.random.key(0), (1000,)) * 10
     q = round_to_grid(x, 8)

@@ -155,6 +155,24 @@ def test_moonwalk_methods_on_an_explicit_mesh(results, method):
     assert results["moonwalk"]["explicit_data"][method] <= 1e-5
 
 
+def test_run_time_checks_raise_on_a_sharded_batch():
+    """Pure Moonwalk's coupled-examples check and exact mode's range check raise from a host
+    callback. With the batch over 8 devices the first was raised on
+    one device only: the process aborted on XLA's collective timeout (exit 134, about 40 s),
+    an error no caller could catch. Every device raises now, each a catchable error."""
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "errors"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "the loss of example 0 depends on the input of another" in found["coupled_loss"]
+    assert "exact mode: the input stream has max |x|" in found["exact_range"]
+
+
 def test_example_script_trains_on_a_2d_mesh():
     """The README's recipe (examples/sharded_training.py) on 8 simulated devices."""
     script = Path(__file__).resolve().parents[1] / "examples" / "sharded_training.py"

@@ -13,7 +13,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from revjax._tree_metrics import relative_error
-from revjax._validate import positive_int
+from revjax._validate import positive_int, raise_on_host
 from revjax.coupling import Coupling
 from revjax.moonwalk.layers import Layer, _separating_masks, chain, check_layer, widen_like
 
@@ -164,7 +164,7 @@ def input_cotangent_by_jvps(
     out = jax.eval_shape(lambda x_: loss_fn(forward(x_), *loss_args), x)
     _check_per_example(out.shape, batch)
     coupled_at = first_coupled_example(forward, loss_fn, x, *loss_args, chunk_size=chunk_size)
-    jax.debug.callback(_raise_if_examples_coupled, coupled_at)
+    raise_on_host(_raise_if_examples_coupled, coupled_at)
     # One example's layout, without slicing x (a slice of an example axis split over an
     # Explicit mesh does not trace).
     first, unravel = ravel_pytree(jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), x))

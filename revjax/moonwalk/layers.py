@@ -37,6 +37,7 @@ over stacked params).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -45,7 +46,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from revjax._validate import check_representable_in, positive_float, real_scalar
+from revjax._validate import (
+    check_representable_in,
+    positive_float,
+    raise_on_host,
+    real_scalar,
+)
 from revjax.coupling import Coupling, reconstruct_and_vjp, sequence
 from revjax.scan import reversible_scan, stack_depth
 
@@ -391,9 +397,12 @@ def _first_mixed_row(pullback: Callable[[jax.Array], jax.Array], y: jax.Array) -
     return jnp.where(first < y.shape[0], first, -1)
 
 
-def _raise_if_singular(ratio, finite, mixed_at, *, name: str, tolerance: float):
-    ratio, finite = np.asarray(ratio), np.asarray(finite)
-    mixed_at = np.atleast_1d(np.asarray(mixed_at))  # one entry per vmapped call
+def _raise_if_singular(worst, first_nonfinite, nonfinite, mixed_at, *, name, tolerance):
+    # Scalars reduced on the device (one entry each per vmapped call), so every device of a
+    # sharded batch holds them whole and raises alike (see revjax._validate.raise_on_host).
+    worst, first_nonfinite, nonfinite, mixed_at = (
+        np.atleast_1d(np.asarray(a)) for a in (worst, first_nonfinite, nonfinite, mixed_at)
+    )
     if np.any(mixed_at >= 0):
         raise ValueError(
             f"dense({name!r}): forward mixes examples (the input of row "
@@ -401,13 +410,14 @@ def _raise_if_singular(ratio, finite, mixed_at, *, name: str, tolerance: float):
             "batch mean), but dense takes each row's Jacobian alone, so its vijp would be "
             "wrong; write the layer as a coupling (from_coupling) or use method='backprop'"
         )
-    if not np.all(finite):
-        rows = np.flatnonzero(~finite).tolist()
+    if np.any(nonfinite > 0):
+        row, count = int(first_nonfinite[nonfinite > 0].min()), int(nonfinite.sum())
         raise ValueError(
-            f"dense({name!r}): the Jacobian has non-finite entries at batch rows {rows[:8]} (a "
-            "NaN or inf in the input, the params or the layer), so the vijp is undefined"
+            f"dense({name!r}): the Jacobian has non-finite entries at batch row {row} ({count} "
+            "row(s) in all; a NaN or inf in the input, the params or the layer), so the vijp "
+            "is undefined"
         )
-    worst = abs(float(np.min(ratio)))  # >= 0; abs() prints a -0.0 singular value as "0"
+    worst = abs(float(np.min(worst)))  # >= 0; abs() prints a -0.0 singular value as "0"
     if not worst > tolerance:
         raise ValueError(
             f"dense({name!r}): the layer is not submersive at this input: its Jacobian's "
@@ -488,9 +498,13 @@ def dense(
         largest = s[:, 0]  # an all-zero Jacobian has ratio 0 (singular), not 0/0
         ratio = jnp.where(largest > 0, s[:, -1] / jnp.where(largest > 0, largest, 1), 0.0)
         finite = jnp.all(jnp.isfinite(jac), axis=(1, 2))
-        mixed_at = _first_mixed_row(lambda y_bar: pullback(y_bar)[1], y)
-        jax.debug.callback(
-            _raise_if_singular, ratio, finite, mixed_at, name=name, tolerance=tolerance
+        rows = jnp.arange(x.shape[0])
+        raise_on_host(
+            functools.partial(_raise_if_singular, name=name, tolerance=tolerance),
+            jnp.min(ratio, initial=jnp.inf),
+            jnp.min(jnp.where(finite, x.shape[0], rows), initial=x.shape[0]),
+            jnp.sum(~finite),
+            _first_mixed_row(lambda y_bar: pullback(y_bar)[1], y),
         )
         x_bar = widen_like(x_bar, x)
         coefficients = jnp.einsum("bn,bkn->bk", x_bar.astype(solve_dtype), vt) / s
