@@ -20,15 +20,18 @@ gradients + temps; an optimiser would add its state) is within the budget, found
 footprints. The two methods with groups of k ~ sqrt(L) layers are searched over perfect
 squares L = k^2 (k the largest divisor of L not above sqrt(L) makes their footprint jump
 between neighbouring L, e.g. k = 1 for a prime L). The JSON is rewritten after every row and
-every search, marked ``complete`` only at the end.
+every search, marked ``complete`` only at the end; ``--resume`` continues such a file where it
+stopped (a time limit split the H100 run in two).
 
     python benchmarks/memory_depth.py     # writes memory_depth_<backend>.json and .png
+    python benchmarks/memory_depth.py --out DIR --resume   # measure only what DIR's JSON lacks
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import sys
 from pathlib import Path
@@ -171,6 +174,11 @@ def main(argv=None) -> dict:
         "--budget-gib", type=positive(float), default=1.0,
         help="memory budget where JAX reports no device limit, e.g. a CPU (default: 1.0)",
     )  # fmt: skip
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue the run whose JSON is in --out: keep its rows and searches (same "
+        "network, budget and device) and measure only what it lacks",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     budget = budget_bytes(args.budget_gib)
     env = environment()
@@ -188,10 +196,18 @@ def main(argv=None) -> dict:
         "deepest_depth": {},
         "env": env,
     }
-    result = ResultFile(f"memory_depth_{env['backend']}.json", payload, args.out)
+    name = f"memory_depth_{env['backend']}.json"
+    if args.resume:
+        earlier = earlier_run(Path(args.out or RESULTS) / name, payload)
+        payload["rows"], payload["deepest_depth"] = earlier["rows"], earlier["deepest_depth"]
+        payload["resumed_from"] = earlier["env"]
+    result = ResultFile(name, payload, args.out)
     rows = payload["rows"]
+    done = {(r["method"], r["depth"]) for r in rows}
     for depth in DEPTHS:  # written after every row and every search: see ResultFile
         for method in METHODS:
+            if (method, depth) in done:
+                continue
             mem = memory(method, depth)
             rows.append(
                 {
@@ -204,6 +220,8 @@ def main(argv=None) -> dict:
             print(rows[-1], flush=True)
             result.save()
     for method in METHODS:
+        if method in payload["deepest_depth"]:
+            continue
         payload["deepest_depth"][method] = deepest(method, budget)
         print("deepest within budget:", method, payload["deepest_depth"][method], flush=True)
         result.save()
@@ -211,6 +229,28 @@ def main(argv=None) -> dict:
     plot(rows, Path(args.out or RESULTS) / f"memory_depth_{env['backend']}.png", env)
     print(f"wrote {path}")
     return payload
+
+
+def earlier_run(path: Path, payload: dict) -> dict:
+    """The run recorded at ``path``, checked to measure what ``payload`` sets out to (network,
+    budget and device), so that resuming it mixes nothing."""
+    try:
+        earlier = json.loads(path.read_text())
+        rows, searches, env = earlier["rows"], earlier["deepest_depth"], earlier["env"]
+        {(r["method"], r["depth"]) for r in rows}, dict(searches), env["device"], env["date"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(
+            f"memory_depth: --resume needs a memory_depth result at {path} "
+            f"({type(err).__name__}: {err}); run without --resume to measure afresh"
+        ) from None
+    mine = (payload["config"], payload["budget_bytes"], payload["env"]["device"])
+    theirs = (earlier.get("config"), earlier.get("budget_bytes"), env["device"])
+    if mine != theirs:
+        raise SystemExit(
+            f"memory_depth: --resume of {path}, measured as (config, budget, device) = "
+            f"{theirs}, but this run is {mine}"
+        )
+    return earlier
 
 
 if __name__ == "__main__":

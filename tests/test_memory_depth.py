@@ -84,6 +84,55 @@ def test_a_stopped_run_keeps_its_rows_and_renders_as_partial(tmp_path, monkeypat
     assert "| checkpoint | 100 | - | - |" in report.render_memory_depth(partial, name)
 
 
+def test_resume_measures_only_what_the_stopped_run_lacks(tmp_path, monkeypatch):
+    """``--resume`` keeps the stopped run's rows and searches and computes only the rest: every
+    (method, depth) row once, every search once, the earlier run's environment recorded."""
+    import json
+    from types import SimpleNamespace
+
+    calls, stop = [], [True]
+
+    def memory(method, depth):
+        calls.append((method, depth))
+        if (method, depth) == ("reversible", 16) and stop:
+            stop.pop()
+            raise KeyboardInterrupt  # the first run's time limit strikes mid-depth
+        return SimpleNamespace(temp_mib=depth / 8, footprint_bytes=2**20 * (1 + depth))
+
+    monkeypatch.setattr(bench, "memory", memory)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--out", str(tmp_path)])
+    first = len(calls)
+    name = tmp_path / f"memory_depth_{jax.default_backend()}.json"
+    stopped = json.loads(name.read_text())
+    monkeypatch.setattr(bench, "deepest", lambda method, budget: calls.append(method) or 7)
+    bench.main(["--out", str(tmp_path), "--resume"])
+    resumed = json.loads(name.read_text())
+    pairs = [(r["method"], r["depth"]) for r in resumed["rows"]]
+    assert sorted(pairs) == sorted((m, d) for d in bench.DEPTHS for m in bench.METHODS)
+    assert calls[first] == ("reversible", 16)  # where the stopped run was cut off
+    assert len(calls) - first == len(pairs) - len(stopped["rows"]) + len(bench.METHODS)
+    assert resumed["complete"] and resumed["deepest_depth"] == dict.fromkeys(bench.METHODS, 7)
+    assert resumed["resumed_from"] == stopped["env"]
+    calls.clear()
+    bench.main(["--out", str(tmp_path), "--resume"])  # nothing is left to measure
+    assert calls == []
+
+
+def test_resume_refuses_a_run_of_another_budget(tmp_path, monkeypatch, capsys):
+    """Resuming a run measured against another budget would mix two measurements."""
+    from types import SimpleNamespace
+
+    fake = lambda method, depth: SimpleNamespace(temp_mib=1.0, footprint_bytes=2**20 * depth)
+    monkeypatch.setattr(bench, "memory", fake)
+    monkeypatch.setattr(bench, "deepest", lambda method, budget: 7)
+    bench.main(["--out", str(tmp_path), "--budget-gib", "1"])
+    with pytest.raises(SystemExit, match="budget"):
+        bench.main(["--out", str(tmp_path), "--budget-gib", "2", "--resume"])
+    with pytest.raises(SystemExit, match="--resume needs a memory_depth result"):
+        bench.main(["--out", str(tmp_path / "empty"), "--resume"])
+
+
 @pytest.mark.parametrize("budget", ["inf", "nan", "0", "-1"])
 def test_a_budget_that_is_not_finite_and_positive_is_refused_at_parse_time(
     budget, tmp_path, capsys
