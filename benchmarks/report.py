@@ -213,7 +213,28 @@ def render_moonwalk(payload: dict, filename: str) -> str:
             )
             + "."
         )
+    ratios = _mixed_moonwalk_time_ratios(rows)
+    if ratios:
+        text += (
+            "\n\nMixed Moonwalk's gradient time as a multiple of backprop's (same rows): "
+            + "; ".join(
+                f"{network} " + ", ".join(f"L = {d}: {q:.2f}x" for d, q in by_depth)
+                for network, by_depth in ratios.items()
+            )
+            + "."
+        )
     return text
+
+
+def _mixed_moonwalk_time_ratios(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Per network, ``(depth, mixed_moonwalk ms / backprop ms)`` where both were timed."""
+    ms = {(r["network"], r["depth"], r["method"]): r.get("ms") for r in rows}
+    out: dict[str, list[tuple[int, float]]] = {}
+    for network, depth, method in ms:
+        mixed, plain = ms[network, depth, method], ms.get((network, depth, "backprop"))
+        if method == "mixed_moonwalk" and mixed is not None and plain:
+            out.setdefault(network, []).append((depth, mixed / plain))
+    return out
 
 
 def render_train_lm(payload: dict, filename: str) -> str:

@@ -281,3 +281,30 @@ def test_the_revnet_memory_line_claims_no_growth_it_did_not_measure():
     payload = {"rows": rows, "batch": 256, "env": GPU_ENV}
     text = report.render_revnet_memory(payload, "revnet_cpu.json")
     assert "grows" not in text and "XLA's peak does not change." in text
+
+
+def test_the_moonwalk_gpu_block_gives_mixed_moonwalks_time_ratio_to_backprop():
+    """Issue 4 asks for mixed Moonwalk's time as a multiple of backprop's: computed per network
+    and depth from the rows' medians, and left out where nothing was timed (a CPU run)."""
+
+    def row(network, depth, method, ms):
+        return {"network": network, "depth": depth, "method": method, "temp_mib": 1.0,
+                "ms": ms, "grad_error": 0.0}  # fmt: skip
+
+    rows = [
+        row("revnet", 6, "backprop", 2.0),
+        row("revnet", 6, "mixed_moonwalk", 3.0),
+        row("revnet", 60, "backprop", 10.0),
+        row("revnet", 60, "mixed_moonwalk", 12.5),
+        row("submersive", 6, "backprop", 1.0),
+        row("submersive", 6, "mixed_moonwalk", 2.25),
+    ]
+    payload = {"size": {"batch": 4, "width": 8, "hidden": 16}, "env": GPU_ENV, "rows": rows}
+    text = report.render_moonwalk(payload, "moonwalk_gpu_gpu.json")
+    assert (
+        "multiple of backprop's (same rows): revnet L = 6: 1.50x, L = 60: 1.25x; "
+        "submersive L = 6: 2.25x." in text
+    )
+    for r in rows:
+        r["ms"] = None
+    assert "multiple of backprop" not in report.render_moonwalk(payload, "moonwalk_cpu_cpu.json")
