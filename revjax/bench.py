@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     if failures:
         print("failed:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
-    return max(codes, default=0)
+    # A refresh killed by a signal has a negative code: any non-zero code is a failure.
+    return 1 if any(codes) else 0
 
 
 def _backend_in_a_child() -> str:

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,20 @@ def test_only_runs_the_named_scripts_into_out_and_leaves_the_readme(tmp_path, ca
     assert counts["reversible"] > counts["checkpoint"] > 0, counts
     assert README.read_text() == readme
     assert not list(tmp_path.glob("bench_suite_*.json"))  # a partial run records no total
+
+
+@pytest.mark.parametrize("code", [-9, 3])
+def test_a_failed_refresh_fails_the_run_even_when_a_signal_killed_it(code, monkeypatch):
+    """The README refresh (plots.py, report.py) killed by a signal returns a negative code,
+    which ``max`` over the codes took for success."""
+    monkeypatch.setattr(bench, "_run_all", lambda commands, timeout, jobs: [])
+    codes = iter([0, code])  # plots.py succeeds, report.py does not
+    monkeypatch.setattr(
+        bench.subprocess,
+        "run",
+        lambda command, *a, **k: subprocess.CompletedProcess(command, next(codes)),
+    )
+    assert bench.main(["--only", "count_gemms.py"]) == 1
 
 
 def test_help_is_plain_text_with_every_option_explained(capsys):

@@ -233,6 +233,28 @@ def test_branch_params_of_the_wrong_shape_and_a_non_finite_scale_are_refused():
     assert revnet_logits(init_revnet(jax.random.key(0), scale=0.0), x).shape == (2, 10)
 
 
+@pytest.mark.parametrize("across_stages", [False, True])
+def test_a_bfloat16_trunk_warns_when_differentiated_on_either_path(across_stages):
+    """Both reconstructing paths rebuild the stream in the input's bfloat16: the gradient of
+    either warns (the across-stages trunk, which calls reverse_sweep, did not); a float32
+    trunk does not."""
+    import warnings
+
+    from revjax.precision import LowPrecisionStreamWarning
+
+    params = init_revnet(jax.random.key(0), blocks=2, hidden=8)
+    image = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+    loss = lambda p, x: jnp.sum(revnet_features(p, x, across_stages=across_stages) ** 2)
+    p16, x16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), (params, image))
+    where = "across_stages=True" if across_stages else "reversible_scan"
+    with pytest.warns(LowPrecisionStreamWarning, match=rf"{where}.*bfloat16 residual stream"):
+        jax.grad(loss)(p16, x16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LowPrecisionStreamWarning)
+        jax.grad(loss)(params, image)
+        loss(p16, x16)  # forward only: nothing is reconstructed
+
+
 def test_stage_and_trunk_reconstruction_float32_and_bfloat16_across_depth():
     """DESIGN's numerics rule for the RevNet's two reconstructing paths: a stage's coupling
     stack (tests/reconstruction_checks.py) and the across-stages trunk inverse (coupling stacks

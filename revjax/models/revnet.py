@@ -27,6 +27,7 @@ from jax import lax
 from revjax._validate import positive_int, real_scalar
 from revjax.coupling import Coupling, additive_coupling
 from revjax.layers import batch_pool, squeeze
+from revjax.precision import implicit_narrow_stream, warn_implicit_narrow_stream
 from revjax.scan import inverse_scan, plain_scan, reverse_sweep, reversible_scan
 
 PyTree = Any
@@ -228,6 +229,11 @@ def _reversible_trunk(downsample: str, params: dict[str, Any], x: jax.Array) -> 
 
 
 def _reversible_trunk_fwd(downsample, params, x):
+    # Traced only when differentiating, as reversible_scan's own warning: the backward pass
+    # reconstructs every stage's stream in x's dtype (no policy can name another here).
+    narrow = implicit_narrow_stream(x, None)
+    if narrow is not None:
+        warn_implicit_narrow_stream(narrow, "revnet_features(across_stages=True)")
     z = _trunk_forward(downsample, params, x)
     return z, (params, z)  # only the trunk's output is stored
 
