@@ -68,7 +68,7 @@ SUITES: dict[str, list[list[str]]] = {
 #: Per size, the scripts that time nothing there: safe to run two at a time (see module doc).
 SHARED: dict[str, set[str]] = {
     "cpu": {"numerics_cpu.py", "count_gemms.py", "numerics_depth.py", "bench_revnet.py",
-            "memory_depth.py"},
+            "memory_depth.py", "bench_transformer.py"},
     "gpu": set(),
 }  # fmt: skip
 CONCURRENT_JOBS = 2
