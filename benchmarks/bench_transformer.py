@@ -66,7 +66,7 @@ from revjax.timing import median_ms
 METHODS = ("reversible", "backprop", "checkpoint")
 SIZES = {
     "cpu": dict(dim=64, heads=4, seq=256, batch=8, depths=(4, 16), max_depth=16384, time=False),
-    # Plain backprop holds every block's float32 attention scores: ~58 GiB at L = 8, ~84 GiB
+    # Plain backprop holds every block's float32 attention scores: ~57 GiB at L = 8, ~82 GiB
     # (more than an 80 GB H100) at L = 12.
     "gpu": dict(dim=1024, heads=16, seq=2048, batch=8, depths=(4, 8), max_depth=1024, time=True),
     # Tiny, with the GPU size's code path (child processes), for checking it on any machine.

@@ -200,7 +200,7 @@ def main(argv=None) -> dict:
     if args.resume:
         earlier = earlier_run(Path(args.out or RESULTS) / name, payload)
         payload["rows"], payload["deepest_depth"] = earlier["rows"], earlier["deepest_depth"]
-        payload["resumed_from"] = earlier["env"]
+        payload["resumed_from"] = earlier.get("resumed_from", earlier["env"])  # the first run
     result = ResultFile(name, payload, args.out)
     rows = payload["rows"]
     done = {(r["method"], r["depth"]) for r in rows}
@@ -243,13 +243,16 @@ def earlier_run(path: Path, payload: dict) -> dict:
             f"memory_depth: --resume needs a memory_depth result at {path} "
             f"({type(err).__name__}: {err}); run without --resume to measure afresh"
         ) from None
-    mine = (payload["config"], payload["budget_bytes"], payload["env"]["device"])
-    theirs = (earlier.get("config"), earlier.get("budget_bytes"), env["device"])
+    mine = (payload["config"], payload["budget_bytes"], payload["env"]["device"],
+            payload["env"]["jax"])  # fmt: skip
+    theirs = (earlier.get("config"), earlier.get("budget_bytes"), env["device"], env.get("jax"))
     if mine != theirs:
         raise SystemExit(
-            f"memory_depth: --resume of {path}, measured as (config, budget, device) = "
+            f"memory_depth: --resume of {path}, measured as (config, budget, device, jax) = "
             f"{theirs}, but this run is {mine}"
         )
+    if earlier.get("complete"):  # resuming would only re-stamp its date and commit
+        raise SystemExit(f"memory_depth: {path} is complete; there is nothing to resume")
     return earlier
 
 

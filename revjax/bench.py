@@ -8,7 +8,7 @@ benchmarks (timings, peak memory), which need an accelerator. ``--list`` prints 
 without running them; ``--only SCRIPT ...`` runs part of the suite; ``--out DIR`` writes the
 JSON to ``DIR`` and leaves the README alone (for a device whose results are copied back);
 ``--timeout S`` bounds each script. A failing script does not stop the others; the command
-then exits with 1 and names it.
+then exits with 1 and names it (1 also when the README refresh fails).
 
 The CPU suite's scripts that record no wall time (memory analyses, numerics, compile-only
 counts: :data:`SHARED`) run first, two at a time and longest first (by the last recorded run),

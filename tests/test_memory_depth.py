@@ -115,18 +115,27 @@ def test_resume_measures_only_what_the_stopped_run_lacks(tmp_path, monkeypatch):
     assert resumed["complete"] and resumed["deepest_depth"] == dict.fromkeys(bench.METHODS, 7)
     assert resumed["resumed_from"] == stopped["env"]
     calls.clear()
-    bench.main(["--out", str(tmp_path), "--resume"])  # nothing is left to measure
-    assert calls == []
+    with pytest.raises(SystemExit, match="is complete; there is nothing to resume"):
+        bench.main(["--out", str(tmp_path), "--resume"])
+    assert calls == [] and json.loads(name.read_text()) == resumed  # left as it was
 
 
 def test_resume_refuses_a_run_of_another_budget(tmp_path, monkeypatch, capsys):
     """Resuming a run measured against another budget would mix two measurements."""
     from types import SimpleNamespace
 
+    # --budget-gib is the budget where the device reports no limit (a CPU); on a GPU the
+    # device's limit would make both runs' budgets equal.
+    monkeypatch.setattr(bench, "budget_bytes", lambda gib: int(gib * 2**30))
+
     fake = lambda method, depth: SimpleNamespace(temp_mib=1.0, footprint_bytes=2**20 * depth)
     monkeypatch.setattr(bench, "memory", fake)
     monkeypatch.setattr(bench, "deepest", lambda method, budget: 7)
     bench.main(["--out", str(tmp_path), "--budget-gib", "1"])
+    stopped = tmp_path / f"memory_depth_{jax.default_backend()}.json"
+    text = stopped.read_text()
+    assert '"complete": true' in text
+    stopped.write_text(text.replace('"complete": true', '"complete": false'))  # cut short
     with pytest.raises(SystemExit, match="budget"):
         bench.main(["--out", str(tmp_path), "--budget-gib", "2", "--resume"])
     with pytest.raises(SystemExit, match="--resume needs a memory_depth result"):
