@@ -177,7 +177,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--resume", action="store_true",
         help="continue the run whose JSON is in --out: keep its rows and searches (same "
-        "network, budget and device) and measure only what it lacks",
+        "network, budget, device and jax version) and measure only what it lacks",
     )  # fmt: skip
     args = parser.parse_args(argv)
     budget = budget_bytes(args.budget_gib)
@@ -233,7 +233,7 @@ def main(argv=None) -> dict:
 
 def earlier_run(path: Path, payload: dict) -> dict:
     """The run recorded at ``path``, checked to measure what ``payload`` sets out to (network,
-    budget and device), so that resuming it mixes nothing."""
+    budget, device and jax version) and to be incomplete, so that resuming it mixes nothing."""
     try:
         earlier = json.loads(path.read_text())
         rows, searches, env = earlier["rows"], earlier["deepest_depth"], earlier["env"]
